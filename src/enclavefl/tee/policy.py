@@ -1,0 +1,431 @@
+"""Which peers to trust: a superset of Intel CCZoo's `dynamic_config.json`.
+
+A CCZoo file loads unchanged::
+
+    {"verify_mr_enclave": "on", "verify_mr_signer": "on",
+     "verify_isv_prod_id": "on", "verify_isv_svn": "on",
+     "sgx_mrs": [{"mr_enclave": "<64 hex>", "mr_signer": "<64 hex>",
+                  "isv_prod_id": "0", "isv_svn": "0"}]}
+
+An SGX peer passes if ANY `sgx_mrs` entry matches ALL enabled fields; `isv_svn` is a minimum
+(as in Gramine; CCZoo's C++ compares it for equality). Added keys: `tdx_mrs` (entries of
+`mr_td`, `rtmr0`..`rtmr3`; omitted fields are not checked), `allowed_tcb_status` (default
+["UpToDate"]), `allow_debug` and `allow_simulated` (both default false). A `verify_*` key
+that is absent is "on" when some `sgx_mrs` entry gives that field, else "off". Unknown keys
+are errors, so that a typo cannot silently loosen a policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
+
+from enclavefl.errors import ConfigError, PolicyRejected
+from enclavefl.tee.claims import Claims, TeeType
+
+log = logging.getLogger(__name__)
+
+# Statuses dcap-qvl reports for a verified quote. "Revoked" is never acceptable.
+TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+)
+SGX_FIELDS = ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn")
+TDX_FIELDS = ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
+_CANONICAL_TAG = "enclavefl-policy/1"
+_RA_TLS_VARIABLES = {
+    "mr_enclave": "RA_TLS_MRENCLAVE",
+    "mr_signer": "RA_TLS_MRSIGNER",
+    "isv_prod_id": "RA_TLS_ISV_PROD_ID",
+    "isv_svn": "RA_TLS_ISV_SVN",
+}
+
+
+def _parse_hex(value: Any, size: int) -> str | None:
+    """Lower-case hex of exactly `size` bytes; "" and None mean "not given"."""
+    if value is None or value == "" or value == b"":
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).hex()
+    if not isinstance(value, str):
+        raise ValueError(f"must be a hex string, got {type(value).__name__}")
+    if not re.fullmatch(f"[0-9a-fA-F]{{{2 * size}}}", value):
+        raise ValueError(f"must be {2 * size} hex characters ({size} bytes), got {value[:80]!r}")
+    return value.lower()
+
+
+def _parse_u16(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,5}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer 0..65535 (or its decimal string), got {value!r}")
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"must be within 0..65535, got {value}")
+    return value
+
+
+Hex32 = Annotated[str | None, BeforeValidator(lambda v: _parse_hex(v, 32))]
+Hex48 = Annotated[str | None, BeforeValidator(lambda v: _parse_hex(v, 48))]
+U16 = Annotated[int | None, BeforeValidator(_parse_u16)]
+OnOff = Literal["on", "off"]
+
+
+def _tcb_status(value: Any) -> str:
+    if value == "Revoked":
+        raise ValueError("Revoked can never be allowed")
+    if value not in TCB_STATUSES:
+        raise ValueError(f"unknown TCB status {value!r} (known: {', '.join(TCB_STATUSES)})")
+    return value
+
+
+TcbStatus = Annotated[str, BeforeValidator(_tcb_status)]
+
+
+class SgxIdentity(BaseModel):
+    """One allowed SGX identity (a CCZoo `sgx_mrs` entry). `isv_svn` is a minimum."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mr_enclave: Hex32 = None
+    mr_signer: Hex32 = None
+    isv_prod_id: U16 = None
+    isv_svn: U16 = None
+
+
+class TdxIdentity(BaseModel):
+    """One allowed TDX identity; a field left out is not checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mr_td: Hex48 = None
+    rtmr0: Hex48 = None
+    rtmr1: Hex48 = None
+    rtmr2: Hex48 = None
+    rtmr3: Hex48 = None
+
+    @model_validator(mode="after")
+    def _pins_something(self) -> TdxIdentity:
+        if all(getattr(self, name) is None for name in TDX_FIELDS):
+            raise ValueError(f"a tdx_mrs entry must give at least one of {', '.join(TDX_FIELDS)}")
+        return self
+
+
+class Policy(BaseModel):
+    """Identity, TCB and debug requirements every peer's claims must satisfy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    verify_mr_enclave: OnOff = "off"
+    verify_mr_signer: OnOff = "off"
+    verify_isv_prod_id: OnOff = "off"
+    verify_isv_svn: OnOff = "off"
+    sgx_mrs: tuple[SgxIdentity, ...] = ()
+    tdx_mrs: tuple[TdxIdentity, ...] = ()
+    allowed_tcb_status: tuple[TcbStatus, ...] = ("UpToDate",)
+    allow_debug: StrictBool = False
+    allow_simulated: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_verify_flags(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        entries = data.get("sgx_mrs")
+        entries = entries if isinstance(entries, (list, tuple)) else []
+        filled = dict(data)
+        for name in SGX_FIELDS:
+            if f"verify_{name}" not in filled:
+                given = any(
+                    isinstance(e, Mapping) and e.get(name) not in (None, "") for e in entries
+                )
+                filled[f"verify_{name}"] = "on" if given else "off"
+        return filled
+
+    @model_validator(mode="after")
+    def _entries_give_enabled_fields(self) -> Policy:
+        for name in self.enabled_sgx_fields:
+            for index, entry in enumerate(self.sgx_mrs):
+                if getattr(entry, name) is None:
+                    raise ValueError(f"sgx_mrs[{index}].{name} is empty but verify_{name} is on")
+        return self
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def default(cls) -> Policy:
+        """Identity not pinned, UpToDate TCB only, no debug, no simulated evidence."""
+        return cls()
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Policy:
+        if not isinstance(obj, Mapping):
+            raise ConfigError(f"a policy must be a JSON object, got {type(obj).__name__}")
+        try:
+            return cls.model_validate(dict(obj))
+        except ValidationError as exc:
+            raise ConfigError(f"invalid policy: {_describe(exc)}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Policy:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read policy {file}: {exc}") from None
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"policy {file} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_json(obj)
+        except ConfigError as exc:
+            raise ConfigError(f"policy {file}: {exc}") from None
+
+    @classmethod
+    def from_values(
+        cls,
+        *,
+        mr_enclave: str | bytes | None = None,
+        mr_signer: str | bytes | None = None,
+        isv_prod_id: int | None = None,
+        isv_svn: int | None = None,
+        allowed_tcb_status: tuple[str, ...] | list[str] = ("UpToDate",),
+        allow_debug: bool = False,
+        allow_simulated: bool = False,
+    ) -> Policy:
+        """A policy pinning the given SGX fields (None: not checked); `isv_svn` is a minimum."""
+        given = {"mr_enclave": mr_enclave, "mr_signer": mr_signer,
+                 "isv_prod_id": isv_prod_id, "isv_svn": isv_svn}  # fmt: skip
+        obj: dict[str, Any] = {
+            f"verify_{name}": "off" if value is None else "on" for name, value in given.items()
+        }
+        pinned = {name: value for name, value in given.items() if value is not None}
+        obj["sgx_mrs"] = [pinned] if pinned else []
+        obj["allowed_tcb_status"] = list(allowed_tcb_status)
+        obj["allow_debug"] = allow_debug
+        obj["allow_simulated"] = allow_simulated
+        return cls.from_json(obj)
+
+    @classmethod
+    def from_ra_tls_env(cls, environ: Mapping[str, str]) -> Policy:
+        """A policy from Gramine's RA-TLS variables, with Gramine's semantics.
+
+        RA_TLS_MRENCLAVE, RA_TLS_MRSIGNER (hex), RA_TLS_ISV_PROD_ID, RA_TLS_ISV_SVN (decimal;
+        ISV_SVN is a minimum) must all be set; "any" skips that check. RA_TLS_ALLOW_*=1 widens
+        the TCB statuses: HW_CONFIG_NEEDED -> ConfigurationNeeded, OUTDATED_TCB_INSECURE ->
+        OutOfDate (with HW_CONFIG_NEEDED also OutOfDateConfigurationNeeded),
+        SW_HARDENING_NEEDED -> SWHardeningNeeded (with HW_CONFIG_NEEDED also
+        ConfigurationAndSWHardeningNeeded); DEBUG_ENCLAVE_INSECURE=1 allows debug enclaves.
+        """
+        pinned: dict[str, Any] = {}
+        for name, variable in _RA_TLS_VARIABLES.items():
+            value = environ.get(variable)
+            if value is None:
+                raise ConfigError(f"{variable} is not set (set it to 'any' to accept any value)")
+            if value == "any":
+                continue
+            try:
+                pinned[name] = (
+                    _parse_u16(value) if name.startswith("isv") else _parse_hex(value, 32)
+                )
+            except ValueError as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
+        if "mr_enclave" not in pinned and "mr_signer" not in pinned:
+            log.warning("neither RA_TLS_MRENCLAVE nor RA_TLS_MRSIGNER is set: any enclave passes")
+
+        def allowed(name: str) -> bool:
+            return environ.get(f"RA_TLS_ALLOW_{name}") == "1"
+
+        hw = allowed("HW_CONFIG_NEEDED")
+        outdated = allowed("OUTDATED_TCB_INSECURE")
+        sw = allowed("SW_HARDENING_NEEDED")
+        statuses = [
+            status
+            for status, ok in (
+                ("UpToDate", True),
+                ("ConfigurationNeeded", hw),
+                ("OutOfDate", outdated),
+                ("OutOfDateConfigurationNeeded", outdated and hw),
+                ("SWHardeningNeeded", sw),
+                ("ConfigurationAndSWHardeningNeeded", hw and sw),
+            )
+            if ok
+        ]
+        return cls.from_values(
+            **pinned,
+            allowed_tcb_status=statuses,
+            allow_debug=allowed("DEBUG_ENCLAVE_INSECURE"),
+        )
+
+    # -- use ------------------------------------------------------------------------------
+
+    @property
+    def enabled_sgx_fields(self) -> tuple[str, ...]:
+        return tuple(name for name in SGX_FIELDS if getattr(self, f"verify_{name}") == "on")
+
+    def check(self, claims: Claims) -> None:
+        """Raise PolicyRejected (with `check` naming the failed check) unless `claims` pass."""
+        if claims.tee is TeeType.SIMULATED:
+            if not self.allow_simulated:
+                raise PolicyRejected("simulated evidence not allowed by policy", check="simulated")
+        elif claims.tcb_status not in self.allowed_tcb_status:
+            allowed = ", ".join(self.allowed_tcb_status) or "none"
+            raise PolicyRejected(
+                f"TCB status {claims.tcb_status} not allowed (allowed: {allowed})",
+                check="tcb_status",
+            )
+        if claims.debug and not self.allow_debug:
+            what = "debug TD" if claims.tee is TeeType.TDX else "debug enclave"
+            raise PolicyRejected(f"{what} not allowed by policy", check="debug")
+        if claims.tee is TeeType.TDX:
+            self._check_tdx(claims)
+        else:
+            self._check_sgx(claims)
+
+    def _check_sgx(self, claims: Claims) -> None:
+        enabled = self.enabled_sgx_fields
+        if not enabled:
+            if self.tdx_mrs:
+                raise PolicyRejected(
+                    "policy pins only TDX identities (tdx_mrs): no SGX enclave is allowed",
+                    check="mr_enclave",
+                )
+            return
+        if not self.sgx_mrs:
+            raise PolicyRejected(
+                f"policy turns verify_{enabled[0]} on but sgx_mrs is empty: no enclave is allowed",
+                check=enabled[0],
+            )
+        candidates = list(self.sgx_mrs)
+        for name in enabled:
+            got = getattr(claims, name)
+            if name == "isv_svn":
+                matching = [e for e in candidates if got >= e.isv_svn]
+                if not matching:
+                    minimum = min(e.isv_svn for e in candidates)
+                    raise PolicyRejected(f"isv_svn {got} below minimum {minimum}", check="isv_svn")
+            else:
+                want = got.hex() if isinstance(got, bytes) else got
+                matching = [e for e in candidates if getattr(e, name) == want]
+                if not matching:
+                    raise PolicyRejected(
+                        _mismatch(name, want, [getattr(e, name) for e in candidates]), check=name
+                    )
+            candidates = matching
+
+    def _check_tdx(self, claims: Claims) -> None:
+        if not self.tdx_mrs:
+            if self.enabled_sgx_fields:
+                raise PolicyRejected(
+                    "policy pins only SGX identities (sgx_mrs): no TDX guest is allowed",
+                    check="mr_td",
+                )
+            return
+        measured = (claims.mr_td, *claims.rtmrs, b"", b"", b"", b"")[: len(TDX_FIELDS)]
+        candidates = list(self.tdx_mrs)
+        for name, value in zip(TDX_FIELDS, measured, strict=True):
+            got = value.hex()
+            matching = [e for e in candidates if getattr(e, name) in (None, got)]
+            if not matching:
+                wanted = [getattr(e, name) for e in candidates]
+                raise PolicyRejected(
+                    _mismatch(name, got, wanted), check="mr_td" if name == "mr_td" else "rtmr"
+                )
+            candidates = matching
+
+    # -- identity of the policy itself ----------------------------------------------------
+
+    def canonical(self) -> dict[str, Any]:
+        """The policy's meaning: disabled fields dropped, entries sorted and deduplicated."""
+        enabled = self.enabled_sgx_fields
+        sgx = {
+            json.dumps({n: getattr(e, n) for n in enabled}, sort_keys=True) for e in self.sgx_mrs
+        }
+        tdx = {json.dumps(e.model_dump(exclude_none=True), sort_keys=True) for e in self.tdx_mrs}
+        return {
+            "format": _CANONICAL_TAG,
+            "verify": list(enabled),
+            "sgx_mrs": [json.loads(e) for e in sorted(sgx)] if enabled else [],
+            "tdx_mrs": [json.loads(e) for e in sorted(tdx)],
+            "allowed_tcb_status": sorted(set(self.allowed_tcb_status)),
+            "allow_debug": self.allow_debug,
+            "allow_simulated": self.allow_simulated,
+        }
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON: equal for semantically equal policies."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).digest()
+
+    def to_json(self) -> dict[str, Any]:
+        """The policy as a JSON object that `from_json` reads back to an equal policy."""
+        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs"})
+        out["sgx_mrs"] = [e.model_dump(exclude_none=True) for e in self.sgx_mrs]
+        out["tdx_mrs"] = [e.model_dump(exclude_none=True) for e in self.tdx_mrs]
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the policy as JSON, atomically (a reader never sees half a file)."""
+        file = Path(path)
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        try:
+            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise ConfigError(f"cannot write policy {file}: {exc}") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, file)
+        except OSError as exc:
+            os.unlink(tmp)
+            raise ConfigError(f"cannot write policy {file}: {exc}") from None
+
+
+def _short(value: Any) -> str:
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) > 12 else str(value)
+
+
+def _mismatch(name: str, got: Any, allowed: list[Any]) -> str:
+    unique = list(dict.fromkeys(allowed))
+    return f"{name} mismatch: got {_short(got)}, policy allows [{', '.join(map(_short, unique))}]"
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = error["loc"]
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+        where = where.lstrip(".")
+        if error["type"] == "extra_forbidden":
+            parent = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[:-1]).lstrip(
+                "."
+            )
+            problems.append(f"unknown key {loc[-1]!r}" + (f" in {parent}" if parent else ""))
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
