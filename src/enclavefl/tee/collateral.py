@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 import dcap_qvl
 from cryptography import x509
 
+from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.errors import CollateralError, ConfigError, FormatError, UsageError
 
 log = logging.getLogger(__name__)
@@ -353,13 +353,4 @@ def _pccs_failure(url: str, message: str) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))

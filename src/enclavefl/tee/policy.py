@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.errors import ConfigError, PolicyRejected
 from enclavefl.tee.claims import Claims, TeeType
 
@@ -391,17 +391,8 @@ class Policy(BaseModel):
         file = Path(path)
         text = json.dumps(self.to_json(), indent=2) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+            atomic_write_bytes(file, text.encode("utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot write policy {file}: {exc}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, file)
-        except OSError as exc:
-            os.unlink(tmp)
             raise ConfigError(f"cannot write policy {file}: {exc}") from None
 
 
