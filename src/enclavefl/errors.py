@@ -7,6 +7,8 @@ exits 2. Anything else escaping to the CLI is a bug.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EnclaveflError(Exception):
     """Base of every error enclavefl raises on purpose."""
@@ -37,9 +39,12 @@ class Rejected(EnclaveflError):
 
     exit_code = 1
 
-    def __init__(self, reason: str, *, check: str = "unspecified") -> None:
+    def __init__(self, reason: str, *, check: str = "unspecified", claims: Any = None) -> None:
         super().__init__(reason)
         self.check = check
+        # The verified claims, when the refusal came after the evidence itself checked out
+        # (a policy refusal): lets `verify --json` show what the peer is.
+        self.claims = claims
 
 
 class QuoteRejected(Rejected):

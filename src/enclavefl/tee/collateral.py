@@ -354,3 +354,19 @@ def _pccs_failure(url: str, message: str) -> str:
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def default_cache_dir() -> Path:
+    """Where fetched collateral is cached: $XDG_CACHE_HOME/enclavefl/collateral."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "enclavefl" / "collateral"
+
+
+def collateral_source(collateral_file: Path | None = None, pccs_url: str | None = None) -> CollateralSource:
+    """An offline file when given; else the PCCS named, in sgx_default_qcnl.conf, or Intel's PCS."""
+    if collateral_file is not None and pccs_url is not None:
+        raise UsageError("give either an offline collateral file or a PCCS URL, not both")
+    if collateral_file is not None:
+        return OfflineCollateral(collateral_file)
+    url = pccs_url or pccs_url_from_qcnl() or DEFAULT_PCCS_URL
+    return PccsCollateral(url, cache_dir=default_cache_dir())

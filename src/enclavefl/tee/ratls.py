@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from enclavefl.errors import FormatError, KeyBindingRejected, Rejected, UsageError
+from enclavefl.errors import FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
 from enclavefl.tee.attesters import Attester
 from enclavefl.tee.claims import Claims, TeeType
 from enclavefl.tee.quote import verify_quote
@@ -192,8 +192,13 @@ def verify_certificate(
     spki = _spki_der(_public_key(certificate))
     bound = _check_key_binding(evidence, claims.report_data, spki)
     _check_self_signed(certificate, at)
-    policy.check(claims)
-    return dataclasses.replace(claims, bound=bound)
+    claims = dataclasses.replace(claims, bound=bound)
+    try:
+        policy.check(claims)
+    except PolicyRejected as err:
+        err.claims = claims
+        raise
+    return claims
 
 
 def _serialize_claims(spki: bytes, extra_claims: Mapping[str, Any]) -> bytes:

@@ -1,0 +1,360 @@
+"""The `enclavefl` command.
+
+Exit codes are a contract that scripts and later checks rely on: 0 accepted / done,
+1 rejected by a security check (reason on stderr), 2 usage or unreadable input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from enclavefl.errors import EnclaveflError, Rejected, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("enclavefl.cli")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    from enclavefl.console import stderr_console
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=stderr_console, show_path=False, markup=False)],
+        force=True,
+    )
+
+
+def _fail(err: EnclaveflError) -> None:
+    kind = "rejected" if isinstance(err, Rejected) else "error"
+    click.echo(f"enclavefl: {kind}: {err.reason}", err=True)
+    sys.exit(err.exit_code)
+
+
+def typed_errors(fn: F) -> F:
+    """Turn enclavefl errors into a one-line reason and the contract's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EnclaveflError as err:
+            _fail(err)
+        except OSError as err:
+            # Unreadable or unwritable paths are input errors, not crashes.
+            _fail(UsageError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")))
+        except KeyboardInterrupt:
+            click.echo("enclavefl: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="enclavefl")
+def main(verbose: bool) -> None:
+    """Confidential federated learning between mutually attested TEEs."""
+    _setup_logging(verbose)
+
+
+# --------------------------------------------------------------------------- trust
+
+
+def _load_policy(path: Path | None) -> Any:
+    from enclavefl.tee.policy import Policy
+
+    return Policy.load(path) if path is not None else Policy.default()
+
+
+def _verify_result(claims: Any, error: Rejected | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "accepted": error is None,
+        "reason": error.reason if error else None,
+        "check": error.check if error else None,
+    }
+    fields = ("tee", "mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "debug",
+              "tcb_status", "advisory_ids", "report_data")
+    if claims is not None:
+        out.update(claims.to_json())
+    else:
+        out.update({f: None for f in fields})
+    return out
+
+
+@main.command()
+@click.option("--quote", "quote_path", type=click.Path(path_type=Path), help="Raw SGX/TDX quote file.")
+@click.option("--cert", "cert_path", type=click.Path(path_type=Path), help="RA-TLS certificate (PEM or DER).")
+@click.option("--url", help="HOST:PORT of a live RA-TLS server to probe.")
+@click.option("--collateral", type=click.Path(path_type=Path), help="Offline collateral JSON file.")
+@click.option("--pccs", help="PCCS URL to fetch collateral from (cached until nextUpdate).")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy JSON (default: UpToDate only, no debug, no simulated).")
+@click.option("--at", type=int, help="Verification time, unix seconds (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@typed_errors
+def verify(
+    quote_path: Path | None,
+    cert_path: Path | None,
+    url: str | None,
+    collateral: Path | None,
+    pccs: str | None,
+    policy_path: Path | None,
+    at: int | None,
+    as_json: bool,
+) -> None:
+    """Verify a quote, an RA-TLS certificate or a live server against a policy."""
+    from enclavefl.tee.collateral import collateral_source
+    from enclavefl.tee.quote import verify_quote
+    from enclavefl.tee.ratls import verify_certificate
+
+    given = [x for x in (quote_path, cert_path, url) if x is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --quote, --cert, --url")
+    policy = _load_policy(policy_path)
+    source = collateral_source(collateral, pccs)
+
+    claims = None
+    error: Rejected | None = None
+    try:
+        if quote_path is not None:
+            claims = verify_quote(_read_input(quote_path), source, at=at)
+            policy.check(claims)
+        elif cert_path is not None:
+            claims = verify_certificate(_read_input(cert_path), policy=policy, collateral=source, at=at)
+        else:
+            from enclavefl.net.client import probe_and_verify
+
+            host, port = _split_host_port(url or "")
+            claims = probe_and_verify(host, port, policy=policy, collateral=source, at=at)
+    except Rejected as err:
+        error = err
+        claims = getattr(err, "claims", None) or claims
+
+    result = _verify_result(claims, error)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_claims(result)
+    if error is not None:
+        click.echo(f"enclavefl: rejected: {error.reason}", err=True)
+        sys.exit(error.exit_code)
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _print_claims(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from enclavefl.console import stdout_console
+
+    title = "[green]accepted[/green]" if result["accepted"] else "[red]rejected[/red]"
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        if key in ("accepted",) or value is None:
+            continue
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
+        table.add_row(key, str(value))
+    stdout_console.print(table)
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Write the RA-TLS certificate (PEM) here.")
+@click.option(
+    "--attester",
+    type=click.Choice(["auto", "gramine", "tdx", "simulated"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--job", "job_file", type=click.Path(path_type=Path), help="Job file to include in the simulated measurement.")
+@click.option(
+    "--allow-simulated-insecure",
+    is_flag=True,
+    help="Let 'auto' fall back to INSECURE simulated evidence when no TEE is present.",
+)
+@typed_errors
+def attest(out: Path | None, attester: str, job_file: Path | None, allow_simulated_insecure: bool) -> None:
+    """Make a fresh key in this TEE and an RA-TLS certificate binding it to evidence."""
+    from enclavefl.tee.attesters import make_attester
+    from enclavefl.tee.measure import simulated_measurement
+    from enclavefl.tee.ratls import make_certificate
+
+    extra = [job_file] if job_file else []
+    measurement = simulated_measurement(extra)
+    att = make_attester(
+        attester,
+        allow_simulated_insecure=allow_simulated_insecure or attester == "simulated",
+        measurement=measurement,
+    )
+    identity = make_certificate(att)
+    if out is not None:
+        from enclavefl.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(out, identity.cert_pem)
+        click.echo(f"wrote {out} ({att.tee.value} evidence); the private key never leaves this process")
+    else:
+        click.echo(identity.cert_pem.decode())
+
+
+@main.command()
+@click.option("--sig", type=click.Path(path_type=Path), help="Read the measurement from a Gramine .sig (SIGSTRUCT).")
+@click.option("--job", "job_file", type=click.Path(path_type=Path), help="Job file measured with the package (simulated).")
+@click.option("--isv-prod-id", type=int, default=0, show_default=True)
+@click.option("--isv-svn", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@typed_errors
+def measure(sig: Path | None, job_file: Path | None, isv_prod_id: int, isv_svn: int, as_json: bool) -> None:
+    """Print mr_enclave, mr_signer, isv_prod_id, isv_svn of this install or of a .sig file."""
+    from enclavefl.tee.measure import read_sigstruct, simulated_measurement
+
+    if sig is not None:
+        m = read_sigstruct(sig)
+        source = f"sigstruct {sig}"
+    else:
+        m = simulated_measurement([job_file] if job_file else [], isv_prod_id=isv_prod_id, isv_svn=isv_svn)
+        source = "simulated (hash of the installed package files)"
+    data = m.to_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(f"# {source}")
+        for key, value in data.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.group()
+def policy() -> None:
+    """Write and inspect attestation policies."""
+
+
+@policy.command("init")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Policy file to write.")
+@click.option("--from-measure", "from_measure", type=click.Path(path_type=Path), help="JSON written by `enclavefl measure --json` (repeatable via several files).", multiple=True)
+@click.option("--mr-enclave", multiple=True, help="Allowed mr_enclave (hex); repeat for several.")
+@click.option("--mr-signer", help="Required mr_signer (hex).")
+@click.option("--isv-prod-id", type=int, help="Required isv_prod_id.")
+@click.option("--isv-svn", type=int, help="Minimum isv_svn.")
+@click.option("--allow-tcb-status", multiple=True, help="TCB status to accept besides UpToDate (repeatable).")
+@click.option("--allow-debug-insecure", is_flag=True, help="Accept debug enclaves (INSECURE).")
+@click.option("--allow-simulated-insecure", is_flag=True, help="Accept simulated evidence (INSECURE).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@typed_errors
+def policy_init(
+    out: Path,
+    from_measure: tuple[Path, ...],
+    mr_enclave: tuple[str, ...],
+    mr_signer: str | None,
+    isv_prod_id: int | None,
+    isv_svn: int | None,
+    allow_tcb_status: tuple[str, ...],
+    allow_debug_insecure: bool,
+    allow_simulated_insecure: bool,
+    force: bool,
+) -> None:
+    """Write a policy pinning the given measurements."""
+    from enclavefl.tee.policy import Policy
+
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists (use --force to overwrite)")
+    entries: list[dict[str, Any]] = []
+    for path in from_measure:
+        try:
+            entries.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} is not JSON from `enclavefl measure --json`: {err}") from err
+    for value in mr_enclave:
+        entries.append({"mr_enclave": value})
+    if not entries and mr_signer is None:
+        raise UsageError("nothing to pin: give --from-measure, --mr-enclave or --mr-signer")
+    pol = Policy.from_measurements(
+        entries,
+        mr_signer=mr_signer,
+        isv_prod_id=isv_prod_id,
+        isv_svn=isv_svn,
+        allowed_tcb_status=["UpToDate", *allow_tcb_status],
+        allow_debug=allow_debug_insecure,
+        allow_simulated=allow_simulated_insecure,
+    )
+    pol.save(out)
+    click.echo(f"wrote {out} (policy sha256 {pol.digest().hex()[:16]}…)")
+
+
+@policy.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@typed_errors
+def policy_show(path: Path) -> None:
+    """Print a policy, normalized, with its digest."""
+    from enclavefl.tee.policy import Policy
+
+    pol = Policy.load(path)
+    click.echo(json.dumps(pol.to_json(), indent=2))
+    click.echo(f"# sha256 {pol.digest().hex()}")
+
+
+# --------------------------------------------------------------------------- sealing
+
+
+def _seal_options(fn: F) -> F:
+    fn = click.option("--version", "artifact_version", type=int, default=1, show_default=True, help="Artifact version (an older one is refused).")(fn)
+    fn = click.option("--job-id", default="default", show_default=True, help="Job the artifact belongs to.")(fn)
+    fn = click.option("--name", required=True, help="Artifact name bound into the file.")(fn)
+    fn = click.option("--key", "key_spec", required=True, help="Key source: file:PATH, sgx-seal:mrenclave|mrsigner, broker:HOST:PORT/NAME.")(fn)
+    fn = click.argument("dst", type=click.Path(path_type=Path))(fn)
+    fn = click.argument("src", type=click.Path(path_type=Path))(fn)
+    return fn
+
+
+@main.command()
+@_seal_options
+@typed_errors
+def seal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int) -> None:
+    """Encrypt and authenticate SRC into DST, bound to (job id, name, version)."""
+    from enclavefl.seal import parse_key_spec, seal_file
+
+    seal_file(src, dst, key=parse_key_spec(key_spec), job_id=job_id, name=name, version=artifact_version)
+    click.echo(f"sealed {src} -> {dst}")
+
+
+@main.command()
+@_seal_options
+@typed_errors
+def unseal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int) -> None:
+    """Check and decrypt SRC into DST; refuses altered, truncated or swapped files."""
+    from enclavefl.seal import parse_key_spec, unseal_file
+
+    unseal_file(src, dst, key=parse_key_spec(key_spec), job_id=job_id, name=name, version=artifact_version)
+    click.echo(f"unsealed {src} -> {dst}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@typed_errors
+def keygen(path: Path) -> None:
+    """Create a random key file for `--key file:PATH` (development only: the key sits on the host)."""
+    from enclavefl.seal import create_key_file
+
+    create_key_file(path)
+    click.echo(f"wrote key file {path} (mode 0600); use --key file:{path}")
