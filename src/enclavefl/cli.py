@@ -282,18 +282,20 @@ def policy_init(
     entries: list[dict[str, Any]] = []
     for path in from_measure:
         try:
-            entries.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
+            measured = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
             raise UsageError(f"{path} is not JSON from `enclavefl measure --json`: {err}") from err
-    for value in mr_enclave:
-        entries.append({"mr_enclave": value})
-    if not entries and mr_signer is None:
+        if not isinstance(measured, dict):
+            raise UsageError(f"{path} is not JSON from `enclavefl measure --json`")
+        entries.append(measured)
+    entries.extend({"mr_enclave": value} for value in mr_enclave)
+    overrides = {"mr_signer": mr_signer, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if not entries and not overrides:
         raise UsageError("nothing to pin: give --from-measure, --mr-enclave or --mr-signer")
-    pol = Policy.from_measurements(
-        entries,
-        mr_signer=mr_signer,
-        isv_prod_id=isv_prod_id,
-        isv_svn=isv_svn,
+    identities = [{**entry, **overrides} for entry in entries] or [overrides]
+    pol = Policy.from_identities(
+        identities,
         allowed_tcb_status=["UpToDate", *allow_tcb_status],
         allow_debug=allow_debug_insecure,
         allow_simulated=allow_simulated_insecure,

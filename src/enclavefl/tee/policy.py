@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -218,11 +218,33 @@ class Policy(BaseModel):
         """A policy pinning the given SGX fields (None: not checked); `isv_svn` is a minimum."""
         given = {"mr_enclave": mr_enclave, "mr_signer": mr_signer,
                  "isv_prod_id": isv_prod_id, "isv_svn": isv_svn}  # fmt: skip
-        obj: dict[str, Any] = {
-            f"verify_{name}": "off" if value is None else "on" for name, value in given.items()
-        }
         pinned = {name: value for name, value in given.items() if value is not None}
-        obj["sgx_mrs"] = [pinned] if pinned else []
+        return cls.from_identities(
+            [pinned] if pinned else [],
+            allowed_tcb_status=allowed_tcb_status,
+            allow_debug=allow_debug,
+            allow_simulated=allow_simulated,
+        )
+
+    @classmethod
+    def from_identities(
+        cls,
+        identities: Sequence[Mapping[str, Any]],
+        *,
+        allowed_tcb_status: tuple[str, ...] | list[str] = ("UpToDate",),
+        allow_debug: bool = False,
+        allow_simulated: bool = False,
+    ) -> Policy:
+        """A policy allowing any of several SGX identities (e.g. `enclavefl measure --json`
+        outputs). A field is verified when any identity gives it, so every identity must."""
+        entries = [dict(identity) for identity in identities]
+        obj: dict[str, Any] = {}
+        for name in SGX_FIELDS:
+            present = [name in entry for entry in entries]
+            if any(present) and not all(present):
+                raise ConfigError(f"sgx_mrs: {name} is pinned in some identities but not in others")
+            obj[f"verify_{name}"] = "on" if entries and all(present) else "off"
+        obj["sgx_mrs"] = entries
         obj["allowed_tcb_status"] = list(allowed_tcb_status)
         obj["allow_debug"] = allow_debug
         obj["allow_simulated"] = allow_simulated
