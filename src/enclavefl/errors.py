@@ -73,3 +73,9 @@ class TransportError(EnclaveflError):
     """A peer could not be reached or the connection broke."""
 
     exit_code = 1
+
+
+class JobFailed(EnclaveflError):
+    """A party of a job did not finish (exit 1); the reason names the parties and their logs."""
+
+    exit_code = 1

@@ -1,0 +1,240 @@
+"""Run a whole job on this machine: every party as its own process, attesting and
+connecting exactly as a remote party would, with progress, metrics, a summary and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enclavefl.errors import EnclaveflError, UsageError
+from enclavefl.fsutil import atomic_write_bytes
+from enclavefl.jobs.config import JobConfig, load_job
+
+log = logging.getLogger("enclavefl.jobs")
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "metrics.png"
+
+# After the coordinator is done, members get this long to finish before they are stopped.
+MEMBER_GRACE_S = 30.0
+
+
+@dataclass
+class PartyProcess:
+    name: str
+    role: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: Any
+    exit_code: int | None = None
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    out_dir: Path
+    failed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def party_command(job_file: Path, name: str, out_dir: Path, *, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "enclavefl", "party", str(job_file), "--name", name, "--out", str(out_dir)]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _child_env(parties: int) -> dict[str, str]:
+    # Parties share this machine's cores; without a cap each torch process would use all.
+    threads = str(max(1, (os.cpu_count() or 1) // parties))
+    return {**os.environ, "ENCLAVEFL_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads,
+            "PYTHONUNBUFFERED": "1"}
+
+
+def start_party(job_file: Path, name: str, role: str, out_dir: Path, *, resume: bool, parties: int) -> PartyProcess:
+    log_path = out_dir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the process is reaped
+    process = subprocess.Popen(
+        party_command(job_file, name, out_dir, resume=resume),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=_child_env(parties),
+        start_new_session=True,
+    )
+    return PartyProcess(name, role, process, log_path, log_file)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class MetricsFollower:
+    """Reads new lines of metrics.jsonl as the coordinator appends them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self.records: list[dict[str, Any]] = []
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        new = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        self.records.extend(new)
+        return new
+
+
+def run_job(
+    job_file: Path,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float | None = None,
+) -> RunResult:
+    """Start every party of `job_file` as a local process and wait for the job to end."""
+    job_file = Path(job_file).resolve()
+    job = load_job(job_file)
+    out = Path(out_dir or job.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in (METRICS_FILE, RESULT_FILE, SUMMARY_FILE):
+            (out / stale).unlink(missing_ok=True)
+
+    started = time.monotonic()
+    coordinator = job.coordinator()
+    everyone = [coordinator, *job.members()]
+    procs = [start_party(job_file, p.name, p.role, out, resume=resume, parties=len(everyone)) for p in everyone]
+    follower = MetricsFollower(out / METRICS_FILE)
+    try:
+        _supervise(procs, follower, on_metrics, deadline=None if timeout_s is None else started + timeout_s)
+    finally:
+        for proc in procs:
+            _stop(proc)
+    for record in follower.poll():
+        if on_metrics:
+            on_metrics(record)
+
+    wall_s = time.monotonic() - started
+    summary = build_summary(job, out, procs, wall_s)
+    atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    if job.output.plot and follower.records:
+        from enclavefl.jobs.report import plot_metrics
+
+        plot_metrics(follower.records, out / PLOT_FILE, title=job.job.name)
+    failed = {p.name: p.exit_code for p in procs if p.exit_code not in (0, None)}
+    for name, code in failed.items():
+        proc = next(p for p in procs if p.name == name)
+        log.error("party %s exited with %s; last lines of %s:\n%s", name, code, proc.log_path, _tail(proc.log_path))
+    return RunResult(summary=summary, out_dir=out, failed=failed)  # type: ignore[arg-type]
+
+
+def _supervise(
+    procs: list[PartyProcess],
+    follower: MetricsFollower,
+    on_metrics: Callable[[dict[str, Any]], None] | None,
+    deadline: float | None,
+) -> None:
+    coordinator = procs[0]
+    coordinator_done_at: float | None = None
+    while True:
+        for record in follower.poll():
+            if on_metrics:
+                on_metrics(record)
+        for proc in procs:
+            if proc.exit_code is None:
+                proc.exit_code = proc.process.poll()
+        if coordinator.exit_code is not None and coordinator_done_at is None:
+            coordinator_done_at = time.monotonic()
+        if all(p.exit_code is not None for p in procs):
+            return
+        now = time.monotonic()
+        if coordinator_done_at is not None and now - coordinator_done_at > MEMBER_GRACE_S:
+            log.warning("coordinator finished %.0f s ago; stopping the remaining parties", MEMBER_GRACE_S)
+            return
+        if deadline is not None and now > deadline:
+            raise UsageError(f"job did not finish within its time limit; logs in {procs[0].log_path.parent}")
+        time.sleep(0.2)
+
+
+def _stop(proc: PartyProcess) -> None:
+    if proc.process.poll() is None:
+        os.killpg(proc.process.pid, signal.SIGTERM)
+        try:
+            proc.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.process.pid, signal.SIGKILL)
+            proc.process.wait()
+    if proc.exit_code is None:
+        proc.exit_code = proc.process.returncode
+    proc.log_file.close()
+
+
+def build_summary(job: JobConfig, out: Path, procs: list[PartyProcess], wall_s: float) -> dict[str, Any]:
+    """summary.json: what ran, the final metrics, and who was attested by whom."""
+    result = _read_json(out / RESULT_FILE) or {}
+    peers_seen: dict[str, Any] = result.get("peers", {})
+    records = {p.name: _read_json(out / "parties" / f"{p.name}.json") or {} for p in procs}
+    parties: dict[str, Any] = {}
+    for proc in procs:
+        record = records[proc.name]
+        if proc is procs[0]:
+            # The coordinator counts as attested when every member verified its evidence.
+            attested = all(records[p.name].get("verified_coordinator", False) for p in procs[1:])
+        else:
+            attested = bool(peers_seen.get(proc.name, {}).get("attested", False))
+        parties[proc.name] = {
+            "role": proc.role,
+            "tee": record.get("tee"),
+            "mr_enclave": record.get("mr_enclave"),
+            "attested": attested,
+            "exit_code": proc.exit_code,
+        }
+    summary: dict[str, Any] = {
+        "job": job.job.name,
+        "job_id": job.job.id,
+        "mode": job.mode,
+        "wall_s": round(wall_s, 3),
+        "metrics": result.get("metrics", {}),
+        "parties": parties,
+    }
+    summary.update(result.get("extra", {}))
+    return summary
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise EnclaveflError(f"cannot read {path}: {err}") from None
+
+
+def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    """Append one record to metrics.jsonl (one line per round/eval), flushed at once."""
+    with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
