@@ -1,0 +1,307 @@
+"""Admission: how a client proves its attestation to a server without a TLS client certificate.
+
+The client signs, with the key bound in its RA-TLS certificate, a canonical encoding of
+(nonce, SHA-256 of the server certificate it pinned, job id, party name). The server checks
+it all and issues a session token; sessions and nonces expire. No gRPC here: the server
+module wires this logic to RPCs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import cbor2
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from enclavefl.errors import FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
+from enclavefl.tee.attesters import Attester
+from enclavefl.tee.claims import Claims
+from enclavefl.tee.collateral import CollateralSource
+from enclavefl.tee.policy import Policy
+from enclavefl.tee.ratls import RaTlsIdentity, make_certificate, verify_certificate
+
+log = logging.getLogger("enclavefl.net")
+
+ADMISSION_DOMAIN = "enclavefl-admission"
+ADMISSION_VERSION = 1
+POLICY_HASH_CLAIM = "policy-hash"
+NONCE_SIZE = 32
+TOKEN_SIZE = 32
+MAX_PARTY_CHARS = 128
+
+
+class Mode(StrEnum):
+    """Who is attested, as in CCZoo's `verify` options."""
+
+    TWO_WAY = "two-way"  # both ends (default)
+    SERVER = "server"  # only the server; clients are admitted without evidence
+    CLIENT = "client"  # only the client; the client still pins the certificate it probed
+
+    @property
+    def verifies_server(self) -> bool:
+        return self is not Mode.CLIENT
+
+    @property
+    def verifies_client(self) -> bool:
+        return self is not Mode.SERVER
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An authenticated peer as FL code sees it: a party name and its verified claims.
+
+    `claims` is None only when this side's mode does not attest that peer.
+    """
+
+    party: str
+    claims: Claims | None
+
+    @property
+    def attested(self) -> bool:
+        return self.claims is not None
+
+
+def make_identity(attester: Attester, policy: Policy, *, common_name: str = "enclavefl") -> RaTlsIdentity:
+    """This party's RA-TLS identity; its claims include the digest of the policy it enforces."""
+    return make_certificate(attester, extra_claims={POLICY_HASH_CLAIM: policy.digest()}, common_name=common_name)
+
+
+def check_party_name(party: str) -> None:
+    if not isinstance(party, str) or not party or len(party) > MAX_PARTY_CHARS or not party.isprintable():
+        raise UsageError(f"party name must be 1..{MAX_PARTY_CHARS} printable characters, got {party!r}")
+
+
+@dataclass(frozen=True)
+class PartyCredentials:
+    """What a party brings to every connection, as server or client.
+
+    `identity`: its RA-TLS identity (None only for a client in mode "server", which sends
+    no evidence); `policy`: what it requires of peers (its digest is in the identity's
+    claims); `party` and `job_id`: its name and job; `mode`: who is attested (both ends
+    must agree); `collateral` and `at`: for verifying hardware quotes (at: pinned time).
+    """
+
+    identity: RaTlsIdentity | None
+    policy: Policy
+    party: str
+    job_id: str
+    mode: Mode = Mode.TWO_WAY
+    collateral: CollateralSource | None = None
+    at: int | None = None
+
+    def __post_init__(self) -> None:
+        check_party_name(self.party)
+        object.__setattr__(self, "mode", Mode(self.mode))
+
+    @classmethod
+    def create(
+        cls,
+        attester: Attester,
+        policy: Policy,
+        *,
+        party: str,
+        job_id: str,
+        mode: Mode | str = Mode.TWO_WAY,
+        collateral: CollateralSource | None = None,
+        at: int | None = None,
+    ) -> PartyCredentials:
+        """Credentials with a fresh identity from `attester` (a new key and quote)."""
+        return cls(make_identity(attester, policy), policy, party, job_id, Mode(mode), collateral, at)
+
+
+def admission_payload(nonce: bytes, server_cert_sha256: bytes, job_id: str, party: str) -> bytes:
+    """The canonical bytes a client signs to be admitted."""
+    return cbor2.dumps([ADMISSION_DOMAIN, ADMISSION_VERSION, nonce, server_cert_sha256, job_id, party], canonical=True)
+
+
+def sign_admission(identity: RaTlsIdentity, payload: bytes) -> bytes:
+    return identity.private_key.sign(payload, ec.ECDSA(hashes.SHA384()))
+
+
+def check_policy_hash(claims: Claims, policy: Policy, who: str) -> None:
+    """The peer must enforce exactly our policy (a host cannot loosen its party's policy)."""
+    theirs = claims.bound.get(POLICY_HASH_CLAIM)
+    ours = policy.digest()
+    if theirs != ours:
+        got = theirs.hex() if isinstance(theirs, bytes) else repr(theirs)
+        raise PolicyRejected(
+            f"policy hash mismatch: {who} enforces {got}, this party enforces {ours.hex()}", check="policy-hash"
+        )
+
+
+def log_verified(role: str, party: str, claims: Claims) -> None:
+    log.info(
+        "%s %s attested: tee=%s mr_enclave=%s tcb=%s",
+        role,
+        party,
+        claims.tee.value,
+        claims.short_id(),
+        claims.tcb_status,
+    )
+    if claims.insecure:
+        log.warning(
+            "INSECURE: %s %s relies on simulated evidence (self-reported, proves nothing); "
+            "accepted only because the policy allows simulated evidence",
+            role,
+            party,
+        )
+
+
+class NonceStore:
+    """Single-use, expiring nonces; the oldest are dropped beyond `capacity` (bounded memory)."""
+
+    def __init__(self, *, ttl_s: float = 30.0, capacity: int = 4096, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self._capacity = capacity
+        self._clock = clock
+        self._nonces: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self) -> bytes:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        with self._lock:
+            self._nonces[nonce] = self._clock() + self.ttl_s
+            while len(self._nonces) > self._capacity:
+                self._nonces.popitem(last=False)
+        return nonce
+
+    def consume(self, nonce: bytes) -> None:
+        """Accept `nonce` once; unknown, reused or expired nonces are refused."""
+        with self._lock:
+            expires = self._nonces.pop(nonce, None)
+        if expires is None:
+            raise Rejected("admission nonce unknown or already used (replayed admission?)", check="nonce")
+        if self._clock() > expires:
+            raise Rejected(f"admission nonce expired (nonces live {self.ttl_s:g} s)", check="nonce")
+
+
+class SessionStore:
+    """Session tokens -> Peer, with expiry. Tokens are kept only as their SHA-256."""
+
+    def __init__(self, *, ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._sessions: dict[bytes, tuple[Peer, float]] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, peer: Peer) -> bytes:
+        token = secrets.token_bytes(TOKEN_SIZE)
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, (_, exp) in self._sessions.items() if exp < now]:
+                del self._sessions[key]
+            self._sessions[hashlib.sha256(token).digest()] = (peer, now + self.ttl_s)
+        return token
+
+    def lookup(self, token: bytes) -> Peer:
+        """The peer of a live session; raises Rejected(check="session") otherwise."""
+        key = hashlib.sha256(token).digest()
+        with self._lock:
+            entry = self._sessions.get(key)
+            if entry is not None and self._clock() > entry[1]:
+                del self._sessions[key]
+                raise Rejected("session expired: attest again", check="session")
+        if entry is None:
+            raise Rejected("session token unknown: attest again", check="session")
+        return entry[0]
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """What a client sends to be admitted (transport-neutral form of AdmitRequest)."""
+
+    party: str
+    job_id: str
+    nonce: bytes
+    server_cert_sha256: bytes
+    certificate_der: bytes
+    signature: bytes
+
+
+def build_admission(
+    identity: RaTlsIdentity | None, *, nonce: bytes, server_cert_der: bytes, job_id: str, party: str
+) -> AdmissionRequest:
+    """The client's admission; without identity (mode "server") it carries no evidence."""
+    server_hash = hashlib.sha256(server_cert_der).digest()
+    if identity is None:
+        return AdmissionRequest(party, job_id, nonce, server_hash, b"", b"")
+    payload = admission_payload(nonce, server_hash, job_id, party)
+    return AdmissionRequest(party, job_id, nonce, server_hash, identity.cert_der, sign_admission(identity, payload))
+
+
+class Admitter:
+    """Server side: verifies admissions against this server's certificate, job and policy."""
+
+    def __init__(self, credentials: PartyCredentials, *, nonces: NonceStore, sessions: SessionStore) -> None:
+        if credentials.identity is None:
+            raise UsageError("a server needs an RA-TLS identity")
+        self._server_cert_sha256 = hashlib.sha256(credentials.identity.cert_der).digest()
+        self._job_id = credentials.job_id
+        self._policy = credentials.policy
+        self._mode = credentials.mode
+        self._nonces = nonces
+        self._sessions = sessions
+        self._collateral = credentials.collateral
+        self._at = credentials.at
+
+    def admit(self, request: AdmissionRequest) -> tuple[Peer, bytes]:
+        """Verify `request`; returns the admitted peer and its session token."""
+        try:
+            check_party_name(request.party)
+        except UsageError as exc:
+            raise FormatError(str(exc)) from exc
+        self._nonces.consume(request.nonce)
+        if request.server_cert_sha256 != self._server_cert_sha256:
+            raise Rejected(
+                "admission was made for another server's certificate: "
+                f"got {request.server_cert_sha256.hex()[:16]}, this server's is {self._server_cert_sha256.hex()[:16]}",
+                check="server-certificate",
+            )
+        if request.job_id != self._job_id:
+            raise Rejected(
+                f"job id mismatch: got {request.job_id!r}, this server runs {self._job_id!r}", check="job-id"
+            )
+        claims = self._verify_client(request) if self._mode.verifies_client else None
+        if claims is None:
+            log.warning(
+                "INSECURE: admitted party %s without client attestation (mode %s)", request.party, self._mode.value
+            )
+        else:
+            log_verified("admitted party", request.party, claims)
+        peer = Peer(request.party, claims)
+        return peer, self._sessions.issue(peer)
+
+    def _verify_client(self, request: AdmissionRequest) -> Claims:
+        if not request.certificate_der:
+            raise Rejected(
+                f"client sent no evidence; this server attests clients (mode {self._mode.value})",
+                check="client-evidence",
+            )
+        try:
+            cert = x509.load_der_x509_certificate(request.certificate_der)
+        except ValueError as exc:
+            raise FormatError(f"client certificate is not DER X.509: {exc}") from exc
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+            raise KeyBindingRejected("client certificate key is not ECDSA P-384", check="admission-signature")
+        payload = admission_payload(request.nonce, request.server_cert_sha256, request.job_id, request.party)
+        try:
+            key.verify(request.signature, payload, ec.ECDSA(hashes.SHA384()))
+        except InvalidSignature as exc:
+            raise KeyBindingRejected(
+                "admission signature is not by the key of the client's certificate", check="admission-signature"
+            ) from exc
+        claims = verify_certificate(cert, policy=self._policy, collateral=self._collateral, at=self._at)
+        check_policy_hash(claims, self._policy, f"party {request.party}")
+        return claims
