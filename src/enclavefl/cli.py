@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from enclavefl.errors import EnclaveflError, Rejected, UsageError
+from enclavefl.errors import EnclaveflError, JobFailed, Rejected, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,7 +133,7 @@ def verify(
         elif cert_path is not None:
             claims = verify_certificate(_read_input(cert_path), policy=policy, collateral=source, at=at)
         else:
-            from enclavefl.net.client import probe_and_verify
+            from enclavefl.net import probe_and_verify
 
             host, port = _split_host_port(url or "")
             claims = probe_and_verify(host, port, policy=policy, collateral=source, at=at)
@@ -320,6 +320,10 @@ def policy_show(path: Path) -> None:
 
 
 def _seal_options(fn: F) -> F:
+    fn = click.option("--policy", "policy_path", type=click.Path(path_type=Path),
+                      help="With --key broker:...: the policy the key broker must satisfy.")(fn)
+    fn = click.option("--attester", type=click.Choice(["auto", "gramine", "tdx", "simulated"]), default="auto",
+                      show_default=True, help="With --key broker:...: how this process attests to the broker.")(fn)
     fn = click.option("--version", "artifact_version", type=int, default=1, show_default=True, help="Artifact version (an older one is refused).")(fn)
     fn = click.option("--job-id", default="default", show_default=True, help="Job the artifact belongs to.")(fn)
     fn = click.option("--name", required=True, help="Artifact name bound into the file.")(fn)
@@ -329,25 +333,47 @@ def _seal_options(fn: F) -> F:
     return fn
 
 
+def _key_source(spec: str, *, job_id: str, attester: str, policy_path: Path | None) -> Any:
+    """Parse a key spec; a broker: spec first gets this process an attested identity."""
+    from enclavefl.seal import parse_key_spec
+
+    if spec.startswith("broker:"):
+        from enclavefl.net import PartyCredentials, configure_broker_access
+        from enclavefl.tee.attesters import make_attester
+        from enclavefl.tee.collateral import collateral_source
+        from enclavefl.tee.measure import simulated_measurement
+
+        policy = _load_policy(policy_path)
+        att = make_attester(attester, measurement=simulated_measurement())
+        configure_broker_access(PartyCredentials.create(
+            att, policy, party="enclavefl-cli", job_id=job_id, collateral=collateral_source(),
+        ))
+    return parse_key_spec(spec)
+
+
 @main.command()
 @_seal_options
 @typed_errors
-def seal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int) -> None:
+def seal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int,
+         attester: str, policy_path: Path | None) -> None:
     """Encrypt and authenticate SRC into DST, bound to (job id, name, version)."""
-    from enclavefl.seal import parse_key_spec, seal_file
+    from enclavefl.seal import seal_file
 
-    seal_file(src, dst, key=parse_key_spec(key_spec), job_id=job_id, name=name, version=artifact_version)
+    key = _key_source(key_spec, job_id=job_id, attester=attester, policy_path=policy_path)
+    seal_file(src, dst, key=key, job_id=job_id, name=name, version=artifact_version)
     click.echo(f"sealed {src} -> {dst}")
 
 
 @main.command()
 @_seal_options
 @typed_errors
-def unseal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int) -> None:
+def unseal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int,
+           attester: str, policy_path: Path | None) -> None:
     """Check and decrypt SRC into DST; refuses altered, truncated or swapped files."""
-    from enclavefl.seal import parse_key_spec, unseal_file
+    from enclavefl.seal import unseal_file
 
-    unseal_file(src, dst, key=parse_key_spec(key_spec), job_id=job_id, name=name, version=artifact_version)
+    key = _key_source(key_spec, job_id=job_id, attester=attester, policy_path=policy_path)
+    unseal_file(src, dst, key=key, job_id=job_id, name=name, version=artifact_version)
     click.echo(f"unsealed {src} -> {dst}")
 
 
@@ -360,3 +386,57 @@ def keygen(path: Path) -> None:
 
     create_key_file(path)
     click.echo(f"wrote key file {path} (mode 0600); use --key file:{path}")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
+@click.option("--resume", is_flag=True, help="Resume every party from its newest sealed checkpoint.")
+@typed_errors
+def run(job_file: Path, out_dir: Path | None, resume: bool) -> None:
+    """Run every party of JOB_FILE as a local process, with progress; writes summary.json."""
+    from enclavefl.console import stdout_console
+    from enclavefl.jobs.progress import run_with_progress
+    from enclavefl.jobs.report import result_table
+
+    result = run_with_progress(job_file, out_dir=out_dir, resume=resume)
+    stdout_console.print(result_table([result.summary]))
+    stdout_console.print(f"outputs in {result.out_dir}")
+    if not result.ok:
+        failed = ", ".join(f"{name} (exit {code})" for name, code in result.failed.items())
+        raise JobFailed(f"parties failed: {failed}; see {result.out_dir}/logs")
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Which party of the job this process is.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
+@click.option("--resume", is_flag=True, help="Resume from this party's newest sealed checkpoint.")
+@typed_errors
+def party(job_file: Path, name: str, out_dir: Path | None, resume: bool) -> None:
+    """Run one party of JOB_FILE (for separate hosts, containers or Gramine)."""
+    from enclavefl.jobs.party import run_party
+
+    run_party(job_file, name, out_dir, resume=resume)
+
+
+@main.command()
+@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Where the demo writes its data, jobs and outputs.")
+@typed_errors
+def demo(work: Path) -> None:
+    """Run a small horizontal (digits) and vertical (breast cancer) job in INSECURE simulation mode."""
+    from enclavefl.console import stdout_console
+    from enclavefl.jobs.demo import run_demo
+    from enclavefl.jobs.report import result_table
+
+    stdout_console.print("[yellow]enclavefl demo: SIMULATED attestation (no TEE): INSECURE, for trying things out[/yellow]")
+    results = run_demo(work)
+    stdout_console.print(result_table([r.summary for r in results]))
+    failed = [f"{r.summary.get('job')}: {', '.join(r.failed)}" for r in results if not r.ok]
+    if failed:
+        raise JobFailed(f"demo parties failed ({'; '.join(failed)}); logs under {work}")
+    stdout_console.print(f"outputs (metrics.jsonl, summary.json, metrics.png, logs) under {work}")

@@ -1,0 +1,3 @@
+from enclavefl.cli import main
+
+main()

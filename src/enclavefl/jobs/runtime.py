@@ -1,0 +1,127 @@
+"""What every party of a job needs before its role starts: evidence, identity, policy, peers.
+
+The runtime attests this process (a fresh key bound into the TEE's evidence), loads the
+policy the whole federation enforces, and builds the attested server (coordinator) or
+client (member). Roles receive these objects and never touch certificates or quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enclavefl.errors import ConfigError
+from enclavefl.fsutil import atomic_write_bytes
+from enclavefl.jobs.config import JobConfig, PartyConfig
+from enclavefl.net import AttestedClient, AttestedServer, Mode, PartyCredentials, RetryPolicy
+from enclavefl.net.keybroker import configure_broker_access
+from enclavefl.seal import KeySource, parse_key_spec
+from enclavefl.tee.attesters import make_attester
+from enclavefl.tee.collateral import collateral_source
+from enclavefl.tee.measure import simulated_measurement
+from enclavefl.tee.policy import Policy
+
+log = logging.getLogger("enclavefl.jobs")
+
+
+@dataclass
+class PartyRuntime:
+    """One party of one job, attested and ready to serve or dial."""
+
+    job: JobConfig
+    job_file: Path
+    party: PartyConfig
+    out_dir: Path
+    policy: Policy
+    credentials: PartyCredentials
+    measurement: Any
+    tee: str
+    peers_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, job: JobConfig, job_file: Path, name: str, out_dir: Path) -> PartyRuntime:
+        party = job.party(name)
+        policy = Policy.load(job.policy)
+        if policy.allow_simulated and not job.tee.allow_simulated_insecure:
+            raise ConfigError(
+                "policy allows simulated evidence but tee.allow_simulated_insecure is false: "
+                "set both to run INSECURE simulated parties, or neither"
+            )
+        measurement = simulated_measurement([job_file])
+        attester = make_attester(
+            job.tee.attester,
+            allow_simulated_insecure=job.tee.allow_simulated_insecure,
+            measurement=measurement,
+        )
+        credentials = PartyCredentials.create(
+            attester,
+            policy,
+            party=name,
+            job_id=job.job.id,
+            mode=Mode(job.tee.verify),
+            collateral=collateral_source(job.tee.collateral, job.tee.pccs_url),
+        )
+        runtime = cls(
+            job=job,
+            job_file=job_file,
+            party=party,
+            out_dir=out_dir,
+            policy=policy,
+            credentials=credentials,
+            measurement=measurement,
+            tee=attester.tee.value,
+        )
+        # A broker: storage key is fetched over the attested channel with this identity.
+        configure_broker_access(credentials)
+        runtime.write_party_record()
+        return runtime
+
+    def key_source(self) -> KeySource | None:
+        """The key that seals this party's checkpoints and exports (None: no storage configured)."""
+        if self.job.storage is None:
+            return None
+        return parse_key_spec(self.job.storage.key)
+
+    def server(self, *, max_workers: int = 32) -> AttestedServer:
+        address = self.party.address
+        if address is None:
+            raise ConfigError(f"parties[{self.party.name}].address: the {self.party.role} must listen somewhere")
+        host = "0.0.0.0" if address.host not in ("localhost", "127.0.0.1", "::1") else "127.0.0.1"
+        return AttestedServer(self.credentials, host=host, port=address.port, max_workers=max_workers)
+
+    def client(self, *, retry: RetryPolicy | None = None) -> AttestedClient:
+        address = self.job.coordinator().address
+        assert address is not None  # the job schema requires the coordinator's address
+        return AttestedClient(f"{address.host}:{address.port}", self.credentials, retry=retry or RetryPolicy())
+
+    def write_party_record(self, **extra: Any) -> None:
+        """Who this party is (its own measurement; never a key), for the run summary."""
+        record = {
+            "party": self.party.name,
+            "role": self.party.role,
+            "tee": self.tee,
+            "mr_enclave": self.measurement.mr_enclave.hex(),
+            "mr_signer": self.measurement.mr_signer.hex(),
+            "policy_sha256": self.policy.digest().hex(),
+            **extra,
+        }
+        path = self.out_dir / "parties" / f"{self.party.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+
+    def connected(self, client: AttestedClient) -> None:
+        """Connect a member to the coordinator and record that it verified the coordinator."""
+        server = client.connect()
+        self.write_party_record(verified_coordinator=server.attested)
+
+    def record_peer(self, party: str, claims: Any) -> None:
+        """Remember a peer this party verified (claims None when the mode does not attest it)."""
+        self.peers_seen[party] = {
+            "attested": claims is not None,
+            "tee": claims.tee.value if claims is not None else None,
+            "mr_enclave": claims.mr_enclave.hex() if claims is not None else None,
+            "tcb_status": claims.tcb_status if claims is not None else None,
+        }
