@@ -1,0 +1,299 @@
+"""ecdh-psi: X25519 Diffie-Hellman private set intersection, safe without trusting any TEE.
+
+Each id is hashed to an X25519 u-coordinate H(id) (BLAKE2b-256, domain-separated, top bit
+cleared) and "exponentiated" by X25519 scalar multiplication with a party's fresh secret.
+Clamped X25519 scalars commute, so [b][a]H(x) == [a][b]H(x): equal ids give equal
+double-blinded values and nothing else is comparable (decisional Diffie-Hellman).
+
+Messages (leader L with secret a, follower F with secret b):
+  L -> F  PsiHello          session, id kind, X = [a]H(l) for L's ids, sorted
+  F -> L  PsiFollowerReply  Y = [b]H(f) for F's ids, sorted; Z = [b]X, in X's order
+  L -> F  PsiLeaderReply    W = [a]Y, in Y's order; positions, in Y, of the intersection
+                            in the common order
+
+Both parties learn the intersection (L by matching Z with W, F the same way), the other
+party's set size, and nothing about the other party's other ids: the only values that
+cross are singly blinded (unlinkable to ids without that party's secret) or double-blinded.
+Common order: ascending double-blinded value [ab]H(id) (with several followers, that of
+the first follower), pseudorandom, so it reveals no party's row order. A follower refuses
+a result that names a row outside the intersection it computed itself. Security model:
+semi-honest parties, as for the ECDH-PSI of SecretFlow and FATE.
+
+Scalar multiplication dominates (two per id per party), so it runs in a pool of `workers`
+processes; the secret reaches them as a task argument over a local pipe and is never logged.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from enclavefl.errors import Rejected, UsageError
+from enclavefl.vfl.align import (
+    SESSION_BYTES,
+    AlignmentResult,
+    IdKind,
+    Ids,
+    bytes_array,
+    check_positions,
+    check_session,
+    expect_bytes,
+    expect_names,
+    expect_positions,
+    expect_rows,
+    hash_ids,
+    lex_order,
+    log_result,
+    match_rows,
+    new_session,
+    positions_array,
+)
+
+ECDH_PSI = "ecdh-psi"
+POINT_BYTES = 32
+HASH_PERSON = b"enclavefl-psi/1"  # BLAKE2b personalisation: domain separation of H
+_CHUNK_ROWS = 16384
+
+
+def hash_to_points(ids: Ids) -> tuple[IdKind, np.ndarray]:
+    """H(id) for each id: uint8 [n, 32] X25519 u-coordinates (duplicates refused)."""
+    kind, digests = hash_ids(ids, digest_size=POINT_BYTES, person=HASH_PERSON)
+    points = digests.copy()
+    points[:, 31] &= 0x7F  # RFC 7748 ignores the top bit; clear it so H(id) is what is used
+    return kind, points
+
+
+def _scalarmult_chunk(secret: bytes, blob: bytes, first_row: int) -> bytes:
+    key = X25519PrivateKey.from_private_bytes(secret)
+    exchange, load = key.exchange, X25519PublicKey.from_public_bytes
+    out = []
+    for offset in range(0, len(blob), POINT_BYTES):
+        try:
+            out.append(exchange(load(blob[offset : offset + POINT_BYTES])))
+        except ValueError:
+            # cryptography refuses an all-zero result: the input was a low-order point.
+            row = first_row + offset // POINT_BYTES
+            raise Rejected(
+                f"x25519: row {row} is a low-order point, not a blinded id", check="psi-point"
+            ) from None
+    return b"".join(out)
+
+
+def scalarmult_rows(secret: bytes, points: np.ndarray, workers: int) -> np.ndarray:
+    """X25519(secret, u) for each row of uint8 [n, 32], spread over `workers` processes."""
+    n = points.shape[0]
+    blob = points.tobytes()
+    if workers <= 1 or n <= _CHUNK_ROWS:
+        out = _scalarmult_chunk(secret, blob, 0)
+    else:
+        starts = range(0, n, _CHUNK_ROWS)
+        chunks = (blob[s * POINT_BYTES : (s + _CHUNK_ROWS) * POINT_BYTES] for s in starts)
+        # spawn, not fork: the parties also run gRPC threads, which fork would corrupt.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            out = b"".join(pool.map(_scalarmult_chunk, repeat(secret), chunks, starts))
+    return np.frombuffer(out, dtype=np.uint8).reshape(n, POINT_BYTES)
+
+
+def _worker_count(workers: int | None) -> int:
+    if workers is None:  # the cores this process may run on, not the host's
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers < 1:
+        raise UsageError(f"ecdh-psi: workers must be at least 1, got {workers}")
+    return workers
+
+
+@dataclass(frozen=True, eq=False)
+class PsiHello:
+    """Leader -> follower: the session, the leader's id kind, its blinded ids (sorted)."""
+
+    session: bytes
+    id_kind: IdKind
+    blinded: np.ndarray
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"session": bytes_array(self.session), "id_kind": self.id_kind.wire(), "blinded": self.blinded}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PsiHello:
+        what = "ecdh-psi hello"
+        expect_names(arrays, {"session", "id_kind", "blinded"}, what)
+        return cls(
+            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
+            id_kind=IdKind.from_wire(expect_bytes(arrays, "id_kind", 1, what), what),
+            blinded=expect_rows(arrays, "blinded", POINT_BYTES, what),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class PsiFollowerReply:
+    """Follower -> leader: its own blinded ids (sorted), and the leader's re-blinded."""
+
+    session: bytes
+    blinded: np.ndarray
+    reblinded: np.ndarray
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"session": bytes_array(self.session), "blinded": self.blinded, "reblinded": self.reblinded}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PsiFollowerReply:
+        what = "ecdh-psi follower reply"
+        expect_names(arrays, {"session", "blinded", "reblinded"}, what)
+        return cls(
+            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
+            blinded=expect_rows(arrays, "blinded", POINT_BYTES, what),
+            reblinded=expect_rows(arrays, "reblinded", POINT_BYTES, what),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class PsiLeaderReply:
+    """Leader -> follower: the follower's ids re-blinded, and the aligned positions."""
+
+    session: bytes
+    reblinded: np.ndarray
+    positions: np.ndarray
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "session": bytes_array(self.session),
+            "reblinded": self.reblinded,
+            "positions": positions_array(self.positions),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PsiLeaderReply:
+        what = "ecdh-psi leader reply"
+        expect_names(arrays, {"session", "reblinded", "positions"}, what)
+        return cls(
+            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
+            reblinded=expect_rows(arrays, "reblinded", POINT_BYTES, what),
+            positions=expect_positions(arrays, "positions", what),
+        )
+
+
+class EcdhPsiLeader:
+    """The leader's side: blinds its ids, re-blinds each follower's, decides the order."""
+
+    def __init__(self, ids: Ids, followers: Sequence[str], *, workers: int | None = None) -> None:
+        if not followers or len(set(followers)) != len(followers):
+            raise UsageError(
+                f"ecdh-psi leader: followers must be distinct names, at least one; got {list(followers)}"
+            )
+        self._followers = list(followers)
+        self._workers = _worker_count(workers)
+        self._kind, self._points = hash_to_points(ids)
+        self._secret = secrets.token_bytes(32)
+        self._session = new_session()
+        self._hello: PsiHello | None = None
+        self._sent_order = np.empty(0, dtype=np.int64)
+        # follower -> (Z = [b][a]H(l) in the hello's order, W = [a][b]H(f) in the reply's order)
+        self._received: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def hello(self) -> PsiHello:
+        """The same hello for every follower (blinding runs once)."""
+        if self._hello is None:
+            blinded = scalarmult_rows(self._secret, self._points, self._workers)
+            self._sent_order = lex_order(blinded)
+            self._hello = PsiHello(self._session, self._kind, blinded[self._sent_order])
+        return self._hello
+
+    def receive(self, follower: str, reply: PsiFollowerReply) -> None:
+        what = f"ecdh-psi reply from {follower!r}"
+        if follower not in self._followers:
+            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check="align-peer")
+        if follower in self._received:
+            raise Rejected(f"{what}: this follower already replied", check="align-protocol")
+        if self._hello is None:
+            raise UsageError(f"{what}: received before the hello was made")
+        check_session(reply.session, self._session, what)
+        if reply.reblinded.shape[0] != self._sent_order.size:
+            raise Rejected(
+                f"{what}: {reply.reblinded.shape[0]} re-blinded rows, the hello had {self._sent_order.size}",
+                check="align-protocol",
+            )
+        theirs = scalarmult_rows(self._secret, reply.blinded, self._workers)
+        self._received[follower] = (reply.reblinded, theirs)
+
+    def finish(self) -> tuple[AlignmentResult, dict[str, PsiLeaderReply]]:
+        """The leader's own alignment and the reply for each follower."""
+        missing = [name for name in self._followers if name not in self._received]
+        if missing:
+            raise UsageError(f"ecdh-psi leader: no reply yet from followers {missing}")
+        n = self._sent_order.size
+        in_all = np.ones(n, dtype=bool)
+        positions: dict[str, np.ndarray] = {}
+        values: dict[str, np.ndarray] = {}
+        rows: dict[str, np.ndarray] = {}
+        for name in self._followers:
+            mine_z, theirs = self._received[name]
+            sent, their_positions = match_rows(mine_z, theirs, what=f"ecdh-psi reply from {name!r}")
+            rows[name], values[name] = self._sent_order[sent], mine_z[sent]
+            position = np.full(n, -1, dtype=np.int64)
+            position[rows[name]] = their_positions
+            in_all &= position >= 0
+            positions[name] = position
+        first = self._followers[0]
+        keep = in_all[rows[first]]
+        common = rows[first][keep][lex_order(values[first][keep])]
+        log_result(ECDH_PSI, "leader", common.size)
+        replies = {
+            name: PsiLeaderReply(self._session, self._received[name][1], positions[name][common])
+            for name in self._followers
+        }
+        return AlignmentResult(common), replies
+
+
+class EcdhPsiFollower:
+    """A follower's side: blinds its ids and the leader's, then checks the leader's answer."""
+
+    def __init__(self, ids: Ids, *, workers: int | None = None) -> None:
+        self._workers = _worker_count(workers)
+        self._kind, self._points = hash_to_points(ids)
+        self._session: bytes | None = None
+        self._sent_order = np.empty(0, dtype=np.int64)
+        self._reblinded = np.empty((0, POINT_BYTES), dtype=np.uint8)
+
+    def answer(self, hello: PsiHello) -> PsiFollowerReply:
+        if hello.id_kind is not self._kind:
+            raise UsageError(
+                f"ecdh-psi: id kind mismatch: the leader has {hello.id_kind.name.lower()} ids, "
+                f"this follower has {self._kind.name.lower()} ids"
+            )
+        secret = secrets.token_bytes(32)  # fresh per session: answers to two hellos are unlinkable
+        m = self._points.shape[0]
+        both = scalarmult_rows(secret, np.concatenate([self._points, hello.blinded]), self._workers)
+        own, self._reblinded = both[:m], both[m:]
+        self._sent_order = lex_order(own)
+        self._session = hello.session
+        return PsiFollowerReply(hello.session, own[self._sent_order], self._reblinded)
+
+    def finish(self, reply: PsiLeaderReply) -> AlignmentResult:
+        what = "ecdh-psi leader reply"
+        if self._session is None:
+            raise UsageError(f"{what}: received before the leader's hello was answered")
+        check_session(reply.session, self._session, what)
+        m = self._sent_order.size
+        if reply.reblinded.shape[0] != m:
+            raise Rejected(
+                f"{what}: {reply.reblinded.shape[0]} re-blinded rows, this follower sent {m}",
+                check="align-protocol",
+            )
+        check_positions(reply.positions, m, what)
+        _, mine = match_rows(self._reblinded, reply.reblinded, what=what)
+        in_intersection = np.zeros(m, dtype=bool)
+        in_intersection[mine] = True
+        if not in_intersection[reply.positions].all():
+            raise Rejected(f"{what}: a position names an id outside the intersection", check="psi-result")
+        aligned = AlignmentResult(self._sent_order[reply.positions])
+        log_result(ECDH_PSI, "follower", aligned.size)
+        return aligned
