@@ -440,3 +440,91 @@ def demo(work: Path) -> None:
     if failed:
         raise JobFailed(f"demo parties failed ({'; '.join(failed)}); logs under {work}")
     stdout_console.print(f"outputs (metrics.jsonl, summary.json, metrics.png, logs) under {work}")
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+@main.group()
+def gramine() -> None:
+    """Gramine-SGX enclaves for the parties of a job."""
+
+
+@gramine.command("build")
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--name", "party", required=True, help="The party whose enclave to build.")
+@click.option("--key", "signing_key", type=click.Path(path_type=Path),
+              help="Enclave signing key, RSA-3072 PEM (default: Gramine's ~/.config/gramine/enclave-key.pem).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Build directory (default: build/gramine/<job name>/<party>).")
+@click.option("--enclave-size", default="8G", show_default=True, help="sgx.enclave_size.")
+@click.option("--max-threads", type=int, default=64, show_default=True, help="sgx.max_threads.")
+@click.option("--torch-threads", type=int, default=4, show_default=True, help="Torch/OpenMP threads in the enclave.")
+@click.option("--isv-prod-id", type=int, default=0, show_default=True)
+@click.option("--isv-svn", type=int, default=0, show_default=True)
+@click.option("--edmm", is_flag=True, help="sgx.edmm_enable (SGX2, Linux 6.0+).")
+@click.option("--measure-policy/--no-measure-policy", default=None,
+              help="Measure the policy file (default: unless it pins mr_enclave).")
+@click.option("--template", type=click.Path(path_type=Path), help="Manifest template (default: the shipped one).")
+@typed_errors
+def gramine_build(job_file: Path, party: str, signing_key: Path | None, out_dir: Path | None, enclave_size: str,
+                  max_threads: int, torch_threads: int, isv_prod_id: int, isv_svn: int, edmm: bool,
+                  measure_policy: bool | None, template: Path | None) -> None:
+    """Render (and, where Gramine is installed, sign) the manifest of one party's enclave."""
+    from enclavefl.jobs.config import load_job
+    from enclavefl.jobs.gramine import EnclaveParams, build_enclave
+
+    params = EnclaveParams(enclave_size=enclave_size, max_threads=max_threads, isv_prod_id=isv_prod_id,
+                           isv_svn=isv_svn, edmm=edmm, torch_threads=torch_threads)
+    if out_dir is None:
+        out_dir = Path("build") / "gramine" / load_job(job_file).job.name / party
+    result = build_enclave(job_file, party, out_dir=out_dir, signing_key=signing_key, params=params,
+                           template=template, measure_policy=measure_policy)
+    for note in result.plan.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {result.template} (policy {'measured' if result.plan.policy_measured else 'not measured'})")
+    if not result.signed:
+        click.echo(
+            f"note: Gramine not installed ({', '.join(result.missing_tools)} not found): the manifest is "
+            "rendered but not signed, so there is no measurement yet. Install Gramine and run this again, "
+            "or build deploy/docker/Dockerfile.gramine.",
+            err=True,
+        )
+        return
+    assert result.measurement is not None
+    click.echo(f"signed {result.manifest_sgx} and {result.sigstruct}")
+    for key, value in result.measurement.to_json().items():
+        click.echo(f"{key}: {value}")
+    click.echo(f"# for `enclavefl policy init --from-measure`: {result.out_dir / 'measurement.json'}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path),
+              help="Also verify the party's evidence against this policy.")
+@click.option("--collateral", type=click.Path(path_type=Path), help="Offline collateral JSON file.")
+@click.option("--pccs", help="PCCS URL to fetch collateral from.")
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True, help="Seconds for one probe.")
+@click.option("--wait", "wait_s", type=float, help="Probe until ready, for at most this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@typed_errors
+def health(target: str, policy_path: Path | None, collateral: Path | None, pccs: str | None,
+           timeout_s: float, wait_s: float | None, as_json: bool) -> None:
+    """Is the party listening at TARGET (HOST:PORT) up and ready? Exit 0 ready, 1 not."""
+    from enclavefl.jobs.health import check_health, wait_healthy
+    from enclavefl.tee.collateral import collateral_source
+
+    policy = _load_policy(policy_path) if policy_path is not None else None
+    source = collateral_source(collateral, pccs) if policy is not None else None
+    if wait_s is not None:
+        result = wait_healthy(target, timeout_s=wait_s, policy=policy, collateral=source)
+    else:
+        result = check_health(target, policy=policy, collateral=source, timeout_s=timeout_s)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        state = "ready" if result.ready else "NOT ready"
+        attested = f", attested {result.claims.tee.value} {result.claims.short_id()}" if result.claims else ""
+        click.echo(f"{target}: party {result.party} {state}{attested}")
+    if not result.ready:
+        sys.exit(1)
