@@ -193,6 +193,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self._clock = clock
         self._sessions: dict[bytes, tuple[Peer, float]] = {}
+        self._admitted: dict[str, Peer] = {}
         self._lock = threading.Lock()
 
     def issue(self, peer: Peer) -> bytes:
@@ -202,7 +203,13 @@ class SessionStore:
             for key in [k for k, (_, exp) in self._sessions.items() if exp < now]:
                 del self._sessions[key]
             self._sessions[hashlib.sha256(token).digest()] = (peer, now + self.ttl_s)
+            self._admitted[peer.party] = peer
         return token
+
+    def admitted(self) -> dict[str, Peer]:
+        """Every party admitted so far, as last admitted (sessions may have expired since)."""
+        with self._lock:
+            return dict(self._admitted)
 
     def lookup(self, token: bytes) -> Peer:
         """The peer of a live session; raises Rejected(check="session") otherwise."""

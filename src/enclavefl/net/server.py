@@ -164,6 +164,10 @@ class AttestedServer:
         """Serve `method` with `handler(peer, request) -> response`; request tensors go to `sink`."""
         self._router.register(method, handler, sink=sink)
 
+    def admitted(self) -> dict[str, Peer]:
+        """The parties admitted so far and their verified claims (for run summaries)."""
+        return self._sessions.admitted()
+
     def methods(self) -> list[str]:
         return self._router.methods()
 
