@@ -6,7 +6,11 @@ gRPC port, with the same chunking and handlers. The client alternates between th
 (upload: a tensor to the server; download: a tensor back), so machine noise hits both.
 Besides wall-clock throughput it reports the CPU time both processes spent per transfer,
 which a busy machine disturbs less. Both processes use `tune_allocator()`, as parties
-should. Prints one JSON object.
+should. Every round runs twice: "shared" (both processes on every core, contending with
+each other and with anything else running) and "pinned" (client on one core, server on
+another, as on separate hosts); the path order rotates each round. Prints one JSON object:
+`ratio_attested_vs_plain_<layout>` are the headline throughput ratios (medians), and each
+layout also reports per-round ratio ranges, CPU time per transfer and the CPU-time ratio.
 
     python bench/bench_channel.py [--mib 256] [--rounds 5] [--connections 30] [--chunk-mib 4]
 """
@@ -53,8 +57,16 @@ def _handlers(payload: np.ndarray) -> dict[str, Any]:
 
 
 def _cpu_s() -> float:
-    user, system, *_ = os.times()
-    return user + system
+    return time.process_time()  # all threads of this process, ns resolution (os.times ticks at 10 ms)
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process `pid` (gRPC's pollers and executor included) to `cpus`."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:
+            continue  # the thread ended since the listing: nothing left to pin
 
 
 def _serve(conn: Any, mib: int, chunk_size: int) -> None:
@@ -85,6 +97,30 @@ def _measure(fn: Any, server_cpu: Any) -> tuple[float, float, float]:
     fn()
     wall = time.perf_counter() - start
     return wall, _cpu_s() - client_before, server_cpu() - server_before
+
+
+def _summarise(by_name: dict[str, list[tuple[float, float, float]]], mib: int) -> dict[str, Any]:
+    """Medians per path, and attested/plain ratios of throughput and of CPU time."""
+    mbps = {name: mib / statistics.median(s[0] for s in runs) for name, runs in by_name.items()}
+    cpu_ms = {
+        name: {side: round(1e3 * statistics.median(s[i] for s in runs), 1) for i, side in ((1, "client"), (2, "server"))}
+        for name, runs in by_name.items()
+    }
+    kinds = ("upload", "download")
+    per_round = {
+        kind: [p[0] / a[0] for a, p in zip(by_name[f"attested_{kind}"], by_name[f"plain_{kind}"], strict=True)]
+        for kind in kinds
+    }
+    return {
+        "ratio": {kind: round(mbps[f"attested_{kind}"] / mbps[f"plain_{kind}"], 3) for kind in kinds},
+        "ratio_range_per_round": {kind: [round(min(r), 3), round(max(r), 3)] for kind, r in per_round.items()},
+        "throughput_mb_s": {name: round(value, 1) for name, value in mbps.items()},
+        "cpu_ms_per_transfer": cpu_ms,
+        "cpu_ratio_plain_vs_attested": {
+            kind: round(sum(cpu_ms[f"plain_{kind}"].values()) / sum(cpu_ms[f"attested_{kind}"].values()), 3)
+            for kind in kinds
+        },
+    }
 
 
 def main() -> None:
@@ -124,18 +160,23 @@ def main() -> None:
 
         for fn in runs.values():  # warm up: connections, BDP estimates, allocator
             fn()
-        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                samples[name].append(_measure(fn, server_cpu))
-        mbps = {name: args.mib / statistics.median(s[0] for s in runs_) for name, runs_ in samples.items()}
-        cpu_ms = {
-            name: {
-                "client": round(1e3 * statistics.median(s[1] for s in runs_), 1),
-                "server": round(1e3 * statistics.median(s[2] for s in runs_), 1),
-            }
-            for name, runs_ in samples.items()
-        }
+        everywhere = os.sched_getaffinity(0)
+        layouts = {"shared": (everywhere, everywhere)}
+        if len(everywhere) >= 2:  # one core each, as on separate hosts
+            first, second, *_ = sorted(everywhere)
+            layouts["pinned"] = ({first}, {second})
+        samples = {layout: {name: [] for name in runs} for layout in layouts}
+        names = list(runs)
+        for round_ in range(args.rounds):
+            for layout, (client_cpus, server_cpus) in layouts.items():
+                _pin(os.getpid(), client_cpus)
+                _pin(server.pid, server_cpus)
+                # Rotate the order each round so no path always runs first or last.
+                for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    samples[layout][name].append(_measure(runs[name], server_cpu))
+        _pin(os.getpid(), everywhere)
+        _pin(server.pid, everywhere)
+        figures = {layout: _summarise(by_name, args.mib) for layout, by_name in samples.items()}
 
         probe_ms, verify_ms, total_ms = [], [], []
         for _ in range(args.connections):
@@ -161,17 +202,11 @@ def main() -> None:
         "tensor_mib": args.mib,
         "chunk_mib": args.chunk_mib,
         "rounds": args.rounds,
-        "throughput_mb_s": {name: round(value, 1) for name, value in mbps.items()},
-        "ratio_attested_vs_plain": {
-            "upload": round(mbps["attested_upload"] / mbps["plain_upload"], 3),
-            "download": round(mbps["attested_download"] / mbps["plain_download"], 3),
-        },
         "throughput_target_ratio": 0.85,
-        "cpu_ms_per_transfer": cpu_ms,
-        "cpu_ratio_plain_vs_attested": {
-            kind: round(sum(cpu_ms[f"plain_{kind}"].values()) / sum(cpu_ms[f"attested_{kind}"].values()), 3)
-            for kind in ("upload", "download")
-        },
+        # shared: client and server processes share every core with each other (and with
+        # whatever else runs); pinned: one core each, as on separate hosts.
+        **{f"ratio_attested_vs_plain_{layout}": figures[layout]["ratio"] for layout in figures},
+        "layouts": figures,
         "connection_setup_ms": {
             "connections": args.connections,
             "median_total": round(statistics.median(total_ms), 2),
