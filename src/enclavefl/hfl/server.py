@@ -1,0 +1,844 @@
+"""The parameter server of horizontal FL, served over the attested channel.
+
+The server holds the global model and the server optimizer through a `Strategy`, and
+serves five methods to the workers named in the job (any other party is refused):
+
+* `hfl.join`: the current global state (embedding tables whole) and what the worker needs
+  to know (strategy, version, total, evaluation cadence, FedProx mu). Late and returning
+  workers join the same way.
+* `hfl.slot`: long-poll for one of `max_pending_uploads` upload places (a lease).
+* `hfl.push`: a contribution at a version, plus the table rows the worker will read next.
+  sync-sgd and the round strategies fold it into running weighted sums (never a list of
+  contributions) and answer once the step or round closed, with the new state; async-sgd
+  steps at once and answers with the state after the step. A contribution for another
+  version is refused as stale and answered with the current state.
+* `hfl.wait`: long-poll for a version after a given one (or, `rows_only`, just table rows).
+* `hfl.eval`: a worker's evaluation statistics of a version it received.
+
+A step or round closes when every live worker contributed (with at least `min_workers`),
+or at `round_timeout_s` with at least `min_workers`; workers that missed it leave the live
+set until they call again. Without a quorum the server waits up to `quorum_timeout_s`
+more, then fails with `QuorumLost`. The first round of a run starts its clock once
+`min_workers` workers joined.
+
+Memory: contributions are added into one accumulator as they arrive. Workers upload only
+with a lease, so at most `max_pending_uploads` payloads (about one model each) are in
+flight, in memory or in the transport, whose buffers grow with every concurrent stream;
+the sink refuses to hold more even from a worker that skips the lease. At most
+`max_pending_downloads` state replies stream at once. Beyond the served state the server
+then holds about 1 accumulator + `max_pending_uploads` payloads, and, while a strategy
+steps, what it allocates (FedAvg: one averaged copy). Long-polls hold a server thread
+each: give the AttestedServer `max_workers` above the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from enclavefl.errors import FormatError, Rejected, TransportError, UsageError
+from enclavefl.hfl import wire
+from enclavefl.hfl.checkpoint import CheckpointStore, rng_state, set_rng_state
+from enclavefl.hfl.metrics import EvalStats, aggregate_stats
+from enclavefl.hfl.sparse import SparseRows, pull_rows
+from enclavefl.hfl.strategies import (
+    AsyncSGD,
+    GradContribution,
+    RoundStrategy,
+    StaleContribution,
+    Strategy,
+    SyncSGD,
+    UpdateContribution,
+)
+from enclavefl.net.admission import Peer
+from enclavefl.net.server import AttestedServer
+from enclavefl.net.tensors import ArraySink, Message, TensorSpec, TensorWriter
+
+log = logging.getLogger("enclavefl.hfl")
+
+CHECKPOINT_FORMAT = 1
+Evaluate = Callable[[nn.Module], EvalStats]
+
+
+class QuorumLost(TransportError):
+    """Fewer than `min_workers` workers contributed within the round timeout plus the quorum timeout."""
+
+
+# -- bounded reception of contribution payloads -------------------------------------
+
+
+class _Slot:
+    """One of the gate's places, released once (explicitly, or when its payload is freed)."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        self._semaphore.release()
+
+
+class GatedPayload:
+    """A received payload that holds a place of the upload gate until `release()`."""
+
+    def __init__(self, tensor: Any, slot: _Slot) -> None:
+        self.tensor: Any = tensor
+        self._slot = slot
+        # If a handler never runs (the message failed after this tensor), freeing the
+        # object gives the place back.
+        weakref.finalize(self, slot.release)
+
+    def release(self) -> None:
+        self.tensor = None
+        self._slot.release()
+
+
+class _GatedWriter:
+    def __init__(self, inner: TensorWriter, slot: _Slot) -> None:
+        self._inner = inner
+        self._slot = slot
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._inner.write(data)
+
+    def close(self) -> GatedPayload:
+        return GatedPayload(self._inner.close(), self._slot)
+
+    def abort(self) -> None:
+        self._inner.abort()
+        self._slot.release()
+
+
+class UploadGate:
+    """A tensor sink that lets at most `slots` payload tensors be in memory at once.
+
+    A push carries exactly one `payload` tensor, sent last, so an upload waits for a
+    place before its buffer is allocated and never holds two places (no deadlock).
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._places = _Places(slots, "max_pending_uploads")
+        self._arrays = ArraySink()
+
+    def open(self, spec: TensorSpec) -> TensorWriter:
+        if spec.name != wire.PAYLOAD:
+            return self._arrays.open(spec)
+        slot = self._places.take()
+        try:
+            inner = self._arrays.open(spec)
+        except BaseException:
+            slot.release()
+            raise
+        return _GatedWriter(inner, slot)
+
+
+class _Places:
+    """At most `count` holders at once (large replies in flight)."""
+
+    def __init__(self, count: int, what: str) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"{what} must be an int >= 1, got {count!r}")
+        self._semaphore = threading.BoundedSemaphore(count)
+
+    def take(self) -> _Slot:
+        self._semaphore.acquire()
+        return _Slot(self._semaphore)
+
+
+# -- aggregation --------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Weighted sums of one step's or round's contributions, added as they arrive."""
+
+    def __init__(self, layout: wire.Layout) -> None:
+        self._layout = layout
+        self.dense: torch.Tensor | None = None
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ints_sum = torch.zeros(layout.num_ints, dtype=torch.int64)
+        self.ints_max: torch.Tensor | None = None
+        self.weight = 0
+
+    def add(self, unpacked: wire.Unpacked, weight: int) -> None:
+        if self.dense is None:
+            self.dense = torch.zeros(self._layout.num_updates, dtype=self._layout.dtype)
+        self.dense.add_(unpacked.dense, alpha=weight)
+        for name, (index, values) in unpacked.rows.items():
+            old_index, old_values = self.rows.get(name) or self._layout.no_rows(name)
+            merged = SparseRows(
+                torch.cat([old_index, index]), torch.cat([old_values, values * weight]), self._layout.tables[name][0]
+            ).coalesce()
+            self.rows[name] = (merged.indices, merged.values)
+        self.ints_sum += unpacked.ints
+        self.ints_max = unpacked.ints.clone() if self.ints_max is None else torch.maximum(self.ints_max, unpacked.ints)
+        self.weight += weight
+
+    def contribution(self, kind: type[wire.C], version: int, integer_rule: str) -> wire.C:
+        """The weighted mean as one contribution of weight = total weight."""
+        assert self.dense is not None and self.ints_max is not None
+        dense = self.dense.div_(self.weight)
+        rows = {name: (index, values.div_(self.weight)) for name, (index, values) in self.rows.items()}
+        for name in self._layout.tables:
+            rows.setdefault(name, self._layout.no_rows(name))
+        ints = self.ints_max if integer_rule == "max" else self.ints_sum
+        unpacked = wire.Unpacked(dense, rows, ints)
+        return self._layout.contribution(unpacked, kind=kind, worker="aggregate", weight=self.weight, version=version)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The published state of one version (immutable: replies stream from it)."""
+
+    version: int
+    dense: torch.Tensor
+    ints: torch.Tensor
+
+
+@dataclass
+class _PendingEval:
+    key: int
+    expected: set[str]
+    opened_at: float
+    stats: dict[str, EvalStats] = field(default_factory=dict)
+
+
+@dataclass
+class _WorkerCounts:
+    joins: int = 0
+    contributions: int = 0
+    stale: int = 0
+    dropped: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"joins": self.joins, "contributions": self.contributions, "stale": self.stale, "dropped": self.dropped}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# -- the role -------------------------------------------------------------------------
+
+
+class ParameterServer:
+    """Runs a horizontal-FL job's server side until the strategy's version reaches `total`.
+
+    `strategy` holds the global model and the server optimizer (see `make_strategy`);
+    `total` is the number of rounds (round strategies) or steps (sgd strategies).
+    `workers` are the party names allowed to contribute; `min_workers` (default: all) is
+    the quorum. `evaluate(model) -> EvalStats` evaluates the server's copy every
+    `eval_every` versions and after the last; workers that have held-out data report
+    theirs, which the server adds up. Every round or step record and every evaluation
+    goes to `on_metrics` (called from `run()`'s thread, never under the server's lock).
+    `checkpoints` with `checkpoint_every` seals the state every K versions and after the
+    last; `resume=True` continues from the newest checkpoint (a tampered one raises).
+    `max_pending_uploads` and `max_pending_downloads` bound concurrent transfers (see the
+    module docstring); an upload place not used within `upload_lease_s` is given to
+    another worker. Long-polls answer "pending" after `poll_s` and are repeated.
+    """
+
+    def __init__(
+        self,
+        server: AttestedServer,
+        strategy: Strategy,
+        *,
+        workers: Iterable[str],
+        total: int,
+        min_workers: int | None = None,
+        round_timeout_s: float = 300.0,
+        quorum_timeout_s: float | None = None,
+        evaluate: Evaluate | None = None,
+        eval_every: int = 1,
+        checkpoints: CheckpointStore | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
+        on_metrics: Callable[[dict[str, Any]], None] | None = None,
+        max_pending_uploads: int = 1,
+        max_pending_downloads: int = 2,
+        upload_lease_s: float = 60.0,
+        poll_s: float = 10.0,
+    ) -> None:
+        self._workers = tuple(dict.fromkeys(workers))
+        if not self._workers:
+            raise UsageError("a parameter server needs at least one worker")
+        for name, value in (("total", total), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be an int >= 1, got {value!r}")
+        quorum = len(self._workers) if min_workers is None else min_workers
+        if isinstance(quorum, bool) or not isinstance(quorum, int) or not 1 <= quorum <= len(self._workers):
+            raise UsageError(f"min_workers must be an int in [1, {len(self._workers)}], got {min_workers!r}")
+        seconds = {"round_timeout_s": round_timeout_s, "poll_s": poll_s, "upload_lease_s": upload_lease_s}
+        for name, duration in seconds.items():
+            if not isinstance(duration, (int, float)) or not duration > 0:
+                raise UsageError(f"{name} must be > 0, got {duration!r}")
+        if resume and checkpoints is None:
+            raise UsageError("resume=True needs a checkpoint store")
+        if not isinstance(strategy, (SyncSGD, AsyncSGD, RoundStrategy)):
+            raise UsageError(f"unsupported strategy {type(strategy).__name__}")
+        self._server = server
+        self._strategy = strategy
+        self._total = total
+        self._min_workers = quorum
+        self._round_timeout_s = float(round_timeout_s)
+        self._quorum_timeout_s = 10 * self._round_timeout_s if quorum_timeout_s is None else float(quorum_timeout_s)
+        self._evaluate = evaluate
+        self._eval_every = eval_every
+        self._checkpoints = checkpoints
+        self._checkpoint_every = checkpoint_every
+        self._on_metrics = on_metrics
+        self._poll_s = float(poll_s)
+        self._upload_places = max_pending_uploads
+        self._upload_lease_s = float(upload_lease_s)
+        self._leases: dict[str, tuple[str, float]] = {}  # token -> (worker, expiry)
+        self._downloads = _Places(max_pending_downloads, "max_pending_downloads")
+        self._layout = wire.Layout(strategy.model)
+        self._async = isinstance(strategy, AsyncSGD)
+        self._unit = "round" if isinstance(strategy, RoundStrategy) else "step"
+        self._incarnation = secrets.token_hex(8)
+
+        self._cond = threading.Condition()
+        self._live: set[str] = set()
+        self._evaluators: set[str] = set()
+        self._last_seen: dict[str, float] = {}
+        self._counts = {w: _WorkerCounts() for w in self._workers}
+        self._contributors: dict[str, float] = {}  # worker -> its compute seconds, this version
+        self._accumulator = _Accumulator(self._layout)
+        self._pending_evals: dict[int, _PendingEval] = {}
+        self._last_eval_key: dict[str, int] = {}
+        self._evaluations: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._deadline: float | None = None
+        self._quorum_warned = False
+        self._async_refused = 0
+        self._updates_run = 0
+        self._resumed_from: int | None = None
+        self._started = time.monotonic()
+        if resume:
+            self._restore()
+        self._done = False
+        self._published_at = self._started
+        self._snapshot: _Snapshot | None = None
+        with self._cond:
+            self._publish_locked(time.monotonic(), initial=True)
+
+        server.register(wire.JOIN, self._on_join)
+        server.register(wire.SLOT, self._on_slot)
+        server.register(wire.PUSH, self._on_push, sink=UploadGate(max_pending_uploads))
+        server.register(wire.WAIT, self._on_wait)
+        server.register(wire.EVAL, self._on_eval)
+
+    # -- public ---------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        return self._strategy.model
+
+    @property
+    def version(self) -> int:
+        with self._cond:
+            return self._strategy.version
+
+    def status(self) -> dict[str, Any]:
+        """Where the run stands (version, live workers, this version's contributors)."""
+        with self._cond:
+            return {
+                "version": self._strategy.version,
+                "total": self._total,
+                "done": self._done,
+                "live": sorted(self._live),
+                "contributors": sorted(self._contributors),
+                "resumed_from": self._resumed_from,
+            }
+
+    def run(self) -> dict[str, Any]:
+        """Serve until the last version and its evaluations; returns the run summary.
+
+        Starts the AttestedServer unless it already is; the caller stops it afterwards
+        (a short grace lets the last replies finish).
+        """
+        if self._server.port == 0:
+            self._server.start()
+        with self._cond:
+            self._started = time.monotonic()
+            if self._deadline is None:  # nobody joined yet: the quorum timeout counts from now
+                self._published_at = self._started
+        log.info(
+            "parameter server: %s, version %d of %d, workers %s (quorum %d), round timeout %g s",
+            self._strategy.name, self._strategy.version, self._total, list(self._workers),
+            self._min_workers, self._round_timeout_s,
+        )
+        while True:
+            with self._cond:
+                self._tick_locked(time.monotonic())
+                events, self._events = self._events, []
+                finished = self._done and not self._pending_evals
+                if self._error is not None:
+                    raise self._error
+                if not events and not finished:
+                    self._cond.wait(timeout=0.25)
+            for event in events:
+                if self._on_metrics is not None:
+                    self._on_metrics(event)
+            if finished and not events:
+                break
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        with self._cond:
+            final: dict[str, Any] = {}
+            for record in self._evaluations:
+                if record["version"] == self._strategy.version:
+                    final[record["where"]] = {k: v for k, v in record.items() if k not in ("event", "where")}
+            return {
+                "strategy": self._strategy.name,
+                "version": self._strategy.version,
+                "total": self._total,
+                "resumed_from": self._resumed_from,
+                "updates_run": self._updates_run,
+                "async_refused": self._async_refused,
+                "workers": {w: c.to_json() for w, c in self._counts.items()},
+                "evaluations": list(self._evaluations),
+                "final_metrics": final,
+                "elapsed_s": time.monotonic() - self._started,
+            }
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def _check_party(self, peer: Peer) -> str:
+        if peer.party not in self._workers:
+            raise Rejected(
+                f"party {peer.party!r} is not a worker of this job; workers: {list(self._workers)}", check="party"
+            )
+        return peer.party
+
+    def _on_join(self, peer: Peer, request: Message) -> Message:
+        worker = self._check_party(peer)
+        protocol = request.meta.get("protocol")
+        if protocol != wire.PROTOCOL:
+            raise UsageError(f"hfl protocol {protocol!r} not supported; this server speaks {wire.PROTOCOL}")
+        evaluates = request.meta.get("evaluates") is True
+        reply = self._download(lambda: self._join_reply_locked(worker, evaluates))
+        log.info("worker %s joined at version %d", worker, reply.meta["version"])
+        return reply
+
+    def _join_reply_locked(self, worker: str, evaluates: bool) -> Message:
+        now = time.monotonic()
+        self._seen_locked(worker, now)
+        self._counts[worker].joins += 1
+        if evaluates:
+            self._evaluators.add(worker)
+        else:
+            self._evaluators.discard(worker)
+        if self._deadline is None and len(self._live) >= self._min_workers:
+            # The first round of a run starts its clock once a quorum is there.
+            self._deadline = now + self._round_timeout_s
+            self._published_at = now
+        snapshot = self._snapshot
+        assert snapshot is not None
+        tensors: dict[str, Any] = {wire.DENSE: snapshot.dense, wire.INTS: snapshot.ints}
+        for name in self._layout.tables:
+            tensors[f"table/{name}"] = self._table(name).detach().clone()
+        meta = {
+            **self._reply_meta_locked("joined"),
+            "protocol": wire.PROTOCOL,
+            "strategy": self._strategy.name,
+            "kind": "grad" if self._unit == "step" else "update",
+            "total": self._total,
+            "eval_every": self._eval_every,
+            "proximal_mu": self._strategy.proximal_mu if isinstance(self._strategy, RoundStrategy) else 0.0,
+            "poll_s": self._poll_s,
+            "layout": self._layout.describe(),
+        }
+        meta["version"] = snapshot.version
+        return Message(meta, tensors)
+
+    def _on_slot(self, peer: Peer, request: Message) -> Message:
+        """Grant an upload place (long-poll): at most `max_pending_uploads` uploads at once."""
+        worker = self._check_party(peer)
+        version = wire.meta_int(request.meta, "version")
+        with self._cond:
+            now = time.monotonic()
+            self._seen_locked(worker, now)
+            end = now + self._poll_s
+            while True:
+                if self._done:
+                    return Message(self._reply_meta_locked("done"))
+                if not self._async and version != self._strategy.version:
+                    return Message(self._reply_meta_locked("stale"))
+                now = time.monotonic()
+                for token, (holder, expiry) in list(self._leases.items()):
+                    if holder == worker:  # a retried request: the same place
+                        self._leases[token] = (worker, now + self._upload_lease_s)
+                        return Message({**self._reply_meta_locked("granted"), "lease": token})
+                    if expiry < now:
+                        del self._leases[token]
+                        log.warning("worker %s held an upload place for %g s without uploading: place freed",
+                                    holder, self._upload_lease_s)
+                if len(self._leases) < self._upload_places:
+                    token = secrets.token_hex(8)
+                    self._leases[token] = (worker, now + self._upload_lease_s)
+                    return Message({**self._reply_meta_locked("granted"), "lease": token})
+                if now >= end:
+                    return Message(self._reply_meta_locked("pending"))
+                self._cond.wait(min(end, min(e for _, e in self._leases.values())) - now)
+
+    def _on_push(self, peer: Peer, request: Message) -> Message:
+        payload = request.tensors.pop(wire.PAYLOAD, None)
+        try:
+            worker = self._check_party(peer)
+            if not isinstance(payload, GatedPayload):
+                raise UsageError("a contribution needs a payload tensor")
+            version = wire.meta_int(request.meta, "version")
+            weight = wire.meta_int(request.meta, "weight", minimum=1)
+            compute_s = request.meta.get("compute_s", 0.0)
+            if isinstance(compute_s, bool) or not isinstance(compute_s, (int, float)) or not compute_s >= 0:
+                raise UsageError(f"message field 'compute_s' must be a number >= 0, got {compute_s!r}")
+            want = wire.parse_want(self._layout, request.tensors)
+            for name in [n for n in request.tensors if n.startswith("want/")]:
+                del request.tensors[name]
+            unpacked = self._layout.unpack_contribution(request.tensors, payload.tensor)
+            with self._cond:
+                now = time.monotonic()
+                self._seen_locked(worker, now)
+                if self._done:
+                    status = "done"
+                elif self._async:
+                    status = self._apply_async_locked(worker, unpacked, version, weight, now)
+                else:
+                    status = self._fold_locked(worker, unpacked, version, weight, float(compute_s), now)
+                # Give the upload place and the payload's memory back before waiting for the others.
+                lease = request.meta.get("lease")
+                if isinstance(lease, str) and self._leases.get(lease, ("", 0.0))[0] == worker:
+                    del self._leases[lease]
+                del unpacked
+                request.tensors.clear()
+                payload.release()
+                self._cond.notify_all()
+                if status == "accepted" and not self._async:
+                    self._close_if_complete_locked(now)
+                if status == "accepted":
+                    status = "ok" if self._async else self._wait_locked(version)
+                if status == "pending":
+                    return Message(self._reply_meta_locked(status))
+            return self._download(lambda: self._state_reply_locked(status, want))
+        finally:
+            if isinstance(payload, GatedPayload):
+                payload.release()
+
+    def _on_wait(self, peer: Peer, request: Message) -> Message:
+        worker = self._check_party(peer)
+        after = wire.meta_int(request.meta, "after", minimum=-1)
+        want = wire.parse_want(self._layout, request.tensors)
+        if request.meta.get("rows_only") is True:
+            return self._download(lambda: self._rows_reply_locked(worker, want))
+        with self._cond:
+            self._seen_locked(worker, time.monotonic())
+            status = self._wait_locked(after) if after >= self._strategy.version else "ok"
+            if status == "pending":
+                return Message(self._reply_meta_locked(status))
+        return self._download(lambda: self._state_reply_locked(status, want))
+
+    def _rows_reply_locked(self, worker: str, want: Mapping[str, torch.Tensor]) -> Message:
+        self._seen_locked(worker, time.monotonic())
+        rows = {name: pull_rows(self._table(name), index) for name, index in want.items()}
+        return Message(self._reply_meta_locked("rows"), wire.rows_tensors("rows", rows))
+
+    def _on_eval(self, peer: Peer, request: Message) -> Message:
+        worker = self._check_party(peer)
+        key = wire.meta_int(request.meta, "key", minimum=1)
+        stats = EvalStats.from_tensors(
+            {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in request.tensors.items()}
+        )
+        with self._cond:
+            self._seen_locked(worker, time.monotonic())
+            self._last_eval_key[worker] = max(key, self._last_eval_key.get(worker, 0))
+            pending = self._pending_evals.get(key)
+            if pending is None or worker in pending.stats:
+                return Message(self._reply_meta_locked("ignored"))
+            pending.stats[worker] = stats
+            self._cond.notify_all()
+            return Message(self._reply_meta_locked("recorded"))
+
+    def _download(self, build: Callable[[], Message]) -> Message:
+        """A reply built under the lock once a download place is free; the place is freed
+        with the reply message, i.e. when its last frame went to the transport."""
+        slot = self._downloads.take()
+        try:
+            with self._cond:
+                message = build()
+        except BaseException:
+            slot.release()
+            raise
+        weakref.finalize(message, slot.release)
+        return message
+
+    # -- state changes (all under self._cond) ------------------------------------------
+
+    def _seen_locked(self, worker: str, now: float) -> None:
+        if worker not in self._live and worker in self._last_seen:
+            log.info("worker %s is back (version %d)", worker, self._strategy.version)
+        self._last_seen[worker] = now
+        self._live.add(worker)
+
+    def _fold_locked(
+        self, worker: str, unpacked: wire.Unpacked, version: int, weight: int, compute_s: float, now: float
+    ) -> str:
+        if version != self._strategy.version:
+            self._counts[worker].stale += 1
+            log.info(
+                "worker %s sent a contribution for version %d, the server is at %d: refused as stale",
+                worker, version, self._strategy.version,
+            )
+            return "stale"
+        if worker in self._contributors:  # a retried push: already counted
+            return "accepted"
+        self._accumulator.add(unpacked, weight)
+        self._contributors[worker] = compute_s
+        self._counts[worker].contributions += 1
+        return "accepted"
+
+    def _close_if_complete_locked(self, now: float) -> None:
+        if self._live <= set(self._contributors) and len(self._contributors) >= self._min_workers:
+            self._guarded(self._close_locked, now, "all live workers")
+
+    def _apply_async_locked(self, worker: str, unpacked: wire.Unpacked, version: int, batch: int, now: float) -> str:
+        contribution = self._layout.contribution(
+            unpacked, kind=GradContribution, worker=worker, weight=batch, version=version
+        )
+        assert isinstance(self._strategy, AsyncSGD)
+        try:
+            result = self._strategy.apply_gradient(contribution)
+        except StaleContribution as exc:  # from a version this server never reached (it restarted)
+            self._counts[worker].stale += 1
+            log.info("worker %s: %s", worker, exc.reason)
+            return "stale"
+        if not result.accepted:
+            self._counts[worker].stale += 1
+            self._async_refused += 1
+            log.debug("worker %s: gradient refused (%s)", worker, result.reason)
+            return "stale"
+        self._counts[worker].contributions += 1
+        self._updates_run += 1
+        self._guarded(self._publish_locked, now)
+        return "accepted"
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a state change; a failure there ends the run (run() raises it)."""
+        try:
+            fn(*args)
+        except BaseException as exc:
+            self._error = exc
+            self._cond.notify_all()
+            raise
+
+    def _close_locked(self, now: float, reason: str) -> None:
+        version = self._strategy.version
+        contributors = sorted(self._contributors)
+        dropped = sorted(self._live - set(contributors))
+        for worker in dropped:
+            self._counts[worker].dropped += 1
+            log.warning("worker %s missed %s %d: dropped until it calls again", worker, self._unit, version)
+        examples = self._accumulator.weight
+        # The weighted mean as one contribution: integer buffers (BatchNorm's batch count)
+        # take the largest increment for sync-sgd and the sum for rounds, as documented by
+        # the strategies.
+        if isinstance(self._strategy, SyncSGD):
+            self._strategy.apply_step([self._accumulator.contribution(GradContribution, version, "max")])
+        else:
+            assert isinstance(self._strategy, RoundStrategy)
+            self._strategy.apply_round([self._accumulator.contribution(UpdateContribution, version, "sum")])
+        self._accumulator = _Accumulator(self._layout)
+        compute = max(self._contributors.values())
+        self._contributors = {}
+        self._live = set(contributors)
+        self._updates_run += 1
+        record = {
+            "event": self._unit,
+            "version": self._strategy.version,
+            "contributors": contributors,
+            "dropped": dropped,
+            "examples": examples,
+            "wall_s": now - self._published_at,
+            "max_compute_s": compute,
+            "closed_by": reason,
+        }
+        self._events.append(record)
+        periodic = self._unit == "round" or self._strategy.version % self._eval_every == 0
+        level = logging.INFO if periodic else logging.DEBUG
+        log.log(
+            level, "%s %d/%d closed (%s): %d worker(s), %d examples, %.3f s%s",
+            self._unit, self._strategy.version, self._total, reason, len(contributors), examples,
+            record["wall_s"], f", dropped {dropped}" if dropped else "",
+        )
+        self._publish_locked(now)
+
+    def _publish_locked(self, now: float, *, initial: bool = False) -> None:
+        """Make the strategy's current version the served one (and evaluate, checkpoint)."""
+        version = self._strategy.version
+        # Replies in flight keep their own reference: dropping ours first avoids two copies.
+        self._snapshot = None
+        dense, ints = self._layout.pack_state(self._strategy.model)
+        self._snapshot = _Snapshot(version, dense, ints)
+        self._published_at = now
+        self._quorum_warned = False
+        if not initial:
+            self._deadline = now + self._round_timeout_s
+            last = version >= self._total
+            if version % self._eval_every == 0 or last:
+                self._evaluate_locked(version, now)
+            if self._async and version % self._eval_every == 0:
+                self._events.append({"event": "progress", "version": version, "refused": self._async_refused})
+                log.info("step %d/%d (async, %d refused so far)", version, self._total, self._async_refused)
+            if self._checkpoints is not None and (version % self._checkpoint_every == 0 or last):
+                self._save_locked(version)
+        if version >= self._total:
+            if not self._done:
+                log.info("reached version %d of %d", version, self._total)
+            self._done = True
+        self._cond.notify_all()
+
+    def _evaluate_locked(self, version: int, now: float) -> None:
+        if self._evaluate is not None:
+            stats = self._evaluate(self._strategy.model)
+            self._record_eval("server", version, stats, parties=1)
+        expected = self._evaluators & self._live
+        if expected:
+            self._pending_evals[version] = _PendingEval(version, set(expected), now)
+
+    def _record_eval(self, where: str, version: int, stats: EvalStats, *, parties: int) -> None:
+        summary = {k: _finite(v) for k, v in stats.summary().items()}
+        record = {"event": "eval", "where": where, "version": version, "parties": parties, **summary}
+        self._evaluations.append(record)
+        self._events.append(record)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in summary.items() if v is not None and k != "examples")
+        log.info("evaluation at version %d (%s, %d part%s, %d examples): %s",
+                 version, where, parties, "y" if parties == 1 else "ies", stats.count, shown)
+
+    def _save_locked(self, version: int) -> None:
+        assert self._checkpoints is not None
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "strategy": self._strategy.state_dict(),
+            "evaluations": list(self._evaluations),
+            "workers": {w: c.to_json() for w, c in self._counts.items()},
+            "rng": rng_state(),
+        }
+        path = self._checkpoints.save(version, state)
+        log.info("checkpoint of version %d sealed to %s", version, path)
+
+    def _restore(self) -> None:
+        assert self._checkpoints is not None
+        found = self._checkpoints.load_latest()
+        if found is None:
+            log.info("no checkpoint in %s: starting at version 0", self._checkpoints.directory)
+            return
+        version, state = found
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise FormatError(f"checkpoint format {state.get('format')!r} not supported (expected {CHECKPOINT_FORMAT})")
+        self._strategy.load_state_dict(state["strategy"])
+        if self._strategy.version != version:
+            raise FormatError(f"checkpoint file of version {version} holds strategy version {self._strategy.version}")
+        self._evaluations = list(state.get("evaluations", []))
+        for worker, counts in state.get("workers", {}).items():
+            if worker in self._counts:
+                self._counts[worker] = _WorkerCounts(**counts)
+        set_rng_state(state["rng"])
+        self._resumed_from = version
+        log.info("resumed from checkpoint version %d (%s)", version, self._checkpoints.path(version))
+
+    def _wait_locked(self, version: int) -> str:
+        """Wait until the served version passes `version` (or the poll ends)."""
+        end = time.monotonic() + self._poll_s
+        while self._strategy.version <= version and not self._done and self._error is None:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return "pending"
+            self._cond.wait(remaining)
+        if self._error is not None:
+            raise TransportError(f"the parameter server failed: {self._error}")
+        return "ok"
+
+    def _reply_meta_locked(self, status: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "version": self._strategy.version,
+            "done": self._done,
+            "incarnation": self._incarnation,
+        }
+
+    def _state_reply_locked(self, status: str, want: Mapping[str, torch.Tensor]) -> Message:
+        meta = self._reply_meta_locked(status)
+        if status == "pending":
+            return Message(meta)
+        snapshot = self._snapshot
+        assert snapshot is not None
+        rows = {name: pull_rows(self._table(name), index) for name, index in want.items()}
+        meta["version"] = snapshot.version
+        return Message(meta, {wire.DENSE: snapshot.dense, wire.INTS: snapshot.ints, **wire.rows_tensors("rows", rows)})
+
+    def _table(self, name: str) -> torch.Tensor:
+        return self._strategy.model.get_parameter(name)
+
+    # -- the run loop's periodic checks ------------------------------------------------
+
+    def _tick_locked(self, now: float) -> None:
+        if not self._done:
+            if self._async:
+                self._drop_idle_locked(now)
+            else:
+                self._check_deadline_locked(now)
+            if now > self._published_at + self._round_timeout_s + self._quorum_timeout_s and self._error is None:
+                self._error = QuorumLost(
+                    f"no progress at version {self._strategy.version} for "
+                    f"{self._round_timeout_s + self._quorum_timeout_s:g} s: contributors "
+                    f"{sorted(self._contributors)}, live {sorted(self._live)}, quorum {self._min_workers}"
+                )
+        for key in sorted(self._pending_evals):
+            pending = self._pending_evals[key]
+            settled = all(
+                w in pending.stats or w not in self._live or self._last_eval_key.get(w, 0) > key
+                for w in pending.expected
+            )
+            if settled or now > pending.opened_at + self._round_timeout_s:
+                del self._pending_evals[key]
+                if pending.stats:
+                    self._record_eval("workers", key, aggregate_stats(list(pending.stats.values())),
+                                      parties=len(pending.stats))
+                else:
+                    log.warning("no worker reported its evaluation of version %d", key)
+
+    def _check_deadline_locked(self, now: float) -> None:
+        if self._deadline is None or now < self._deadline:
+            return
+        if self._contributors and len(self._contributors) >= self._min_workers:
+            self._guarded(self._close_locked, now, "timeout")
+        elif not self._quorum_warned:
+            self._quorum_warned = True
+            log.warning(
+                "%s %d: timeout with %d of the %d required worker(s) (%s); waiting up to %g s for a quorum",
+                self._unit, self._strategy.version, len(self._contributors), self._min_workers,
+                sorted(self._contributors), self._quorum_timeout_s,
+            )
+
+    def _drop_idle_locked(self, now: float) -> None:
+        for worker in sorted(self._live):
+            if now - self._last_seen.get(worker, now) > self._round_timeout_s:
+                self._live.discard(worker)
+                self._counts[worker].dropped += 1
+                log.warning("worker %s silent for %g s: dropped until it calls again", worker, self._round_timeout_s)
