@@ -1,0 +1,540 @@
+"""The leader: holds the labels, its own columns, the top model and the loss.
+
+It serves the followers (it is the attested server): aligns samples with them, then per
+iteration collects each follower's activations, computes the top model and the loss,
+sends back the gradient of each follower's activations and steps its own optimizer.
+Followers see only those gradients (never labels); the leader sees only activations
+(never follower features). Every epoch ends with an evaluation on the aligned
+validation rows, computed here.
+
+The leader's model is called as `model(x_own, follower_activations)` and returns logits
+[N, 1] (binary, BCE) or [N, C] (multi-class, cross-entropy): `WideDeepLeader` as is, or
+`SplitMlpLeader` around a split MLP's top (and the leader's own bottom).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from enclavefl.errors import FormatError, UsageError
+from enclavefl.fsutil import atomic_write_bytes
+from enclavefl.hfl.metrics import accuracy, binary_auc, log_loss
+from enclavefl.net.server import AttestedServer
+from enclavefl.net.tensors import Message
+from enclavefl.vfl.align import Ids
+from enclavefl.vfl.align_channel import AlignmentEndpoint
+from enclavefl.vfl.bridge import DEFAULT_POLL_S, LeaderBridge, Rewind
+from enclavefl.vfl.errors import FollowerUnavailable, ResumeFailed
+from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan, Step
+from enclavefl.vfl.storage import Aligned, Storage
+
+log = logging.getLogger("enclavefl.vfl")
+
+ACTIVATIONS, GRADIENTS = "act", "grad"
+
+
+class SplitMlpLeader(nn.Module):
+    """The leader's half of a split MLP: its own bottom (optional) and the top model.
+
+    The top sees [own bottom's output, follower activations...] in follower order.
+    """
+
+    def __init__(self, top: nn.Module, bottom: nn.Module | None = None) -> None:
+        super().__init__()
+        self.top = top
+        self.bottom = bottom
+
+    def forward(self, x: torch.Tensor, follower_activations: Sequence[torch.Tensor]) -> torch.Tensor:
+        own = [self.bottom(x)] if self.bottom is not None else []
+        return self.top([*own, *follower_activations])
+
+
+def as_tensor(values: Any, what: str) -> torch.Tensor:
+    """Features as a torch tensor sharing memory with numpy input (float32 or int64)."""
+    tensor = torch.as_tensor(values)
+    if tensor.dim() != 2:
+        raise UsageError(f"{what}: expected a 2-D array [rows, columns], got shape {list(tensor.shape)}")
+    if tensor.dtype == torch.float64:
+        tensor = tensor.float()
+    elif not tensor.is_floating_point() and tensor.dtype != torch.int64:
+        tensor = tensor.long()
+    return tensor
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Detached copies of the model's and the optimizer's state."""
+    return {
+        "model": {name: t.detach().clone() for name, t in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
+    }
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE on one logit column, cross-entropy on several."""
+    if logits.dim() != 2:
+        raise UsageError(f"the leader's model must return logits [N, C], got shape {list(logits.shape)}")
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels.long())
+
+
+def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """auc, log_loss and accuracy (binary) or accuracy and log_loss (multi-class)."""
+    out = {"accuracy": accuracy(logits, labels), "log_loss": log_loss(logits, labels)}
+    if logits.shape[1] == 1:
+        out["auc"] = binary_auc(logits, labels)
+    return out
+
+
+class _Coordinator:
+    """What training and prediction share on the leader: alignment, the bridge, rewinds."""
+
+    def __init__(
+        self,
+        server: AttestedServer,
+        *,
+        followers: Sequence[str],
+        X: Any,  # noqa: N803 - the usual name for a feature matrix
+        ids: Ids,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        alignment: str,
+        storage: Storage | None,
+        resume: bool,
+        join_timeout_s: float,
+        step_timeout_s: float,
+        alignment_workers: int | None,
+        tee_join_order_key: bytes | None,
+        poll_s: float,
+    ) -> None:
+        # A leader may hold labels only: its model then reads the followers' activations alone.
+        self._X = torch.zeros((len(ids), 0)) if X is None else as_tensor(X, "leader features X")
+        if len(ids) != self._X.shape[0]:
+            raise UsageError(f"leader: {len(ids)} ids for {self._X.shape[0]} feature rows")
+        self._server = server
+        self._ids = ids
+        self._model = model
+        self._optimizer = optimizer
+        self._followers = tuple(followers)
+        self._storage = storage
+        self._resume = resume
+        self._join_timeout_s = join_timeout_s
+        self._step_timeout_s = step_timeout_s
+        self._endpoint = AlignmentEndpoint(
+            followers, alignment, workers=alignment_workers, order_key=tee_join_order_key, poll_s=poll_s
+        )
+        self._bridge = LeaderBridge(
+            followers, restorable=self._stored_iterations, validate=self._validate, poll_s=poll_s
+        )
+        self._endpoint.register(server)
+        self._bridge.register(server)
+        self._initial = snapshot(model, optimizer)
+        self._widths: dict[str, int] = {}
+        self._position = -1
+        self._aligned: Aligned | None = None
+        self._plan: Plan | None = None
+        self._completed: list[int] = []
+        self._resumed_from = -1
+        self._rewinds = 0
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def _make_plan(self, rows: int) -> Plan:
+        raise NotImplementedError
+
+    def _iteration(self, step: Step) -> None:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_state(self, state: dict[str, Any] | None) -> None:
+        """Restore the subclass's bookkeeping (None: the initial state)."""
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._run_unchecked()
+        except FollowerUnavailable as exc:
+            admitted = self._server.admitted()
+            never = [p for p in exc.parties if p not in admitted]
+            reason = exc.reason
+            if never:
+                reason += f"; never admitted (refused at admission, or unreachable): {never}"
+            log.error("vertical FL stops: %s", reason)
+            raise FollowerUnavailable(reason, parties=exc.parties) from exc
+
+    def _run_unchecked(self) -> None:
+        storage = self._storage
+        # The sealed alignment (from `enclavefl align` or an earlier run) is reused whenever every
+        # party still holds it for the same ids; only checkpoints depend on resume.
+        stored = storage.load_alignment(self._ids) if storage is not None else None
+        if storage is not None and not self._resume:
+            storage.clear_checkpoints()
+        aligned = self._endpoint.run(self._ids, stored=stored, timeout_s=self._join_timeout_s)
+        if storage is not None and aligned is not stored:
+            storage.clear_checkpoints()
+            storage.save_alignment(aligned, self._ids)
+        self._aligned = aligned
+        if aligned.size == 0:
+            raise UsageError(f"{aligned.method}: the parties share no example ids: there is nothing to train on")
+        plan = self._plan = self._make_plan(aligned.size)
+        self._bridge.set_alignment(aligned.alignment_id)
+        reports = self._bridge.wait_for_reports(self._join_timeout_s)
+        common = set(self._stored_iterations()) | {self._position}
+        for report in reports.values():
+            common &= report.restorable
+        resume = max(common)  # -1, the initial state, is always common
+        self._restore(resume)
+        self._resumed_from = resume
+        self._bridge.establish(plan, resume)
+        iteration = resume + 1
+        while True:
+            try:
+                while iteration < plan.total:
+                    self._iteration(plan.step(iteration))
+                    self._completed.append(iteration)
+                    iteration += 1
+                self._bridge.close(self._step_timeout_s)
+                return
+            except Rewind as rewind:
+                self._rewinds += 1
+                self._restore(rewind.iteration)
+                self._bridge.rewound(rewind.iteration)
+                iteration = rewind.iteration + 1
+
+    def _stored_iterations(self) -> list[int]:
+        return [-1, *(self._storage.checkpoints() if self._storage is not None else [])]
+
+    def _restore(self, iteration: int) -> None:
+        if iteration != self._position:
+            if iteration == -1:
+                state, extra = self._initial, None
+            else:
+                assert self._storage is not None  # only stored iterations are restorable
+                extra = self._storage.load_checkpoint(iteration)
+                self._check_checkpoint(iteration, extra)
+                state = extra
+            self._model.load_state_dict(state["model"])
+            if self._optimizer is not None:
+                self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+            self._load_state(extra)
+            log.info("leader restored iteration %d", iteration)
+        if self._storage is not None:
+            self._storage.clear_checkpoints(after=iteration)
+        self._position = iteration
+
+    def _check_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
+        assert self._plan is not None and self._aligned is not None
+        if state.get("alignment") != self._aligned.alignment_id:
+            raise ResumeFailed(f"checkpoint of iteration {iteration} was written for another alignment")
+        differences = self._plan.differences(Plan.from_meta(state.get("plan")))
+        if differences:
+            raise ResumeFailed(
+                f"checkpoint of iteration {iteration} was written for another plan ({'; '.join(differences)}): "
+                "start the job without resume, or with its old settings"
+            )
+
+    def _checkpoint(self, iteration: int) -> None:
+        plan, aligned = self._plan, self._aligned
+        assert plan is not None and aligned is not None
+        if self._storage is None or not plan.is_checkpoint(iteration):
+            return
+        self._bridge.wait_committed(iteration, self._step_timeout_s)
+        state = {
+            "model": self._model.state_dict(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+            "plan": plan.to_meta(),
+            "alignment": aligned.alignment_id,
+            "iteration": iteration,
+            **self._state(),
+        }
+        self._storage.save_checkpoint(iteration, state)
+
+    # --- activations --------------------------------------------------------------------------
+
+    def _validate(self, party: str, iteration: int, name: str, message: Message) -> None:
+        plan = self._bridge.plan
+        assert plan is not None  # the bridge accepts data only once established
+        what = f"{name!r} of iteration {iteration} from {party}"
+        if name != ACTIVATIONS or set(message.tensors) != {ACTIVATIONS}:
+            raise FormatError(f"{what}: expected one tensor {ACTIVATIONS!r}, got {sorted(message.tensors)}")
+        act = message.tensors[ACTIVATIONS]
+        if not isinstance(act, torch.Tensor) or act.dtype != torch.float32 or act.dim() != 2:
+            got = f"{getattr(act, 'dtype', type(act).__name__)} {list(getattr(act, 'shape', []))}"
+            raise FormatError(f"{what}: expected a float32 torch tensor [rows, width], got {got}")
+        rows = plan.step(iteration).positions.size
+        width = self._widths.setdefault(party, int(act.shape[1]))
+        if tuple(act.shape) != (rows, width):
+            raise FormatError(f"{what}: expected shape [{rows}, {width}], got {list(act.shape)}")
+        if not bool(torch.isfinite(act).all()):
+            raise FormatError(f"{what}: activations hold NaN or infinite values (did the follower diverge?)")
+
+    def _activations(self, iteration: int, *, grad: bool) -> list[torch.Tensor]:
+        messages = self._bridge.collect(iteration, ACTIVATIONS, self._step_timeout_s)
+        return [messages[f].tensors[ACTIVATIONS].requires_grad_(grad) for f in self._followers]
+
+    def _rows(self, step: Step) -> torch.Tensor:
+        assert self._aligned is not None
+        return torch.from_numpy(self._aligned.rows[step.positions])
+
+
+class Leader(_Coordinator):
+    """The leader of a vertical FL training job. Build it, start the server, then `run()`.
+
+    `followers` are the follower party names (in the order the top model sees their
+    activations). `X`, `y`, `ids`: the leader's own features (None if it holds labels
+    only), labels and example ids.
+    `storage` (optional) seals the alignment and checkpoints every
+    `storage.checkpoint_every` iterations; with `resume=True` a restarted leader goes on
+    from the last checkpoint every party holds. `on_metrics` gets each epoch's record.
+    Followers must join within `join_timeout_s` and answer each step within
+    `step_timeout_s`, else FollowerUnavailable. `tee_join_order_key` (32 bytes) fixes the
+    aligned order, hence the batches and the validation rows, for reproducible runs.
+    """
+
+    def __init__(
+        self,
+        server: AttestedServer,
+        *,
+        followers: Sequence[str],
+        X: Any,  # noqa: N803
+        y: Any,
+        ids: Ids,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        batch_size: int,
+        alignment: str = "ecdh-psi",
+        seed: int = 0,
+        validation_fraction: float = 0.2,
+        pipeline_depth: int = 1,
+        storage: Storage | None = None,
+        resume: bool = False,
+        on_metrics: Callable[[dict[str, Any]], None] | None = None,
+        join_timeout_s: float = 60.0,
+        step_timeout_s: float = 300.0,
+        alignment_workers: int | None = None,
+        tee_join_order_key: bytes | None = None,
+        poll_s: float = DEFAULT_POLL_S,
+    ) -> None:
+        super().__init__(
+            server, followers=followers, X=X, ids=ids, model=model, optimizer=optimizer, alignment=alignment,
+            storage=storage, resume=resume, join_timeout_s=join_timeout_s, step_timeout_s=step_timeout_s,
+            alignment_workers=alignment_workers, tee_join_order_key=tee_join_order_key, poll_s=poll_s,
+        )  # fmt: skip
+        self._y = torch.as_tensor(y)
+        if self._y.dim() != 1 or self._y.shape[0] != self._X.shape[0]:
+            raise UsageError(f"leader: labels must be [rows] for {self._X.shape[0]} rows, got {list(self._y.shape)}")
+        self._settings = (batch_size, epochs, seed, validation_fraction, pipeline_depth)
+        self._on_metrics = on_metrics
+        self._history: list[dict[str, Any]] = []
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._epoch_started = time.monotonic()
+        self._timed_samples = 0
+
+    def _make_plan(self, rows: int) -> Plan:
+        batch_size, epochs, seed, validation_fraction, pipeline_depth = self._settings
+        every = self._storage.checkpoint_every if self._storage is not None else 0
+        return Plan(TRAIN, rows, batch_size, epochs, seed, validation_fraction, pipeline_depth, every)
+
+    def run(self) -> dict[str, Any]:
+        """Align, train, evaluate every epoch; returns the summary (history of epoch records)."""
+        started = time.monotonic()
+        self._run()
+        plan, aligned = self._plan, self._aligned
+        assert plan is not None and aligned is not None
+        return {
+            "role": "leader",
+            "alignment": aligned.method,
+            "intersection": aligned.size,
+            "train_rows": aligned.size - plan.validation_rows,
+            "validation_rows": plan.validation_rows,
+            "iterations": plan.total,
+            "resumed_from": self._resumed_from,
+            "rewinds": self._rewinds,
+            "completed": list(self._completed),
+            "history": list(self._history),
+            "final": dict(self._history[-1]) if self._history else {},
+            "wall_s": time.monotonic() - started,
+        }
+
+    def _iteration(self, step: Step) -> None:
+        self._bridge.open(step.iteration, self._step_timeout_s)
+        if step.kind == EVAL:
+            self._evaluate(step)
+        else:
+            self._train(step)
+        self._checkpoint(step.iteration)
+
+    def _train(self, step: Step) -> None:
+        if self._loss_count == 0:  # the epoch's first batch: its throughput is counted from here
+            self._epoch_started, self._timed_samples = time.monotonic(), 0
+        activations = self._activations(step.iteration, grad=True)
+        rows = self._rows(step)
+        self._model.train()
+        loss = loss_of(self._model(self._X[rows], activations), self._y[rows])
+        assert self._optimizer is not None
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Followers start their backward pass while the leader steps.
+        gradients = {f: Message(tensors={GRADIENTS: a.grad}) for f, a in zip(self._followers, activations)}
+        self._bridge.post(step.iteration, GRADIENTS, gradients)
+        self._optimizer.step()
+        self._bridge.finish(step.iteration)
+        self._position = step.iteration
+        self._loss_sum += float(loss.detach()) * rows.numel()
+        self._loss_count += rows.numel()
+        self._timed_samples += rows.numel()
+
+    def _evaluate(self, step: Step) -> None:
+        activations = self._activations(step.iteration, grad=False)
+        rows = self._rows(step)
+        self._model.eval()
+        with torch.no_grad():
+            logits = self._model(self._X[rows], activations)
+        self._model.train()
+        metrics = evaluate(logits, self._y[rows])
+        self._bridge.finish(step.iteration)
+        self._position = step.iteration
+        plan = self._plan
+        assert plan is not None
+        now = time.monotonic()
+        record: dict[str, Any] = {
+            "epoch": step.epoch + 1,
+            "iteration": step.iteration,
+            "train_loss": self._loss_sum / self._loss_count if self._loss_count else math.nan,
+            **{f"val_{name}": value for name, value in metrics.items()},
+            "validation_rows": int(rows.numel()),
+            "samples_per_s": self._timed_samples / max(now - self._epoch_started, 1e-9),
+        }
+        self._history.append(record)
+        self._loss_sum, self._loss_count = 0.0, 0
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        log.info(
+            "epoch %d/%d: train loss %.4f, validation %s (%d rows), %.0f samples/s",
+            record["epoch"], plan.epochs, record["train_loss"], scores, record["validation_rows"],
+            record["samples_per_s"],
+        )  # fmt: skip
+        if self._on_metrics is not None:
+            self._on_metrics(dict(record))
+
+    def _state(self) -> dict[str, Any]:
+        return {"history": list(self._history), "loss_sum": self._loss_sum, "loss_count": self._loss_count}
+
+    def _load_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self._history, self._loss_sum, self._loss_count = [], 0.0, 0
+            return
+        history, loss_sum, loss_count = state.get("history"), state.get("loss_sum"), state.get("loss_count")
+        if not isinstance(history, list) or not isinstance(loss_sum, float) or not isinstance(loss_count, int):
+            raise FormatError("leader checkpoint: history, loss_sum or loss_count missing or of the wrong type")
+        self._history, self._loss_sum, self._loss_count = list(history), loss_sum, loss_count
+        self._epoch_started, self._timed_samples = time.monotonic(), 0  # a resumed epoch: from here
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """The leader's predictions for the aligned rows of the input, in the common order."""
+
+    ids: np.ndarray
+    logits: np.ndarray
+
+    def probabilities(self) -> np.ndarray:
+        """P(y=1) [N] for binary models, class probabilities [N, C] otherwise."""
+        logits = torch.from_numpy(self.logits)
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits[:, 0]).numpy()
+        return torch.softmax(logits, dim=1).numpy()
+
+    def to_csv(self) -> bytes:
+        """id,probability (binary) or id,prediction,p0..pC-1 (multi-class)."""
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        probabilities = self.probabilities()
+        if probabilities.ndim == 1:
+            writer.writerow(["id", "probability"])
+            writer.writerows((str(i), repr(float(p))) for i, p in zip(self.ids.tolist(), probabilities))
+        else:
+            writer.writerow(["id", "prediction", *(f"p{c}" for c in range(probabilities.shape[1]))])
+            for i, row in zip(self.ids.tolist(), probabilities):
+                writer.writerow([str(i), int(row.argmax()), *(repr(float(p)) for p in row)])
+        return text.getvalue().encode("utf-8")
+
+
+class _Predictor(_Coordinator):
+    def __init__(self, server: AttestedServer, *, batch_size: int, pipeline_depth: int, **kwargs: Any) -> None:
+        super().__init__(server, optimizer=None, storage=None, resume=False, tee_join_order_key=None, **kwargs)
+        self._batch_size = batch_size
+        self._pipeline_depth = pipeline_depth
+        self._logits: np.ndarray | None = None
+
+    def _make_plan(self, rows: int) -> Plan:
+        return Plan(PREDICT, rows, self._batch_size, pipeline_depth=self._pipeline_depth)
+
+    def _iteration(self, step: Step) -> None:
+        self._bridge.open(step.iteration, self._step_timeout_s)
+        activations = self._activations(step.iteration, grad=False)
+        self._model.eval()
+        with torch.no_grad():
+            logits = self._model(self._X[self._rows(step)], activations).numpy()
+        if self._logits is None:
+            assert self._plan is not None
+            self._logits = np.zeros((self._plan.rows, logits.shape[1]), dtype=np.float32)
+        self._logits[step.positions] = logits
+        self._bridge.finish(step.iteration)
+        self._position = step.iteration
+
+    def predict(self) -> Predictions:
+        self._run()
+        assert self._aligned is not None and self._logits is not None
+        return Predictions(np.asarray(self._ids)[self._aligned.rows], self._logits)
+
+
+def predict_as_leader(
+    server: AttestedServer,
+    *,
+    followers: Sequence[str],
+    X: Any,  # noqa: N803
+    ids: Ids,
+    model: nn.Module,
+    alignment: str = "ecdh-psi",
+    batch_size: int = 1024,
+    pipeline_depth: int = 1,
+    out_path: str | Path | None = None,
+    join_timeout_s: float = 60.0,
+    step_timeout_s: float = 300.0,
+    alignment_workers: int | None = None,
+    poll_s: float = DEFAULT_POLL_S,
+) -> Predictions:
+    """Joint prediction through the bridge on the rows every party holds (aligned by id).
+
+    Registers on `server` (start it before or after calling; it must be running while this
+    waits for the followers). Writes `out_path` as CSV when given.
+    """
+    predictor = _Predictor(
+        server, followers=followers, X=X, ids=ids, model=model, alignment=alignment, batch_size=batch_size,
+        pipeline_depth=pipeline_depth, join_timeout_s=join_timeout_s, step_timeout_s=step_timeout_s,
+        alignment_workers=alignment_workers, poll_s=poll_s,
+    )  # fmt: skip
+    predictions = predictor.predict()
+    if out_path is not None:
+        atomic_write_bytes(Path(out_path), predictions.to_csv())
+        log.info("wrote %d predictions to %s", predictions.ids.size, out_path)
+    return predictions

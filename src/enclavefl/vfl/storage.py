@@ -1,0 +1,185 @@
+"""A party's sealed state: its aligned order and its synchronized training checkpoints.
+
+Every file is sealed (enclavefl.seal) with associated data binding the job id, an
+artifact name that includes the party's name, and a version (the iteration, for a
+checkpoint), so a file swapped for another party's, another job's or another
+iteration's is refused. Checkpoints hold tensors and plain values only and are read
+back with `torch.load(weights_only=True)`: no arbitrary pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import numpy as np
+import torch
+
+from enclavefl.errors import FormatError, UsageError
+from enclavefl.seal.keys import KeySource
+from enclavefl.seal.sealed import read_sealed, write_sealed
+from enclavefl.vfl.align import AlignmentResult
+
+log = logging.getLogger("enclavefl.vfl")
+
+_ALIGNMENT_FILE = "alignment.sealed"
+_CHECKPOINT_FILE = re.compile(r"checkpoint-(\d{10})\.sealed")
+
+
+@dataclass(frozen=True, eq=False)
+class Aligned:
+    """The outcome of an alignment: this party's rows in the common order.
+
+    `alignment_id` (the protocol session, shared by every party of that alignment) tells
+    whether two parties hold the same alignment, without revealing anything.
+    """
+
+    method: str
+    alignment_id: str
+    result: AlignmentResult
+
+    @property
+    def size(self) -> int:
+        return self.result.size
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.result.rows
+
+
+def ids_digest(ids: Any) -> bytes:
+    """SHA-256 of a party's id list, to notice a stored alignment made for other data."""
+    digest = hashlib.sha256()
+    for value in np.asarray(ids).tolist():
+        digest.update(str(value).encode("utf-8") + b"\x00")
+    return digest.digest()
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where one party keeps its sealed alignment and checkpoints.
+
+    `checkpoint_every` (iterations) matters on the leader, which puts it in the plan;
+    followers checkpoint at the iterations the plan names. `keep_last` >= 2, since
+    parties may be one checkpoint apart when one of them dies.
+    """
+
+    directory: Path
+    key: KeySource
+    job_id: str
+    party: str
+    checkpoint_every: int = 0
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 2:
+            raise UsageError(
+                f"storage keep_last must be at least 2 (parties may be one checkpoint apart), got {self.keep_last}"
+            )
+        if self.checkpoint_every < 0:
+            raise UsageError(f"storage checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        object.__setattr__(self, "directory", Path(self.directory))
+
+    def _ensure_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # --- alignment --------------------------------------------------------------------------
+
+    @property
+    def _alignment_name(self) -> str:
+        return f"vfl-alignment/{self.party}"
+
+    def save_alignment(self, aligned: Aligned, ids: Any) -> None:
+        self._ensure_dir()
+        record = {
+            "method": aligned.method,
+            "alignment_id": aligned.alignment_id,
+            "ids_sha256": ids_digest(ids),
+            "rows": aligned.result.to_bytes(),
+        }
+        with write_sealed(
+            self.directory / _ALIGNMENT_FILE, key=self.key, job_id=self.job_id, name=self._alignment_name, version=1
+        ) as out:
+            out.write(cbor2.dumps(record, canonical=True))
+
+    def load_alignment(self, ids: Any) -> Aligned | None:
+        """The stored alignment, or None when there is none or it was made for other ids.
+
+        A file that is altered or sealed for something else raises SealError.
+        """
+        path = self.directory / _ALIGNMENT_FILE
+        if not path.exists():
+            return None
+        plain = read_sealed(path, key=self.key, job_id=self.job_id, name=self._alignment_name, version=1)
+        try:
+            record = cbor2.loads(plain)
+            method, alignment_id = record["method"], record["alignment_id"]
+            digest, rows = record["ids_sha256"], record["rows"]
+        except (cbor2.CBORDecodeError, KeyError, TypeError) as exc:
+            raise FormatError(f"{path}: stored alignment does not parse: {exc}") from None
+        if not isinstance(method, str) or not isinstance(alignment_id, str) or not isinstance(rows, bytes):
+            raise FormatError(f"{path}: stored alignment has fields of the wrong types")
+        if digest != ids_digest(ids):
+            log.warning("stored alignment %s was made for other ids than this party's data: aligning again", path)
+            return None
+        return Aligned(method, alignment_id, AlignmentResult.from_bytes(rows))
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    @property
+    def _checkpoint_name(self) -> str:
+        return f"vfl-checkpoint/{self.party}"
+
+    def _checkpoint_path(self, iteration: int) -> Path:
+        return self.directory / f"checkpoint-{iteration:010d}.sealed"
+
+    def checkpoints(self) -> list[int]:
+        """Iterations with a checkpoint on disk, ascending."""
+        if not self.directory.is_dir():
+            return []
+        found = (_CHECKPOINT_FILE.fullmatch(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save_checkpoint(self, iteration: int, state: Mapping[str, Any]) -> None:
+        """Seal `state` as the checkpoint of `iteration`, then keep only the last `keep_last`."""
+        if iteration < 0:
+            raise UsageError(f"checkpoint iteration must be >= 0, got {iteration}")
+        self._ensure_dir()
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        with write_sealed(
+            self._checkpoint_path(iteration), key=self.key, job_id=self.job_id, name=self._checkpoint_name,
+            version=iteration,
+        ) as out:
+            out.write(buffer.getbuffer())
+        for old in self.checkpoints()[: -self.keep_last]:
+            self._checkpoint_path(old).unlink(missing_ok=True)
+        log.debug("party %s: checkpoint of iteration %d sealed", self.party, iteration)
+
+    def load_checkpoint(self, iteration: int) -> dict[str, Any]:
+        path = self._checkpoint_path(iteration)
+        if not path.exists():
+            raise UsageError(f"no checkpoint of iteration {iteration} in {self.directory}")
+        plain = read_sealed(path, key=self.key, job_id=self.job_id, name=self._checkpoint_name, version=iteration)
+        try:
+            state = torch.load(io.BytesIO(plain), weights_only=True)
+        except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            raise FormatError(f"{path}: checkpoint does not load: {exc}") from None
+        if not isinstance(state, dict):
+            raise FormatError(f"{path}: checkpoint holds {type(state).__name__}, expected a dict")
+        return state
+
+    def clear_checkpoints(self, *, after: int = -1) -> None:
+        """Remove the checkpoints of iterations > `after` (all by default): a new alignment or
+        a fresh start makes them meaningless, and so does going back to an earlier one."""
+        for iteration in self.checkpoints():
+            if iteration > after:
+                self._checkpoint_path(iteration).unlink(missing_ok=True)
