@@ -364,7 +364,7 @@ def test_hfl_server_holds_no_training_data(tmp_path: Path) -> None:
 
 def test_workers_may_not_read_the_same_rows(tmp_path: Path) -> None:
     job = hfl_job()
-    for i, party in enumerate(job["parties"][1:]):
+    for party in job["parties"][1:]:
         party["data"] = {"kind": "sklearn", "name": "digits", "partition": {"num_parts": 2, "index": 0}}
     assert "parties[2].data.partition.index: 0 is also the part of parties[1]" in config_error(tmp_path / "a", job)
     del job["parties"][2]["data"]["partition"]

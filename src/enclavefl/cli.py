@@ -23,12 +23,18 @@ log = logging.getLogger("enclavefl.cli")
 
 
 def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if not sys.stderr.isatty():
+        # Party logs, containers, CI: one unwrapped line per record, so logs grep and ship well.
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr, force=True)
+        return
     from rich.logging import RichHandler
 
     from enclavefl.console import stderr_console
 
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level,
         format="%(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(console=stderr_console, show_path=False, markup=False)],
@@ -415,12 +421,68 @@ def run(job_file: Path, out_dir: Path | None, resume: bool) -> None:
 @click.option("--name", required=True, help="Which party of the job this process is.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
 @click.option("--resume", is_flag=True, help="Resume from this party's newest sealed checkpoint.")
+@click.option("--task", type=click.Choice(["train", "align", "predict"]), default="train", show_default=True,
+              help="align and predict: vertical jobs only.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path),
+              help="predict: this party's rows to predict (same columns as its training data).")
 @typed_errors
-def party(job_file: Path, name: str, out_dir: Path | None, resume: bool) -> None:
+def party(job_file: Path, name: str, out_dir: Path | None, resume: bool, task: str, input_path: Path | None) -> None:
     """Run one party of JOB_FILE (for separate hosts, containers or Gramine)."""
     from enclavefl.jobs.party import run_party
 
-    run_party(job_file, name, out_dir, resume=resume)
+    run_party(job_file, name, out_dir, resume=resume, task=task, input_path=input_path)
+
+
+def _run_task(job_file: Path, out_dir: Path | None, task: str, inputs: dict[str, Path] | None = None) -> Any:
+    from enclavefl.console import stderr_console
+    from enclavefl.jobs.launcher import run_job
+
+    with stderr_console.status(f"{task}: parties attesting and working…"):
+        result = run_job(job_file, out_dir=out_dir, task=task, inputs=inputs)
+    if not result.ok:
+        failed = ", ".join(f"{name} (exit {code})" for name, code in result.failed.items())
+        raise JobFailed(f"parties failed: {failed}; see {result.out_dir}/logs")
+    return result
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
+@typed_errors
+def align(job_file: Path, out_dir: Path | None) -> None:
+    """Only align the samples of a vertical job (kept sealed when the job has storage; training reuses it)."""
+    result = _run_task(job_file, out_dir, "align")
+    summary = result.summary
+    sealed = "sealed; training reuses it" if summary.get("sealed") else "NOT kept: the job has no storage section"
+    click.echo(f"{summary.get('alignment')}: {summary.get('intersection')} common samples ({sealed})")
+
+
+def _party_input(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"--input {value!r}: expected NAME=PATH (one per party of the job)")
+    return name, Path(path)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, required=True, metavar="NAME=PATH",
+              help="Each party's rows to predict (same columns as its training data); repeat for every party.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Output directory of the training run (default: the job's output.dir).")
+@typed_errors
+def predict(job_file: Path, inputs: tuple[str, ...], out_dir: Path | None) -> None:
+    """Joint prediction of a trained vertical job through the attested bridge; writes the leader's predictions."""
+    pairs = [_party_input(value) for value in inputs]
+    names = [name for name, _ in pairs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"--input given twice for {duplicates}")
+    result = _run_task(job_file, out_dir, "predict", dict(pairs))
+    summary = result.summary
+    scored = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if isinstance(v, float))
+    click.echo(f"{summary.get('rows')} predictions written to {summary.get('predictions')}"
+               + (f" (labelled input: {scored})" if scored else ""))
 
 
 @main.command()

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from enclavefl.errors import FormatError, UsageError
+from enclavefl.fsutil import atomic_writer
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,16 @@ def make_wide_deep_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     leader = out / "leader.npz"
-    np.savez_compressed(
-        leader,
-        ids=ids,
-        x=_compact(features[0], vocab_size),
-        y=y.astype(np.uint8),
-        vocab_size=vocab_size,
-        role="leader",
-    )
+    # Atomic: both parties of a job may generate the (identical) files at the same moment.
+    with atomic_writer(leader) as handle:
+        np.savez_compressed(
+            handle,
+            ids=ids,
+            x=_compact(features[0], vocab_size),
+            y=y.astype(np.uint8),
+            vocab_size=vocab_size,
+            role="leader",
+        )
     followers = []
     for k, x in enumerate(features[1:]):
         f_ids, f_x = ids, x
@@ -111,9 +114,10 @@ def make_wide_deep_data(
             f_ids = np.concatenate([ids[kept], extra_ids])[order]
             f_x = np.concatenate([x[kept], extra_x])[order]
         path = out / f"follower_{k}.npz"
-        np.savez_compressed(
-            path, ids=f_ids, x=_compact(f_x, vocab_size), vocab_size=vocab_size, role="follower"
-        )
+        with atomic_writer(path) as handle:
+            np.savez_compressed(
+                handle, ids=f_ids, x=_compact(f_x, vocab_size), vocab_size=vocab_size, role="follower"
+            )
         followers.append(path)
     return WideDeepFiles(leader, tuple(followers))
 

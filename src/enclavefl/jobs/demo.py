@@ -15,6 +15,9 @@ import yaml
 from enclavefl.data.tabular import load_sklearn
 from enclavefl.jobs.launcher import RunResult
 from enclavefl.jobs.progress import run_with_progress
+from enclavefl.seal import create_key_file
+
+DEMO_KEY = "demo.key"  # INSECURE file key: the demo has no TEE to seal with
 
 SIMULATED_POLICY = {
     "verify_mr_enclave": "off",
@@ -98,6 +101,8 @@ def write_vfl_demo(work: Path, *, seed: int = 0) -> Path:
                   "top": {"name": "top_mlp", "args": {"hidden": [16], "out_features": 1}}},
         "training": {"alignment": "ecdh-psi", "epochs": 10, "batch_size": 32, "lr": 0.01, "optimizer": "adam",
                      "validation_fraction": 0.2, "metrics": ["accuracy", "auc", "logloss"]},
+        # Sealed alignment, checkpoints and exported model halves (`enclavefl predict` reads them).
+        "storage": {"checkpoint_dir": "out-vfl/checkpoints", "key": f"file:{DEMO_KEY}", "checkpoint_every": 50},
         "output": {"dir": "out-vfl", "plot": True},
     }
     path = work / "demo_vfl.yaml"
@@ -109,5 +114,7 @@ def run_demo(work: Path) -> list[RunResult]:
     """Write both demo jobs under `work` and run them; returns their results."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "policy.json").write_text(json.dumps(SIMULATED_POLICY, indent=2))
+    if not (work / DEMO_KEY).exists():
+        create_key_file(work / DEMO_KEY)
     jobs = [write_hfl_demo(work), write_vfl_demo(work)]
     return [run_with_progress(job) for job in jobs]

@@ -4,6 +4,7 @@ connecting exactly as a remote party would, with progress, metrics, a summary an
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "metrics.png"
+
+_PR_SET_PDEATHSIG = 1
 
 # After the coordinator is done, members get this long to finish before they are stopped.
 MEMBER_GRACE_S = 30.0
@@ -52,8 +55,23 @@ class RunResult:
         return not self.failed
 
 
-def party_command(job_file: Path, name: str, out_dir: Path, *, resume: bool) -> list[str]:
+def result_file(task: str) -> str:
+    """The coordinator's result of a task (training keeps the plain names)."""
+    return RESULT_FILE if task == "train" else f"result-{task}.json"
+
+
+def summary_file(task: str) -> str:
+    return SUMMARY_FILE if task == "train" else f"summary-{task}.json"
+
+
+def party_command(
+    job_file: Path, name: str, out_dir: Path, *, resume: bool, task: str = "train", input_path: Path | None = None
+) -> list[str]:
     cmd = [sys.executable, "-m", "enclavefl", "party", str(job_file), "--name", name, "--out", str(out_dir)]
+    if task != "train":
+        cmd += ["--task", task]
+    if input_path is not None:
+        cmd += ["--input", str(input_path)]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -64,16 +82,35 @@ def _child_env(parties: int) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-def start_party(job_file: Path, name: str, role: str, out_dir: Path, *, resume: bool, parties: int) -> PartyProcess:
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the launcher dies, so no party is orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = getattr(libc, "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_party(
+    job_file: Path,
+    name: str,
+    role: str,
+    out_dir: Path,
+    *,
+    resume: bool,
+    parties: int,
+    task: str = "train",
+    input_path: Path | None = None,
+) -> PartyProcess:
     log_path = out_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the process is reaped
     process = subprocess.Popen(
-        party_command(job_file, name, out_dir, resume=resume),
+        party_command(job_file, name, out_dir, resume=resume, task=task, input_path=input_path),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=_child_env(parties),
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     return PartyProcess(name, role, process, log_path, log_file)
 
@@ -88,9 +125,9 @@ def _tail(path: Path, lines: int = 8) -> str:
 class MetricsFollower:
     """Reads new lines of metrics.jsonl as the coordinator appends them."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, from_end: bool = False) -> None:
         self.path = path
-        self._offset = 0
+        self._offset = path.stat().st_size if from_end and path.exists() else 0
         self.records: list[dict[str, Any]] = []
 
     def poll(self) -> list[dict[str, Any]]:
@@ -114,24 +151,46 @@ def run_job(
     resume: bool = False,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float | None = None,
+    task: str = "train",
+    inputs: dict[str, Path] | None = None,
 ) -> RunResult:
-    """Start every party of `job_file` as a local process and wait for the job to end."""
+    """Start every party of `job_file` as a local process and wait for the job to end.
+
+    `task` is train, or for vertical jobs align or predict; `inputs` maps each party to
+    its input file for predict.
+    """
     job_file = Path(job_file).resolve()
     job = load_job(job_file)
+    if task != "train" and job.mode != "vfl":
+        raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a {job.mode} job")
+    everyone = [job.coordinator(), *job.members()]
+    inputs = dict(inputs or {})
+    unknown = sorted(set(inputs) - {p.name for p in everyone})
+    if unknown:
+        raise UsageError(f"--input for unknown parties {unknown}; the job's parties are {[p.name for p in everyone]}")
+    if task == "predict":
+        missing = [p.name for p in everyone if p.name not in inputs]
+        if missing:
+            raise UsageError(f"predict needs an input file for every party (--input NAME=PATH); missing: {missing}")
     out = Path(out_dir or job.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    stale = [result_file(task), summary_file(task)] + ([METRICS_FILE] if task == "train" else [])
     if not resume:
-        for stale in (METRICS_FILE, RESULT_FILE, SUMMARY_FILE):
-            (out / stale).unlink(missing_ok=True)
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
 
     started = time.monotonic()
-    coordinator = job.coordinator()
-    everyone = [coordinator, *job.members()]
-    procs = [start_party(job_file, p.name, p.role, out, resume=resume, parties=len(everyone)) for p in everyone]
-    follower = MetricsFollower(out / METRICS_FILE)
+    procs = [
+        start_party(job_file, p.name, p.role, out, resume=resume, parties=len(everyone), task=task,
+                    input_path=inputs.get(p.name))
+        for p in everyone
+    ]
+    follower = MetricsFollower(out / METRICS_FILE, from_end=task != "train")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         _supervise(procs, follower, on_metrics, deadline=None if timeout_s is None else started + timeout_s)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for proc in procs:
             _stop(proc)
     for record in follower.poll():
@@ -139,9 +198,9 @@ def run_job(
             on_metrics(record)
 
     wall_s = time.monotonic() - started
-    summary = build_summary(job, out, procs, wall_s)
-    atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-    if job.output.plot and follower.records:
+    summary = build_summary(job, out, procs, wall_s, task=task)
+    atomic_write_bytes(out / summary_file(task), json.dumps(summary, indent=2).encode())
+    if task == "train" and job.output.plot and follower.records:
         from enclavefl.jobs.report import plot_metrics
 
         plot_metrics(follower.records, out / PLOT_FILE, title=job.job.name)
@@ -152,6 +211,10 @@ def run_job(
     return RunResult(summary=summary, out_dir=out, failed=failed)  # type: ignore[arg-type]
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _supervise(
     procs: list[PartyProcess],
     follower: MetricsFollower,
@@ -160,6 +223,7 @@ def _supervise(
 ) -> None:
     coordinator = procs[0]
     coordinator_done_at: float | None = None
+    members_done_at: float | None = None
     while True:
         for record in follower.poll():
             if on_metrics:
@@ -174,6 +238,12 @@ def _supervise(
         now = time.monotonic()
         if coordinator_done_at is not None and now - coordinator_done_at > MEMBER_GRACE_S:
             log.warning("coordinator finished %.0f s ago; stopping the remaining parties", MEMBER_GRACE_S)
+            return
+        if members_done_at is None and all(p.exit_code is not None for p in procs[1:]):
+            members_done_at = now
+        if members_done_at is not None and now - members_done_at > MEMBER_GRACE_S:
+            # No local member is left to rejoin: the coordinator would only wait out its timeouts.
+            log.error("every member has exited; stopping the coordinator %s", coordinator.name)
             return
         if deadline is not None and now > deadline:
             raise UsageError(f"job did not finish within its time limit; logs in {procs[0].log_path.parent}")
@@ -193,9 +263,11 @@ def _stop(proc: PartyProcess) -> None:
     proc.log_file.close()
 
 
-def build_summary(job: JobConfig, out: Path, procs: list[PartyProcess], wall_s: float) -> dict[str, Any]:
+def build_summary(
+    job: JobConfig, out: Path, procs: list[PartyProcess], wall_s: float, *, task: str = "train"
+) -> dict[str, Any]:
     """summary.json: what ran, the final metrics, and who was attested by whom."""
-    result = _read_json(out / RESULT_FILE) or {}
+    result = _read_json(out / result_file(task)) or {}
     peers_seen: dict[str, Any] = result.get("peers", {})
     records = {p.name: _read_json(out / "parties" / f"{p.name}.json") or {} for p in procs}
     parties: dict[str, Any] = {}

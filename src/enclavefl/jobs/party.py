@@ -11,7 +11,7 @@ from typing import Any
 from enclavefl.errors import UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import load_job
-from enclavefl.jobs.launcher import RESULT_FILE
+from enclavefl.jobs.launcher import result_file
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.net import tune_allocator
 
@@ -27,8 +27,19 @@ def set_torch_threads() -> None:
         torch.set_num_threads(max(1, int(threads)))
 
 
-def run_party(job_file: Path, name: str, out_dir: Path | None = None, *, resume: bool = False) -> dict[str, Any] | None:
-    """Run party `name` of the job to completion; the coordinator returns (and writes) the result."""
+def run_party(
+    job_file: Path,
+    name: str,
+    out_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    task: str = "train",
+    input_path: Path | None = None,
+) -> dict[str, Any] | None:
+    """Run `task` as party `name` of the job to completion; the coordinator returns (and writes) the result.
+
+    Tasks: train (both modes); align and predict (vertical jobs; predict reads `input_path`).
+    """
     job_file = Path(job_file).resolve()
     job = load_job(job_file)
     out = Path(out_dir or job.output.dir).resolve()
@@ -39,13 +50,16 @@ def run_party(job_file: Path, name: str, out_dir: Path | None = None, *, resume:
     log.info("party %s (%s) of job %s: %s evidence, mr_enclave %s",
              name, runtime.party.role, job.job.id, runtime.tee, runtime.measurement.mr_enclave.hex()[:12])
     if job.mode == "hfl":
-        from enclavefl.jobs import hfl_job as mode_module
-    elif job.mode == "vfl":
-        from enclavefl.jobs import vfl_job as mode_module
-    else:  # the schema admits only the two modes
-        raise UsageError(f"unknown mode {job.mode!r}")
-    result = mode_module.run_role(runtime, resume=resume)
+        from enclavefl.jobs import hfl_job
+
+        if task != "train":
+            raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a horizontal (hfl) job")
+        result = hfl_job.run_role(runtime, resume=resume)
+    else:
+        from enclavefl.jobs import vfl_job
+
+        result = vfl_job.run_role(runtime, resume=resume, task=task, input_path=input_path)
     if result is not None:
         result["peers"] = runtime.peers_seen
-        atomic_write_bytes(out / RESULT_FILE, json.dumps(result, indent=2).encode())
+        atomic_write_bytes(out / result_file(task), json.dumps(result, indent=2).encode())
     return result

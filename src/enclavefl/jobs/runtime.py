@@ -50,6 +50,11 @@ class PartyRuntime:
                 "policy allows simulated evidence but tee.allow_simulated_insecure is false: "
                 "set both to run INSECURE simulated parties, or neither"
             )
+        if job.tee.attester == "simulated" and not policy.allow_simulated:
+            raise ConfigError(
+                f"tee.attester is simulated but the policy {job.policy} does not allow simulated evidence: "
+                "no peer enforcing it would accept this party"
+            )
         measurement = simulated_measurement([job_file])
         attester = make_attester(
             job.tee.attester,
@@ -112,8 +117,10 @@ class PartyRuntime:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(record, indent=2).encode())
 
-    def connected(self, client: AttestedClient) -> None:
-        """Connect a member to the coordinator and record that it verified the coordinator."""
+    def connected(self, client: AttestedClient, *, timeout_s: float = 300.0) -> None:
+        """Wait for the coordinator by readiness (parties start in any order), attest to it,
+        and record that this member verified it."""
+        client.wait_ready(timeout_s=timeout_s)
         server = client.connect()
         self.write_party_record(verified_coordinator=server.attested)
 

@@ -1,0 +1,109 @@
+"""Turn a job file's data spec into arrays: the glue between jobs/config.py and data/.
+
+Every party loads only its own spec. Features come out float32 (or int64 categorical),
+labels int64 for classes or float32 for binary targets, ids as strings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from enclavefl.data.cifar10 import download_cifar10, load_cifar10, normalize
+from enclavefl.data.criteo import load_criteo
+from enclavefl.data.partition import partition
+from enclavefl.data.synthetic import load_wide_deep_party, make_wide_deep_data
+from enclavefl.data.tabular import load_fate_csv, load_sklearn
+from enclavefl.errors import UsageError
+from enclavefl.jobs.config import (
+    Cifar10Data,
+    CriteoData,
+    CsvData,
+    PartitionSpec,
+    SklearnData,
+    WideDeepData,
+)
+
+log = logging.getLogger("enclavefl.jobs")
+
+
+@dataclass(frozen=True)
+class PartyData:
+    """One party's rows: model inputs (one or more arrays), labels (None on a follower), ids."""
+
+    inputs: tuple[np.ndarray, ...]
+    labels: np.ndarray | None
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def take(self, rows: np.ndarray) -> PartyData:
+        return PartyData(
+            tuple(x[rows] for x in self.inputs),
+            None if self.labels is None else self.labels[rows],
+            self.ids[rows],
+        )
+
+    @property
+    def num_features(self) -> int:
+        return int(self.inputs[0].shape[1])
+
+
+def _partitioned(data: PartyData, spec: PartitionSpec | None, seed: int) -> PartyData:
+    if spec is None:
+        return data
+    labels = data.labels if spec.method == "dirichlet" else None
+    parts = partition(len(data), spec.num_parts, spec.method, labels=labels,
+                      alpha=spec.alpha or 0.5, seed=seed)
+    return data.take(np.sort(parts[spec.index]))
+
+
+def _labels(y: np.ndarray | None) -> np.ndarray | None:
+    if y is None:
+        return None
+    return y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+
+
+def load_party_data(spec: object, *, seed: int) -> PartyData:
+    """Load a data spec of the job file (csv, sklearn, cifar10, criteo, wide-deep)."""
+    if isinstance(spec, CsvData):
+        table = load_fate_csv(spec.path, id_column=spec.id_column, label_column=spec.label or "")
+        X = table.X
+        if spec.features is not None:
+            missing = [f for f in spec.features if f not in table.feature_names]
+            if missing:
+                raise UsageError(f"{spec.path}: feature columns not found: {missing}")
+            X = X[:, [table.feature_names.index(f) for f in spec.features]]
+        data = PartyData((X.astype(np.float32),), _labels(table.y), table.ids)
+    elif isinstance(spec, SklearnData):
+        table = load_sklearn(spec.name)
+        data = PartyData((table.X.astype(np.float32),), _labels(table.y), table.ids)
+    elif isinstance(spec, Cifar10Data):
+        root = Path(spec.root)
+        if spec.download:
+            download_cifar10(root)
+        images, labels = load_cifar10(root, train=spec.split == "train")
+        ids = np.array([f"{spec.split}-{i}" for i in range(len(labels))])
+        data = PartyData((normalize(images).numpy(),), labels.astype(np.int64), ids)
+    elif isinstance(spec, CriteoData):
+        arrays = load_criteo(spec.path, vocab_sizes=spec.vocab_sizes, limit=spec.limit)
+        ids = np.array([str(i) for i in range(len(arrays.label))])
+        data = PartyData((arrays.dense, arrays.sparse), arrays.label.astype(np.float32), ids)
+    elif isinstance(spec, WideDeepData):
+        path = Path(spec.path)
+        if not path.exists():
+            if spec.generate is None:
+                raise UsageError(f"{path} does not exist (add `generate:` to make the synthetic data)")
+            log.info("generating wide&deep data in %s", path.parent)
+            make_wide_deep_data(path.parent, spec.generate.rows, fields_per_party=spec.generate.fields_per_party,
+                                vocab_size=spec.generate.vocab_size, seed=seed)
+        party = load_wide_deep_party(path)
+        data = PartyData((party.x,), _labels(party.y), party.ids)
+    else:
+        raise UsageError(f"unsupported data spec {type(spec).__name__}")
+    partition_spec = getattr(spec, "partition", None)
+    return _partitioned(data, partition_spec, seed)

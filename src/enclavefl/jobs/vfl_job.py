@@ -1,0 +1,326 @@
+"""Vertical jobs: build the leader or a follower from the job file and run one task.
+
+Tasks: `train` (align, train, evaluate every epoch, export each party's half sealed),
+`align` (only the alignment, sealed so training reuses it) and `predict` (load the
+exported halves and run joint prediction through the bridge on new rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from enclavefl.errors import ConfigError, UsageError
+from enclavefl.jobs.config import CsvData, VflJobConfig
+from enclavefl.jobs.datasets import PartyData, load_party_data
+from enclavefl.jobs.launcher import append_metrics
+from enclavefl.jobs.runtime import PartyRuntime
+from enclavefl.models.registry import BUILTINS, build_model
+from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
+from enclavefl.vfl.export import export_model, load_model
+from enclavefl.vfl.follower import Follower, predict_as_follower
+from enclavefl.vfl.leader import Leader, SplitMlpLeader, evaluate, predict_as_leader
+from enclavefl.vfl.storage import Storage
+
+log = logging.getLogger("enclavefl.jobs")
+
+TASKS = ("train", "align", "predict")
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def model_path(out_dir: Path, party: str) -> Path:
+    """Where training exports a party's sealed half and prediction reads it."""
+    return out_dir / "model" / f"{party}.sealed"
+
+
+def run_role(runtime: PartyRuntime, *, resume: bool, task: str = "train", input_path: Path | None = None) -> dict[str, Any] | None:
+    """Run `task` as this party; the leader returns the job result, followers None."""
+    job = runtime.job
+    assert isinstance(job, VflJobConfig)
+    if task not in TASKS:
+        raise UsageError(f"unknown vfl task {task!r}; one of {list(TASKS)}")
+    if task == "predict" and input_path is None:
+        raise UsageError(f"predict: party {runtime.party.name} needs an input file (--input)")
+    data = _party_data(runtime, job, input_path if task == "predict" else None)
+    leader = runtime.party.role == "leader"
+    if task == "align":
+        return _align_leader(runtime, job, data) if leader else _align_follower(runtime, job, data)
+    if task == "predict":
+        return _predict_leader(runtime, job, data) if leader else _predict_follower(runtime, job, data)
+    return _train_leader(runtime, job, data, resume=resume) if leader else _train_follower(runtime, job, data, resume=resume)
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+def _party_data(runtime: PartyRuntime, job: VflJobConfig, input_path: Path | None) -> PartyData:
+    spec = runtime.party.data
+    assert spec is not None  # the job schema requires data on every vfl party
+    if input_path is not None:
+        if not isinstance(spec, CsvData):
+            raise UsageError(f"predict --input: only csv data can be replaced by an input file, party "
+                             f"{runtime.party.name} has {spec.kind!r} data")
+        input_path = Path(input_path).resolve()
+        label = spec.label if spec.label is not None and spec.label in _csv_header(input_path) else None
+        spec = spec.model_copy(update={"path": input_path, "label": label})
+    data = load_party_data(spec, seed=job.job.seed)
+    if len(data.inputs) != 1:
+        raise ConfigError(f"parties[{runtime.party.name}].data: vertical FL takes one feature matrix per party, "
+                          f"{spec.kind!r} data gives {len(data.inputs)}")
+    if runtime.party.role == "leader" and input_path is None and data.labels is None:
+        raise ConfigError(f"parties[{runtime.party.name}].data.label: the leader holds the labels")
+    return data
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="") as handle:
+            return next(csv.reader(handle), [])
+    except OSError as exc:
+        raise UsageError(f"cannot read input file {path}: {exc.strerror}") from None
+
+
+def _bottom_width(job: VflJobConfig) -> int:
+    """The width of each follower's activations, from the bottom model's arguments."""
+    spec = job.model.bottom
+    if "out_features" in spec.args:
+        return int(spec.args["out_features"])
+    factory = BUILTINS.get(spec.name)
+    parameter = inspect.signature(factory).parameters.get("out_features") if factory else None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        raise ConfigError("model.bottom.args.out_features: required, the leader sizes its top model by it")
+    return int(parameter.default)
+
+
+def build_bottom(job: VflJobConfig, in_features: int) -> nn.Module:
+    """A bottom model over `in_features` columns (split MLP bottoms are sized from the data)."""
+    spec = job.model.bottom
+    args = dict(spec.args)
+    if spec.name == "bottom_mlp":
+        args.setdefault("in_features", in_features)
+    torch.manual_seed(job.job.seed)
+    return build_model(spec.name, **args)
+
+
+def _reads_own_features(top: nn.Module) -> bool:
+    """A top model with forward(x, follower_activations) reads the leader's columns itself."""
+    return len(inspect.signature(top.forward).parameters) == 2
+
+
+def build_leader_model(job: VflJobConfig, in_features: int) -> nn.Module:
+    """The leader's whole model, called as model(x_own, follower_activations) -> logits."""
+    followers = len(job.followers())
+    width = _bottom_width(job)
+    spec = job.model.top
+    args = dict(spec.args)
+    if spec.name == "top_mlp":
+        args.setdefault("in_features", width * (followers + int(job.model.leader_bottom)))
+    elif spec.name == "wide_deep_leader":
+        args.setdefault("follower_dims", [width] * followers)
+    torch.manual_seed(job.job.seed + 1)
+    top = build_model(spec.name, **args)
+    if _reads_own_features(top):
+        if job.model.leader_bottom:
+            raise ConfigError(f"model.leader_bottom: model.top {spec.name!r} reads the leader's own features "
+                              "itself (forward(x, follower_activations)); set leader_bottom: false")
+        return top
+    return SplitMlpLeader(top, build_bottom(job, in_features) if job.model.leader_bottom else None)
+
+
+def _optimizer(job: VflJobConfig, model: nn.Module) -> torch.optim.Optimizer:
+    training = job.training
+    if training.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=training.lr)
+    if training.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=training.lr)
+    return torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum)
+
+
+def _storage(runtime: PartyRuntime, job: VflJobConfig) -> Storage | None:
+    key = runtime.key_source()
+    if job.storage is None or key is None:
+        return None
+    return Storage(job.storage.party_dir(runtime.party.name), key, job.job.id, runtime.party.name,
+                   checkpoint_every=job.storage.checkpoint_every, keep_last=max(2, job.storage.keep_last))
+
+
+def _record_peers(runtime: PartyRuntime, server: Any) -> None:
+    for party, peer in server.admitted().items():
+        runtime.record_peer(party, peer.claims)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _metrics_record(event: dict[str, Any]) -> dict[str, Any]:
+    """metrics.jsonl rows: `step` is the epoch, validation metrics under the job's names."""
+    names = {"val_accuracy": "accuracy", "val_auc": "auc", "val_log_loss": "logloss", "train_loss": "loss"}
+    record = {names.get(k, k): v for k, v in event.items() if not isinstance(v, dict | list)}
+    record.update(step=event["epoch"], unit="epoch")
+    return record
+
+
+def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool) -> dict[str, Any]:
+    training = job.training
+    model = build_leader_model(job, data.num_features)
+    server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
+    leader = Leader(
+        server,
+        followers=[f.name for f in job.followers()],
+        X=data.inputs[0],
+        y=data.labels,
+        ids=data.ids,
+        model=model,
+        optimizer=_optimizer(job, model),
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        alignment=training.alignment,
+        seed=job.job.seed,
+        validation_fraction=training.validation_fraction,
+        pipeline_depth=training.pipeline_depth,
+        storage=_storage(runtime, job),
+        resume=resume,
+        on_metrics=lambda event: append_metrics(runtime.out_dir, _metrics_record(event)),
+    )
+    server.start()
+    try:
+        summary = leader.run()
+    finally:
+        _record_peers(runtime, server)
+        server.stop(grace_s=2.0)
+    exported = _export(runtime, job, model)
+    final = _metrics_record(summary["final"]) if summary["final"] else {}
+    return {
+        "metrics": {k: final[k] for k in training.metrics if k in final},
+        "extra": {
+            "alignment": summary["alignment"],
+            "intersection": summary["intersection"],
+            "train_rows": summary["train_rows"],
+            "validation_rows": summary["validation_rows"],
+            "epochs": training.epochs,
+            "iterations": summary["iterations"],
+            "resumed_from": summary["resumed_from"],
+            "model": None if exported is None else str(exported),
+        },
+    }
+
+
+def _train_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool) -> None:
+    model = build_bottom(job, data.num_features)
+    client = runtime.client()
+    runtime.connected(client)
+    try:
+        summary = Follower(
+            client,
+            X=data.inputs[0],
+            ids=data.ids,
+            model=model,
+            optimizer=_optimizer(job, model),
+            alignment=job.training.alignment,
+            storage=_storage(runtime, job),
+            resume=resume,
+        ).run()
+    finally:
+        client.close()
+    log.info("follower %s: %d iterations over %d aligned samples", runtime.party.name,
+             summary["iterations"], summary["intersection"])
+    _export(runtime, job, model)
+
+
+def _export(runtime: PartyRuntime, job: VflJobConfig, model: nn.Module) -> Path | None:
+    key = runtime.key_source()
+    if key is None:
+        log.warning("no storage key in the job: party %s's trained half is not exported "
+                    "(add a storage section to keep it and predict later)", runtime.party.name)
+        return None
+    return export_model(model, model_path(runtime.out_dir, runtime.party.name), key=key,
+                        job_id=job.job.id, party=runtime.party.name)
+
+
+# --------------------------------------------------------------------------- align
+
+
+def _align_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -> dict[str, Any]:
+    storage = _storage(runtime, job)
+    if storage is None:
+        log.warning("no storage section in the job: the alignment is computed but not kept")
+    server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
+    server.start()
+    try:
+        aligned = align_as_leader(server, job.training.alignment, data.ids, [f.name for f in job.followers()],
+                                  storage=storage)
+    finally:
+        _record_peers(runtime, server)
+        server.stop(grace_s=2.0)
+    return {"metrics": {}, "extra": {"task": "align", "alignment": aligned.method,
+                                     "intersection": aligned.size, "sealed": storage is not None}}
+
+
+def _align_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -> None:
+    client = runtime.client()
+    runtime.connected(client)
+    try:
+        aligned = align_as_follower(client, job.training.alignment, data.ids, storage=_storage(runtime, job))
+    finally:
+        client.close()
+    log.info("follower %s: %s alignment of %d samples", runtime.party.name, aligned.method, aligned.size)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _load_half(runtime: PartyRuntime, job: VflJobConfig, model: nn.Module) -> nn.Module:
+    key = runtime.key_source()
+    if key is None:
+        raise ConfigError("storage.key: predict reads the sealed model halves written by training; "
+                          "the job has no storage section")
+    path = model_path(runtime.out_dir, runtime.party.name)
+    if not path.exists():
+        raise UsageError(f"party {runtime.party.name}: no exported model at {path}; run the training first "
+                         "(with the same --out)")
+    return load_model(model, path, key=key, job_id=job.job.id, party=runtime.party.name)
+
+
+def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -> dict[str, Any]:
+    model = _load_half(runtime, job, build_leader_model(job, data.num_features))
+    out_path = runtime.out_dir / PREDICTIONS_FILE
+    server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
+    server.start()
+    try:
+        predictions = predict_as_leader(
+            server,
+            followers=[f.name for f in job.followers()],
+            X=data.inputs[0],
+            ids=data.ids,
+            model=model,
+            alignment=job.training.alignment,
+            out_path=out_path,
+        )
+    finally:
+        _record_peers(runtime, server)
+        server.stop(grace_s=2.0)
+    extra: dict[str, Any] = {"task": "predict", "predictions": str(out_path), "rows": int(predictions.ids.size)}
+    metrics: dict[str, Any] = {}
+    if data.labels is not None:  # labelled input: report how the predictions score
+        rows = {str(i): r for r, i in enumerate(data.ids.tolist())}
+        labels = torch.as_tensor(data.labels[np.array([rows[str(i)] for i in predictions.ids.tolist()], dtype=np.int64)])
+        scores = evaluate(torch.from_numpy(predictions.logits), labels)
+        metrics = {("logloss" if k == "log_loss" else k): v for k, v in scores.items()}
+    return {"metrics": metrics, "extra": extra}
+
+
+def _predict_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -> None:
+    model = _load_half(runtime, job, build_bottom(job, data.num_features))
+    client = runtime.client()
+    runtime.connected(client)
+    try:
+        predict_as_follower(client, X=data.inputs[0], ids=data.ids, model=model, alignment=job.training.alignment)
+    finally:
+        client.close()

@@ -1,0 +1,76 @@
+"""`enclavefl run` / `party` end to end: every party its own attested process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from enclavefl.jobs.demo import SIMULATED_POLICY, write_hfl_demo
+
+
+def enclavefl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "enclavefl", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture
+def hfl_job(tmp_path: Path) -> Path:
+    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
+    job_file = write_hfl_demo(tmp_path)
+    job = yaml.safe_load(job_file.read_text())
+    job["strategy"]["rounds"] = 3
+    job_file.write_text(yaml.safe_dump(job))
+    return job_file
+
+
+def test_run_writes_metrics_summary_plot_and_logs(hfl_job: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = enclavefl("run", str(hfl_job), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job"] == "demo-hfl-digits" and summary["mode"] == "hfl"
+    assert summary["strategy"] == "fedavg" and summary["rounds"] == 3
+    assert summary["metrics"]["accuracy"] > 0.8
+    assert "logloss" in summary["metrics"] and summary["wall_s"] > 0
+    assert set(summary["parties"]) == {"server", "worker-a", "worker-b"}
+    for party in summary["parties"].values():
+        assert party["tee"] == "simulated" and party["attested"] is True
+        assert len(party["mr_enclave"]) == 64
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("server", "worker-a", "worker-b"):
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert "PRIVATE KEY" not in log
+    assert "INSECURE" in (out / "logs" / "server.log").read_text()
+
+
+def test_run_fails_when_policy_refuses_simulated(hfl_job: Path, tmp_path: Path) -> None:
+    (tmp_path / "policy.json").write_text(json.dumps({**SIMULATED_POLICY, "allow_simulated": False}))
+    done = enclavefl("run", str(hfl_job), "--out", str(tmp_path / "out"), timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr.splitlines()[-1]
+    assert "policy allows simulated" in done.stderr or "simulated" in done.stderr
+
+
+def test_party_with_unknown_name_exits_2(hfl_job: Path) -> None:
+    done = enclavefl("party", str(hfl_job), "--name", "nobody", timeout=60)
+    assert done.returncode == 2
+    assert "no party 'nobody'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_with_bad_job_file_names_the_field(hfl_job: Path) -> None:
+    job = yaml.safe_load(hfl_job.read_text())
+    job["parties"][0]["role"] = "leader"
+    hfl_job.write_text(yaml.safe_dump(job))
+    done = enclavefl("run", str(hfl_job), timeout=60)
+    assert done.returncode == 2
+    assert "parties[0].role" in done.stderr
+    assert "Traceback" not in done.stderr
