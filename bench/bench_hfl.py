@@ -10,7 +10,8 @@ Three measurements in one run, each a ratio of things measured side by side:
 * memory: a parameter server in its own process with `--mem-workers` workers (threads of
   this process) and an MLP of about `--mem-mib` MiB, 2 fedavg rounds: peak RSS growth
   over the server's RSS once built (model, strategy and served state), in model sizes;
-  once with glibc's default malloc settings and once with `TUNED_MALLOC`.
+  once with glibc's default malloc settings and once with `bound_allocator()`, which
+  `enclavefl party` applies to a parameter server.
 
 Evaluation and checkpoints are off: the ratios are those of the training path.
 Prints one JSON object.
@@ -26,7 +27,6 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
-import os
 import resource
 import statistics
 import sys
@@ -41,6 +41,7 @@ from enclavefl.hfl.strategies import make_strategy
 from enclavefl.hfl.worker import Worker
 from enclavefl.models import mlp, resnet_v2
 from enclavefl.net.admission import PartyCredentials
+from enclavefl.net.allocator import bound_allocator
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.server import AttestedServer
 from enclavefl.tee.attesters import SimulatedAttester
@@ -51,10 +52,6 @@ MEASUREMENT = Measurement(hashlib.sha256(b"bench hfl enclave").digest(), hashlib
 POLICY = Policy.from_values(mr_enclave=MEASUREMENT.mr_enclave, allow_simulated=True)
 JOB = "bench-hfl"
 SPAWN = mp.get_context("spawn")
-# glibc raises its mmap threshold to the size of freed blocks (up to 32 MiB), so the
-# transport's multi-MiB message buffers end up in per-thread arenas that are never given
-# back; a fixed threshold and two arenas keep the server's RSS near its live memory.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 
 
 def _credentials(party: str) -> PartyCredentials:
@@ -126,8 +123,10 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _memory_server(conn: Any, workers: int, width: int) -> None:
+def _memory_server(conn: Any, workers: int, width: int, bounded: bool) -> None:
     logging.disable(logging.WARNING)
+    if bounded:
+        bound_allocator()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = mlp(width, (4 * width, 2 * width), 2)
@@ -145,18 +144,12 @@ def _memory_server(conn: Any, workers: int, width: int) -> None:
     server.stop(1.0)
 
 
-def _memory(workers: int, mib: int, malloc_env: dict[str, str]) -> dict[str, Any]:
+def _memory(workers: int, mib: int, bounded: bool) -> dict[str, Any]:
     # MLP width -> 4w -> 2w -> 2 has about 12 w^2 parameters.
     width = int((mib * 2**20 / 4 / 12) ** 0.5)
     ours, theirs = SPAWN.Pipe()
-    process = SPAWN.Process(target=_memory_server, args=(theirs, workers, width), daemon=True)
-    saved = dict(os.environ)
-    os.environ.update(malloc_env)  # glibc reads these when the server process starts
-    try:
-        process.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    process = SPAWN.Process(target=_memory_server, args=(theirs, workers, width, bounded), daemon=True)
+    process.start()
     port = ours.recv()
     errors: list[BaseException] = []
 
@@ -181,7 +174,7 @@ def _memory(workers: int, mib: int, malloc_env: dict[str, str]) -> dict[str, Any
         raise errors[0]
     model = result["model_bytes"]
     return {
-        "server_environment": malloc_env or "glibc defaults",
+        "server_malloc": "bound_allocator()" if bounded else "glibc defaults",
         "workers": workers,
         "model_mib": round(model / 2**20, 1),
         "baseline_rss_mib": round(result["baseline"] / 2**20, 1),
@@ -209,7 +202,7 @@ def main() -> None:
     walls["fedavg"] = time.perf_counter() - started
     sync = _federate("sync-sgd", {"lr": 0.05, "momentum": 0.9}, args.steps, args.batch * args.steps, args.batch)
     walls["sync_sgd"] = time.perf_counter() - started - walls["fedavg"]
-    memory = [_memory(args.mem_workers, args.mem_mib, env) for env in ({}, TUNED_MALLOC)]
+    memory = [_memory(args.mem_workers, args.mem_mib, bounded) for bounded in (False, True)]
     walls["memory"] = time.perf_counter() - started - walls["fedavg"] - walls["sync_sgd"]
     result = {
         "fedavg_round_over_slowest_training": {

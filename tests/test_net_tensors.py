@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from enclavefl.errors import FormatError, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
-from enclavefl.net.allocator import tune_allocator
+from enclavefl.net.allocator import bound_allocator, tune_allocator
 from enclavefl.net.tensors import (
     Chunk,
     DigestSink,
@@ -278,7 +278,7 @@ def test_digest_sink_keeps_only_a_digest() -> None:
 
 FAULTS = """
 import resource, sys
-from enclavefl.net.allocator import tune_allocator
+from enclavefl.net.allocator import bound_allocator, tune_allocator
 tuned = tune_allocator() if sys.argv[1] == "tuned" else None
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):  # what a receiver does per chunk: a fresh multi-MiB buffer, then free it
@@ -306,3 +306,42 @@ def test_tune_allocator_checks_its_thresholds() -> None:
         tune_allocator(mmap_threshold=64 << 20)
     with pytest.raises(UsageError, match="trim_threshold"):
         tune_allocator(mmap_threshold=1 << 20, trim_threshold=1)
+
+
+KEPT = """
+import ctypes, sys
+from enclavefl.net.allocator import bound_allocator
+bounded = bound_allocator() if sys.argv[1] == "bounded" else None
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+size = 4 << 20
+before = rss()
+for _ in range(3):  # glibc raises its threshold after the first free: later ones come from the heap
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
+print(bounded, rss() - before)
+"""
+
+
+def test_bound_allocator_returns_freed_chunk_buffers() -> None:
+    kept = {}
+    for mode in ("default", "bounded"):
+        out = subprocess.run([sys.executable, "-c", KEPT, mode], capture_output=True, text=True, check=True)
+        bounded, growth = out.stdout.split()
+        kept[mode] = (bounded, int(growth))
+    if kept["bounded"][0] == "False":
+        pytest.skip("malloc is not glibc's: nothing to bound")
+    assert kept["default"][1] >= 3 << 20, kept  # glibc's default keeps the freed buffer in the heap
+    assert kept["bounded"][1] < 1 << 20, kept
+
+
+def test_bound_allocator_checks_its_settings() -> None:
+    with pytest.raises(UsageError, match="mmap_threshold"):
+        bound_allocator(mmap_threshold=0)
+    with pytest.raises(UsageError, match="arenas"):
+        bound_allocator(arenas=0)

@@ -13,7 +13,7 @@ from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import load_job
 from enclavefl.jobs.launcher import result_file
 from enclavefl.jobs.runtime import PartyRuntime
-from enclavefl.net import tune_allocator
+from enclavefl.net import bound_allocator, tune_allocator
 
 log = logging.getLogger("enclavefl.jobs")
 
@@ -45,7 +45,10 @@ def run_party(
     out = Path(out_dir or job.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     set_torch_threads()
-    tune_allocator()  # multi-MiB tensor frames: reuse buffers instead of fresh zeroed pages
+    if job.mode == "hfl" and job.party(name).role == "server":
+        bound_allocator()  # many workers' uploads at once: memory near the live model copies
+    else:
+        tune_allocator()  # multi-MiB tensor frames: reuse buffers instead of fresh zeroed pages
     runtime = PartyRuntime.create(job, job_file, name, out)
     log.info("party %s (%s) of job %s: %s evidence, mr_enclave %s",
              name, runtime.party.role, job.job.id, runtime.tee, runtime.measurement.mr_enclave.hex()[:12])

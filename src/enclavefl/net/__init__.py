@@ -2,7 +2,7 @@
 tensor streaming and the key broker. FL code sees only `Peer` and `Message`."""
 
 from enclavefl.net.admission import Mode, PartyCredentials, Peer, make_identity
-from enclavefl.net.allocator import tune_allocator
+from enclavefl.net.allocator import bound_allocator, tune_allocator
 from enclavefl.net.client import AttestedClient, RetryPolicy
 from enclavefl.net.echo import ECHO_JOB, EchoResult, run_echo_client, run_echo_server, start_echo_server
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed, PeerRefused
@@ -50,4 +50,5 @@ __all__ = [
     "serve_key_broker",
     "start_echo_server",
     "tune_allocator",
+    "bound_allocator",
 ]
