@@ -74,3 +74,13 @@ def test_run_with_bad_job_file_names_the_field(hfl_job: Path) -> None:
     assert done.returncode == 2
     assert "parties[0].role" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_demo_runs_both_jobs_and_prints_the_result_table(tmp_path: Path) -> None:
+    done = enclavefl("demo", "--work", str(tmp_path / "demo"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "INSECURE" in done.stdout and "enclavefl results" in done.stdout
+    hfl = json.loads((tmp_path / "demo" / "out-hfl" / "summary.json").read_text())
+    vfl = json.loads((tmp_path / "demo" / "out-vfl" / "summary.json").read_text())
+    assert hfl["metrics"]["accuracy"] > 0.9 and vfl["metrics"]["auc"] > 0.95
+    assert all(p["attested"] for s in (hfl, vfl) for p in s["parties"].values())
