@@ -118,6 +118,10 @@ def test_manifest_is_toml_and_measures_runtime_package_and_job(tmp_path: Path) -
     # The command is fixed in the measurement: this job, this party.
     assert doc["loader"]["argv"][1:] == ["-m", "enclavefl", "party", str(job), "--name", "worker0",
                                          "--out", str(tmp_path / "out")]
+    # With storage, a restarted enclave resumes (the host cannot add the flag).
+    with_storage = manifest(write_job(tmp_path, storage={"checkpoint_dir": str(tmp_path / "ckpt"),
+                                                         "key": "sgx-seal:mrsigner", "checkpoint_every": 1}), "worker0")
+    assert with_storage["loader"]["argv"][-1] == "--resume"
 
 
 def test_data_directory_is_allowed_but_never_measured(tmp_path: Path) -> None:

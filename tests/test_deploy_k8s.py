@@ -87,7 +87,9 @@ def test_one_job_per_party_of_the_configmap_job(mode: str, tmp_path: Path) -> No
     (configmap,) = of_kind(docs, "ConfigMap")
     for name, k8s_job in parties.items():
         container = party_container(k8s_job)
-        assert container["args"] == ["party", "/etc/enclavefl/job.yaml", "--name", name]
+        # A restarted Job resumes from the party's sealed checkpoints (none at first: fresh start).
+        assert container["args"] == ["party", "/etc/enclavefl/job.yaml", "--name", name, "--resume"]
+        assert job.storage is not None
         assert mounts(container)["/etc/enclavefl"]["readOnly"] is True
         assert volume(k8s_job, "job")["configMap"]["name"] == configmap["metadata"]["name"]
         assert pod(k8s_job)["restartPolicy"] == "OnFailure"

@@ -84,3 +84,29 @@ def test_demo_runs_both_jobs_and_prints_the_result_table(tmp_path: Path) -> None
     vfl = json.loads((tmp_path / "demo" / "out-vfl" / "summary.json").read_text())
     assert hfl["metrics"]["accuracy"] > 0.9 and vfl["metrics"]["auc"] > 0.95
     assert all(p["attested"] for s in (hfl, vfl) for p in s["parties"].values())
+
+
+def test_gramine_party_provisions_the_checkpoint_mount_key(tmp_path: Path) -> None:
+    """Under Gramine-SGX a broker:/file: storage key becomes the encrypted mount's key;
+    a temporary directory stands in for /dev/attestation/keys."""
+    import dataclasses
+
+    from enclavefl.jobs.config import load_job
+    from enclavefl.jobs.demo import DEMO_KEY, write_vfl_demo
+    from enclavefl.jobs.gramine import CHECKPOINT_KEY_NAME
+    from enclavefl.jobs.runtime import PartyRuntime
+    from enclavefl.seal import create_key_file
+
+    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
+    create_key_file(tmp_path / DEMO_KEY)
+    job_file = write_vfl_demo(tmp_path)
+    runtime = PartyRuntime.create(load_job(job_file), job_file, "leader", tmp_path / "out")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    assert runtime.prepare_storage(keys_dir=keys) is False  # simulated: no Gramine mount
+    assert not any(keys.iterdir())
+    sgx = dataclasses.replace(runtime, tee="sgx")
+    assert sgx.prepare_storage(keys_dir=keys) is True
+    mount_key = (keys / CHECKPOINT_KEY_NAME).read_bytes()
+    assert len(mount_key) == 16
+    assert mount_key.hex() not in (tmp_path / DEMO_KEY).read_text()  # derived, not the sealing key itself

@@ -344,9 +344,11 @@ def plan_manifest(
     if checkpoint is not None:
         mounts.append(checkpoint)
 
+    # The command line is measured, so the host cannot add --resume after a crash: a party
+    # with storage always resumes (its first start finds no checkpoint and starts fresh).
     argv = (
         str(runtime.executable), "-m", "enclavefl", "party", str(job_file),
-        "--name", name, "--out", str(job.output.dir),
+        "--name", name, "--out", str(job.output.dir), *(("--resume",) if job.storage is not None else ()),
     )  # fmt: skip
     return ManifestPlan(
         job_file=job_file,

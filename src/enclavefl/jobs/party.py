@@ -50,6 +50,7 @@ def run_party(
     else:
         tune_allocator()  # multi-MiB tensor frames: reuse buffers instead of fresh zeroed pages
     runtime = PartyRuntime.create(job, job_file, name, out)
+    runtime.prepare_storage()
     log.info("party %s (%s) of job %s: %s evidence, mr_enclave %s",
              name, runtime.party.role, job.job.id, runtime.tee, runtime.measurement.mr_enclave.hex()[:12])
     if job.mode == "hfl":

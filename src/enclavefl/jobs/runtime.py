@@ -19,6 +19,7 @@ from enclavefl.jobs.config import JobConfig, PartyConfig
 from enclavefl.net import AttestedClient, AttestedServer, Mode, PartyCredentials, RetryPolicy
 from enclavefl.net.keybroker import configure_broker_access
 from enclavefl.seal import KeySource, parse_key_spec
+from enclavefl.seal.keys import GRAMINE_KEYS_DIR
 from enclavefl.tee.attesters import make_attester
 from enclavefl.tee.collateral import collateral_source
 from enclavefl.tee.measure import simulated_measurement
@@ -89,6 +90,20 @@ class PartyRuntime:
         if self.job.storage is None:
             return None
         return parse_key_spec(self.job.storage.key)
+
+    def prepare_storage(self, *, keys_dir: Path = GRAMINE_KEYS_DIR) -> bool:
+        """Under Gramine-SGX, give the encrypted checkpoint mount its key before first use.
+
+        `sgx-seal:` keys are Gramine's own; any other key source (broker:, file:) is turned
+        into the mount key inside the enclave. Returns whether a key was provisioned.
+        """
+        from enclavefl.jobs.gramine import CHECKPOINT_KEY_NAME, mount_key_name, provision_mount_key
+
+        storage = self.job.storage
+        if storage is None or self.tee != "sgx" or mount_key_name(storage.key) != CHECKPOINT_KEY_NAME:
+            return False
+        provision_mount_key(parse_key_spec(storage.key), keys_dir=keys_dir)
+        return True
 
     def server(self, *, max_workers: int = 32) -> AttestedServer:
         address = self.party.address
