@@ -110,3 +110,14 @@ def test_gramine_party_provisions_the_checkpoint_mount_key(tmp_path: Path) -> No
     mount_key = (keys / CHECKPOINT_KEY_NAME).read_bytes()
     assert len(mount_key) == 16
     assert mount_key.hex() not in (tmp_path / DEMO_KEY).read_text()  # derived, not the sealing key itself
+
+
+def test_unreadable_storage_key_fails_at_start_and_stops_the_job(hfl_job: Path, tmp_path: Path) -> None:
+    job = yaml.safe_load(hfl_job.read_text())
+    job["storage"] = {"checkpoint_dir": "ckpt", "key": "file:missing.key", "checkpoint_every": 1}
+    hfl_job.write_text(yaml.safe_dump(job))
+    done = enclavefl("run", str(hfl_job), "--out", str(tmp_path / "out"), timeout=120)
+    assert done.returncode == 1 and "server (exit 2)" in done.stderr
+    server_log = (tmp_path / "out" / "logs" / "server.log").read_text()
+    assert "missing.key cannot be read" in server_log and "Traceback" not in server_log
+    assert "joined" not in server_log  # it failed before serving anyone

@@ -642,6 +642,11 @@ class ParameterServer:
         """Run a state change; a failure there ends the run (run() raises it)."""
         try:
             fn(*args)
+        except Exception as exc:
+            self._error = exc
+            self._cond.notify_all()
+            # The server's own failure (e.g. its checkpoint key), not the caller's request.
+            raise TransportError(f"the parameter server failed: {exc}") from exc
         except BaseException as exc:
             self._error = exc
             self._cond.notify_all()

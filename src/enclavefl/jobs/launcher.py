@@ -235,6 +235,10 @@ def _supervise(
             coordinator_done_at = time.monotonic()
         if all(p.exit_code is not None for p in procs):
             return
+        if coordinator.exit_code not in (None, 0):
+            log.error("coordinator %s failed (exit %s); stopping the other parties", coordinator.name,
+                      coordinator.exit_code)
+            return
         now = time.monotonic()
         if coordinator_done_at is not None and now - coordinator_done_at > MEMBER_GRACE_S:
             log.warning("coordinator finished %.0f s ago; stopping the remaining parties", MEMBER_GRACE_S)

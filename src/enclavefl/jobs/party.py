@@ -50,6 +50,9 @@ def run_party(
     else:
         tune_allocator()  # multi-MiB tensor frames: reuse buffers instead of fresh zeroed pages
     runtime = PartyRuntime.create(job, job_file, name, out)
+    key = runtime.key_source()
+    if key is not None and not (job.mode == "hfl" and runtime.party.role == "worker"):  # hfl workers keep no state
+        key.kek()  # an unreadable key or a refusing broker fails here, not after the first round
     runtime.prepare_storage()
     log.info("party %s (%s) of job %s: %s evidence, mr_enclave %s",
              name, runtime.party.role, job.job.id, runtime.tee, runtime.measurement.mr_enclave.hex()[:12])

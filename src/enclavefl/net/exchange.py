@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from enclavefl.errors import FormatError, Rejected, UsageError
+from enclavefl.errors import EnclaveflError, FormatError, Rejected, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
 from enclavefl.net.admission import Peer
 from enclavefl.net.errors import CallFailed, PeerRefused
@@ -149,6 +149,9 @@ class ExchangeServicer:
         except UsageError as exc:
             log.warning("malformed %s request from party %s: %s", method, peer.party, exc.reason)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "format")
+        except EnclaveflError as exc:  # a known failure of this party: its reason, no traceback
+            log.error("handler for %s failed (caller: party %s): %s", method, peer.party, exc.reason)
+            abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
         except Exception:
             # Our bug or the handler's: keep the details in our log, not on the wire.
             log.exception("handler for %s failed (caller: party %s)", method, peer.party)
