@@ -533,3 +533,12 @@ def test_echo_server_and_client() -> None:
     assert result.server.claims is not None and result.server.claims.mr_enclave == GOOD.mr_enclave
     assert result.megabytes == 3.0 and result.throughput_mb_s > 0
     assert result.to_json()["server_claims"]["mr_enclave"] == GOOD.mr_enclave.hex()
+
+
+def test_a_second_server_on_a_busy_port_fails_to_start() -> None:
+    first = make_server()
+    try:
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            make_server(port=first.port)
+    finally:
+        first.stop(0)

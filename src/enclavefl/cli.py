@@ -9,9 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -147,7 +150,11 @@ def verify(
         error = err
         claims = getattr(err, "claims", None) or claims
 
-    result = _verify_result(claims, error)
+    _report(_verify_result(claims, error), error, as_json)
+
+
+def _report(result: dict[str, Any], error: Rejected | None, as_json: bool) -> None:
+    """Print a verification result; a refusal also goes to stderr and sets exit code 1."""
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -166,9 +173,13 @@ def _read_input(path: Path) -> bytes:
 
 def _split_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UsageError(f"expected HOST:PORT, got {value!r}")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"expected HOST:PORT (port 1-65535), got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _print_claims(result: dict[str, Any]) -> None:
@@ -176,14 +187,25 @@ def _print_claims(result: dict[str, Any]) -> None:
 
     from enclavefl.console import stdout_console
 
-    title = "[green]accepted[/green]" if result["accepted"] else "[red]rejected[/red]"
-    table = Table(title=title, show_header=False)
+    rows = []
     for key, value in result.items():
         if key in ("accepted",) or value is None:
             continue
         if isinstance(value, list):
             value = ", ".join(str(v) for v in value) or "-"
-        table.add_row(key, str(value))
+        rows.append((key, str(value)))
+    if not stdout_console.is_terminal:
+        # Piped: whole values, one per line (a table would cut measurements to the width).
+        click.echo("accepted" if result["accepted"] else "rejected")
+        for key, value in rows:
+            click.echo(f"{key}: {value}")
+        return
+    title = "[green]accepted[/green]" if result["accepted"] else "[red]rejected[/red]"
+    table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # never hide part of a measurement
+    for key, value in rows:
+        table.add_row(key, value)
     stdout_console.print(table)
 
 
@@ -344,16 +366,11 @@ def _key_source(spec: str, *, job_id: str, attester: str, policy_path: Path | No
     from enclavefl.seal import parse_key_spec
 
     if spec.startswith("broker:"):
-        from enclavefl.net import PartyCredentials, configure_broker_access
-        from enclavefl.tee.attesters import make_attester
-        from enclavefl.tee.collateral import collateral_source
-        from enclavefl.tee.measure import simulated_measurement
+        from enclavefl.net import configure_broker_access
 
-        policy = _load_policy(policy_path)
-        att = make_attester(attester, measurement=simulated_measurement())
-        configure_broker_access(PartyCredentials.create(
-            att, policy, party="enclavefl-cli", job_id=job_id, collateral=collateral_source(),
-        ))
+        setup = _PartySetup(policy_path=policy_path, attester=attester, allow_simulated_insecure=False,
+                            party="enclavefl-cli", job_id=job_id)
+        configure_broker_access(setup.credentials())
     return parse_key_spec(spec)
 
 
@@ -392,6 +409,177 @@ def keygen(path: Path) -> None:
 
     create_key_file(path)
     click.echo(f"wrote key file {path} (mode 0600); use --key file:{path}")
+
+
+# --------------------------------------------------------------------------- attested channel
+
+# enclavefl.net.ECHO_JOB, spelled out: the CLI imports the network stack (gRPC) only when used.
+_ECHO_JOB = "enclavefl-echo"
+
+
+@dataclass(frozen=True)
+class _PartySetup:
+    """Who this process is on the attested channel: its attester, policy, name, job and mode."""
+
+    policy_path: Path | None
+    attester: str
+    allow_simulated_insecure: bool
+    party: str
+    job_id: str
+    mode: str = "two-way"
+    collateral: Path | None = None
+    pccs: str | None = None
+
+    def credentials(self) -> Any:
+        """Fresh credentials: a new key in this TEE, bound to new evidence (never printed)."""
+        from enclavefl.net import PartyCredentials
+        from enclavefl.tee.attesters import make_attester
+        from enclavefl.tee.collateral import collateral_source
+
+        policy = _load_policy(self.policy_path)
+        source = collateral_source(self.collateral, self.pccs)
+        att = make_attester(self.attester, allow_simulated_insecure=self.allow_simulated_insecure)
+        return PartyCredentials.create(att, policy, party=self.party, job_id=self.job_id, mode=self.mode,
+                                       collateral=source)
+
+
+def _party_options(
+    *, default_party: str, default_job_id: str, policy_help: str, policy_required: bool = False
+) -> Callable[[F], F]:
+    """The options every attested-channel command shares; the command gets them as `setup`."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, policy_path: Path | None, attester: str, allow_simulated_insecure: bool,
+                    party: str, job_id: str, mode: str, collateral: Path | None, pccs: str | None,
+                    **kwargs: Any) -> Any:
+            setup = _PartySetup(policy_path, attester, allow_simulated_insecure, party, job_id, mode, collateral, pccs)
+            return fn(*args, setup=setup, **kwargs)
+
+        options = [
+            click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=policy_required,
+                         help=policy_help),
+            click.option("--attester", type=click.Choice(["auto", "gramine", "tdx", "simulated"]), default="auto",
+                         show_default=True, help="How this party attests ('simulated' is INSECURE)."),
+            click.option("--allow-simulated-insecure", is_flag=True,
+                         help="Let 'auto' fall back to INSECURE simulated evidence when no TEE is present."),
+            click.option("--party", default=default_party, show_default=True, help="This party's name."),
+            click.option("--job-id", default=default_job_id, show_default=True,
+                         help="Job id; both ends must use the same."),
+            click.option("--mode", type=click.Choice(["two-way", "server", "client"]), default="two-way",
+                         show_default=True, help="Who is attested: both ends, only the server or only the client "
+                         "(both ends must agree)."),
+            click.option("--collateral", type=click.Path(path_type=Path), help="Offline collateral JSON file."),
+            click.option("--pccs", help="PCCS URL to fetch collateral from (cached until nextUpdate)."),
+        ]
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _serve_until_interrupted(server: Any, host: str) -> None:
+    """Announce the listening address, serve until SIGINT or SIGTERM, then stop cleanly."""
+    click.echo(f"listening on {_join_host_port(host, server.port)}")
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        log.info("party %s: interrupted, stopping", server.party)
+    finally:
+        server.stop()
+
+
+def _stop_on_signals() -> None:
+    # SIGTERM (docker stop, kill) stops a server as Ctrl-C does; SIGINT is set again because a
+    # process started in the background inherits it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+
+
+@main.command("echo-server")
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="Port to listen on (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@_party_options(default_party="echo-server", default_job_id=_ECHO_JOB,
+                policy_help="Policy clients must satisfy (default: UpToDate only, no debug, no simulated).")
+@typed_errors
+def echo_server(port: int, host: str, setup: _PartySetup) -> None:
+    """A minimal attested echo server, for checking a deployment; serves until interrupted."""
+    from enclavefl.net import start_echo_server
+
+    _stop_on_signals()
+    server = start_echo_server(setup.credentials(), host=host, port=port)
+    _serve_until_interrupted(server, host)
+
+
+@main.command("echo-client")
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--megabytes", type=click.FloatRange(min=0), default=16.0, show_default=True,
+              help="Payload to echo (10**6 bytes each way).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds to wait for the server to be up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_party_options(default_party="echo-client", default_job_id=_ECHO_JOB,
+                policy_help="Policy the server must satisfy (default: UpToDate only, no debug, no simulated).")
+@typed_errors
+def echo_client(target: str, megabytes: float, wait_s: float, as_json: bool, setup: _PartySetup) -> None:
+    """Attest the echo server at HOST:PORT, echo a payload through it, print its claims and the throughput."""
+    from enclavefl.net import run_echo_client
+
+    _split_host_port(target)  # a malformed target fails before anything is attested
+    credentials = setup.credentials()
+    server_party = claims = None
+    figures: dict[str, Any] = {}
+    error: Rejected | None = None
+    try:
+        echo = run_echo_client(target, credentials, megabytes=megabytes, wait_s=wait_s)
+        server_party, claims = echo.server.party, echo.server.claims
+        figures = {key: value for key, value in echo.to_json().items()
+                   if key not in ("server_party", "server_claims")}
+    except Rejected as err:
+        error, claims = err, err.claims
+    result = {"server": target, "server_party": server_party, **_verify_result(claims, error), **figures}
+    _report(result, error, as_json)
+
+
+@main.group()
+def keybroker() -> None:
+    """A key broker: releases data keys only over the attested channel, to peers its policy admits."""
+
+
+@keybroker.command("serve")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory of key files (make them with `keybroker create-key`).")
+@click.option("--port", type=click.IntRange(0, 65535), default=50070, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@_party_options(default_party="keybroker", default_job_id="default", policy_required=True,
+                policy_help="Policy a client must satisfy to get keys.")
+@typed_errors
+def keybroker_serve(keys_dir: Path, port: int, host: str, setup: _PartySetup) -> None:
+    """Serve the keys in --keys to attested clients (`--key broker:HOST:PORT/NAME`) until interrupted.
+
+    Clients must run the same job id (seal/unseal --job-id) and enforce the same policy.
+    """
+    from enclavefl.net import serve_key_broker
+
+    _stop_on_signals()
+    server = serve_key_broker(keys_dir, setup.credentials(), host=host, port=port)
+    _serve_until_interrupted(server, host)
+
+
+@keybroker.command("create-key")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path), required=True,
+              help="The broker's key directory (created, mode 0700, if missing).")
+@click.argument("name")
+@typed_errors
+def keybroker_create_key(keys_dir: Path, name: str) -> None:
+    """Make a fresh random key NAME in the broker's key directory (never overwrites; never prints it)."""
+    from enclavefl.net import create_broker_key
+
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = create_broker_key(keys_dir, name)
+    click.echo(f"wrote key {path} (mode 0600); clients use --key broker:HOST:PORT/{name}")
 
 
 # --------------------------------------------------------------------------- jobs

@@ -151,7 +151,9 @@ class AttestedServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"enclavefl-{self.party}"),
             interceptors=[_SessionInterceptor(self._sessions)],
-            options=channel_options(chunk_size, limits),
+            # gRPC shares a port between servers by default: a second party on a busy port
+            # must fail to start, not split the first one's connections.
+            options=[*channel_options(chunk_size, limits), ("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_AdmissionServicer_to_server(
             _AdmissionServicer(admitter, self._nonces, self._sessions, self.party), self._server
