@@ -38,14 +38,25 @@ CALL_METHOD = f"/{SERVICE}/Call"
 CHECK_METADATA_KEY = "enclavefl-check"
 # Room for the frame's own fields around a chunk's bytes.
 _FRAME_OVERHEAD = 64 << 10
+# A connection whose peer vanished without closing it (pulled cable, crashed host) fails
+# its calls after about KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS, so callers reconnect,
+# instead of hanging until TCP's retransmissions give up (minutes) or the call deadline.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 10_000
 
 
 def channel_options(chunk_size: int, limits: Limits) -> list[tuple[str, Any]]:
-    """gRPC options for both ends: messages up to one chunk (or the meta limit) plus framing."""
+    """gRPC options for both ends: messages up to one chunk (or the meta limit) plus framing,
+    and keepalive pings while calls are open (the server accepts them at that rate)."""
     max_message = max(chunk_size, limits.max_meta_bytes) + _FRAME_OVERHEAD
     return [
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_receive_message_length", max_message),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Long-polls send nothing for a while: keep pinging, and let the server allow it.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ]
 
 
