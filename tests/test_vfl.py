@@ -278,7 +278,6 @@ def test_default_credit_split_mlp_matches_centralized_training(
     assert auc > alone + 0.04  # the follower's columns matter (on these rows: ~0.767 vs ~0.71)
 
 
-@pytest.mark.slow
 def test_default_credit_validation_auc_over_random_alignments_reaches_077() -> None:
     guest = load_fate_csv(shared_file("tabular", "default_credit_hetero_guest.csv"))
     host = load_fate_csv(shared_file("tabular", "default_credit_hetero_host.csv"))
