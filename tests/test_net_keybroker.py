@@ -118,3 +118,18 @@ def test_broker_setup_checks(tmp_path: Path) -> None:
         serve_key_broker(tmp_path, lax)
     with pytest.raises(UsageError, match="key name"):
         create_broker_key(tmp_path, "../escape")
+
+
+def test_broker_keys_do_not_carry_the_file_key_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from enclavefl.seal import create_key_file
+
+    with caplog.at_level(logging.INFO):
+        path = create_broker_key(tmp_path, "fresh")
+        create_key_file(tmp_path / "dev.key")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(FileKeySource(path).kek()) == 32
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"created key file {tmp_path / 'dev.key'}: file: keys are insecure, for development only"]
+    assert any("created broker key 'fresh'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UsageError, match="already exists"):
+        create_broker_key(tmp_path, "fresh")

@@ -23,7 +23,7 @@ from enclavefl.net.admission import PartyCredentials, Peer
 from enclavefl.net.client import AttestedClient, split_target
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
-from enclavefl.seal.keys import KEK_SIZE, FileKeySource, KeySource, create_key_file, register_key_scheme
+from enclavefl.seal.keys import KEK_SIZE, FileKeySource, KeySource, register_key_scheme, write_random_key
 
 log = logging.getLogger("enclavefl.net")
 
@@ -40,8 +40,10 @@ def _check_key_name(name: Any) -> str:
 
 def create_broker_key(keys_dir: str | Path, name: str) -> Path:
     """Make a fresh random key `name` in the broker's key directory (never overwrites)."""
-    path = Path(keys_dir) / _check_key_name(name)
-    create_key_file(path)
+    # Not create_key_file: its development-only warning is about keys on a party's host,
+    # and the broker's key directory is where keys are meant to live.
+    path = write_random_key(Path(keys_dir) / _check_key_name(name))
+    log.info("created broker key %r in %s", name, keys_dir)
     return path
 
 

@@ -84,8 +84,8 @@ class FileKeySource:
         )
 
 
-def create_key_file(path: str | os.PathLike[str]) -> FileKeySource:
-    """Write a fresh random key file (64 hex characters, mode 0600); never overwrites."""
+def write_random_key(path: str | os.PathLike[str]) -> Path:
+    """Write a fresh random key (64 hex characters, mode 0600) to `path`; never overwrites."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -97,6 +97,12 @@ def create_key_file(path: str | os.PathLike[str]) -> FileKeySource:
         f.write(os.urandom(KEK_SIZE).hex().encode("ascii") + b"\n")
         f.flush()
         os.fsync(f.fileno())
+    return path
+
+
+def create_key_file(path: str | os.PathLike[str]) -> FileKeySource:
+    """A fresh `file:` key source: the key sits on the host, so this warns (development only)."""
+    path = write_random_key(path)
     log.warning("created key file %s: file: keys are insecure, for development only", path)
     return FileKeySource(path)
 
