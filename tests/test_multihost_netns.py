@@ -120,8 +120,10 @@ def _run_hfl_cut(work: Path, *, rounds: int, long_cut: bool) -> None:
         def edit(job: dict[str, Any]) -> None:
             job["parties"][0]["address"] = server_target
             # Rounds that last a little (local epochs), a quorum of one and a short round
-            # timeout: the server goes on with whoever is there.
-            job["strategy"].update(rounds=rounds, local_epochs=16, min_workers=1, round_timeout_s=3.0)
+            # timeout: the server goes on with whoever is there. After the cable is back,
+            # worker-b's next TCP retransmission can be seconds away (exponential RTO), so
+            # the rounds left must outlast that or the job ends before it returns.
+            job["strategy"].update(rounds=rounds, local_epochs=64, min_workers=1, round_timeout_s=3.0)
 
         _edit_job(job_file, edit)
         outs = {name: work / f"out-{name}" for name in names}
@@ -179,7 +181,7 @@ def _run_hfl_cut(work: Path, *, rounds: int, long_cut: bool) -> None:
 
 
 def test_hfl_job_goes_on_without_a_cut_worker_and_takes_it_back(tmp_path: Path) -> None:
-    _run_hfl_cut(tmp_path, rounds=40, long_cut=False)
+    _run_hfl_cut(tmp_path, rounds=50, long_cut=False)
 
 
 @pytest.mark.slow
