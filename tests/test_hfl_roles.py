@@ -35,7 +35,7 @@ from enclavefl.net.admission import PartyCredentials
 from enclavefl.net.client import AttestedClient, RetryPolicy
 from enclavefl.net.errors import PeerRefused
 from enclavefl.net.server import AttestedServer
-from enclavefl.net.tensors import TensorSpec
+from enclavefl.net.tensors import Message, TensorSpec
 from enclavefl.seal.keys import FileKeySource, create_key_file
 from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.measure import Measurement
@@ -380,6 +380,46 @@ def _next_round(rounds: queue.Queue[dict[str, Any]], match: Callable[[dict[str, 
         record = rounds.get(timeout=60)
         if match(record):
             return record
+
+
+# -- after the last round: workers cut off near the end still hear it is done ------------
+
+
+def test_linger_tells_a_returning_worker_the_run_is_done(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = make_strategy("fedavg", tiny_model())
+    server = attested_server()
+    ps = ParameterServer(server, strategy, workers=["a", "b"], min_workers=1, total=3, round_timeout_s=0.5, poll_s=0.2)
+    port = server.start()
+    try:
+        with pytest.raises(UsageError, match="not done"):
+            ps.linger(0.1)
+        silent = client(port, "b")  # joins, then its link is "cut": it says nothing more
+        assert silent.call(wire.JOIN, Message({"protocol": wire.PROTOCOL})).meta["done"] is False
+        fed_a: dict[str, Any] = {}
+        a = threading.Thread(
+            target=lambda: fed_a.update(Worker(client(port, "a"), tiny_model(), blobs(16, seed=0), batch_size=8).run()),
+            daemon=True,
+        )
+        a.start()
+        summary = ps.run()
+        a.join(timeout=60)
+        assert summary["version"] == 3 and fed_a["done"]
+        assert summary["workers"]["b"]["dropped"] >= 1
+
+        with caplog.at_level(logging.INFO, logger="enclavefl.hfl"):
+            assert ps.linger(0.2) == ["b"]  # a heard it; b did not call within the grace
+        assert "workers ['b'] did not hear that the run is done" in caplog.text
+
+        untold: list[list[str]] = []
+        waiting = threading.Thread(target=lambda: untold.append(ps.linger(60)), daemon=True)
+        waiting.start()
+        reply = silent.call(wire.JOIN, Message({"protocol": wire.PROTOCOL}))  # the link is back
+        assert reply.meta["done"] is True and reply.meta["version"] == 3
+        waiting.join(timeout=30)  # a hang guard, far above the moment b's reply is sent
+        assert untold == [[]]
+        silent.close()
+    finally:
+        server.stop(grace_s=0)
 
 
 # -- the server killed and restarted with resume -----------------------------------------

@@ -61,6 +61,7 @@ from enclavefl.hfl.strategies import (
     UpdateContribution,
 )
 from enclavefl.net.admission import Peer
+from enclavefl.net.exchange import Handler
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import ArraySink, Message, TensorSpec, TensorWriter
 
@@ -337,11 +338,12 @@ class ParameterServer:
         with self._cond:
             self._publish_locked(time.monotonic(), initial=True)
 
-        server.register(wire.JOIN, self._on_join)
-        server.register(wire.SLOT, self._on_slot)
-        server.register(wire.PUSH, self._on_push, sink=UploadGate(max_pending_uploads))
-        server.register(wire.WAIT, self._on_wait)
-        server.register(wire.EVAL, self._on_eval)
+        self._told_done: set[str] = set()
+        server.register(wire.JOIN, self._telling(self._on_join))
+        server.register(wire.SLOT, self._telling(self._on_slot))
+        server.register(wire.PUSH, self._telling(self._on_push), sink=UploadGate(max_pending_uploads))
+        server.register(wire.WAIT, self._telling(self._on_wait))
+        server.register(wire.EVAL, self._telling(self._on_eval))
 
     # -- public ---------------------------------------------------------------------
 
@@ -399,6 +401,28 @@ class ParameterServer:
                 break
         return self.summary()
 
+    def linger(self, timeout_s: float) -> list[str]:
+        """After run(): go on answering until every worker that joined has been told the run
+        is done, for at most `timeout_s`; returns the workers still not told.
+
+        A worker cut off near the end otherwise finds the server gone, cannot tell a finished
+        job from a lost server, and gives up only after its reconnect window.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if not self._done:
+                raise UsageError("linger() is for after run(): the run is not done")
+            untold = sorted(set(self._last_seen) - self._told_done)
+            if untold and timeout_s > 0:
+                log.info("run done; waiting up to %g s for workers %s to hear it", timeout_s, untold)
+            while untold and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+                untold = sorted(set(self._last_seen) - self._told_done)
+        if untold:
+            log.warning("workers %s did not hear that the run is done; they stop after their reconnect window",
+                        untold)
+        return untold
+
     def summary(self) -> dict[str, Any]:
         with self._cond:
             final: dict[str, Any] = {}
@@ -426,6 +450,19 @@ class ParameterServer:
                 f"party {peer.party!r} is not a worker of this job; workers: {list(self._workers)}", check="party"
             )
         return peer.party
+
+    def _telling(self, handler: Handler) -> Handler:
+        """`handler`, noting which workers a reply told that the run is done (for linger)."""
+
+        def handle(peer: Peer, request: Message) -> Message:
+            reply = handler(peer, request)
+            if reply.meta.get("done") is True:
+                with self._cond:
+                    self._told_done.add(peer.party)
+                    self._cond.notify_all()
+            return reply
+
+        return handle
 
     def _on_join(self, peer: Peer, request: Message) -> Message:
         worker = self._check_party(peer)

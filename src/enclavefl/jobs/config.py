@@ -491,6 +491,9 @@ class StrategyConfig(_Section):
     min_workers: int | None = Field(None, ge=1)
     """Quorum: a round/step closes at its timeout once this many workers reported. None: every worker."""
     round_timeout_s: float = Field(300.0, gt=0)
+    done_grace_s: float = Field(30.0, ge=0)
+    """After the last round/step, how long the server waits for workers that joined but have
+    not yet heard the run is done (a worker cut off near the end); 0: stop at once."""
 
     @field_validator(*_STRATEGY_PARAMS)
     @classmethod

@@ -104,6 +104,7 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dic
     )
     try:
         summary = ps.run()
+        ps.linger(strategy_cfg.done_grace_s)
     finally:
         for party, peer in server.admitted().items():
             runtime.record_peer(party, peer.claims)
