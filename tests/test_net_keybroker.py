@@ -19,7 +19,7 @@ from enclavefl.net.keybroker import (
     serve_key_broker,
 )
 from enclavefl.net.server import AttestedServer
-from enclavefl.seal.keys import FileKeySource, parse_key_spec
+from enclavefl.seal.keys import FileKeySource, create_key_file, parse_key_spec
 from enclavefl.seal.sealed import seal_file, unseal_file
 from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.measure import Measurement
@@ -121,8 +121,6 @@ def test_broker_setup_checks(tmp_path: Path) -> None:
 
 
 def test_broker_keys_do_not_carry_the_file_key_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from enclavefl.seal import create_key_file
-
     with caplog.at_level(logging.INFO):
         path = create_broker_key(tmp_path, "fresh")
         create_key_file(tmp_path / "dev.key")
