@@ -1,0 +1,8 @@
+"""User training code: the fit/evaluate contract and its framework adapters.
+
+A leaf package: it knows nothing of the network, the TEE or the parameter server.
+"""
+
+from enclavefl.train.contract import Config, EvalResult, FitResult, GradientTrainer, GradResult, Trainer, Weights
+
+__all__ = ["Config", "EvalResult", "FitResult", "GradResult", "GradientTrainer", "Trainer", "Weights"]
