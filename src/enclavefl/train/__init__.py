@@ -4,5 +4,6 @@ A leaf package: it knows nothing of the network, the TEE or the parameter server
 """
 
 from enclavefl.train.contract import Config, EvalResult, FitResult, GradientTrainer, GradResult, Trainer, Weights
+from enclavefl.train.device import resolve_device
 
-__all__ = ["Config", "EvalResult", "FitResult", "GradResult", "GradientTrainer", "Trainer", "Weights"]
+__all__ = ["Config", "EvalResult", "FitResult", "GradResult", "GradientTrainer", "Trainer", "Weights", "resolve_device"]
