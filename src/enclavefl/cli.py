@@ -288,6 +288,10 @@ def policy() -> None:
 @click.option("--allow-tcb-status", multiple=True, help="TCB status to accept besides UpToDate (repeatable).")
 @click.option("--allow-debug-insecure", is_flag=True, help="Accept debug enclaves (INSECURE).")
 @click.option("--allow-simulated-insecure", is_flag=True, help="Accept simulated evidence (INSECURE).")
+@click.option("--max-epsilon", type=float, help="Differential-privacy budget: the largest epsilon any party may spend.")
+@click.option("--delta", type=float, help="Differential-privacy delta of the budget (0 only for --privacy-unit label).")
+@click.option("--privacy-unit", type=click.Choice(["record", "worker", "label"]),
+              help="What the budget protects: a training record, a worker's whole data, or the vfl leader's labels.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @typed_errors
 def policy_init(
@@ -300,9 +304,12 @@ def policy_init(
     allow_tcb_status: tuple[str, ...],
     allow_debug_insecure: bool,
     allow_simulated_insecure: bool,
+    max_epsilon: float | None,
+    delta: float | None,
+    privacy_unit: str | None,
     force: bool,
 ) -> None:
-    """Write a policy pinning the given measurements."""
+    """Write a policy pinning the given measurements (and, optionally, a privacy budget)."""
     from enclavefl.tee.policy import Policy
 
     if out.exists() and not force:
@@ -319,17 +326,24 @@ def policy_init(
     entries.extend({"mr_enclave": value} for value in mr_enclave)
     overrides = {"mr_signer": mr_signer, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn}
     overrides = {key: value for key, value in overrides.items() if value is not None}
-    if not entries and not overrides:
+    privacy_flags = {"--max-epsilon": max_epsilon, "--delta": delta, "--privacy-unit": privacy_unit}
+    missing = [flag for flag, value in privacy_flags.items() if value is None]
+    if missing and len(missing) < len(privacy_flags):
+        raise UsageError(f"a privacy budget needs --max-epsilon, --delta and --privacy-unit; missing {', '.join(missing)}")
+    privacy = None if missing else {"unit": privacy_unit, "max_epsilon": max_epsilon, "delta": delta}
+    if not entries and not overrides and not (allow_simulated_insecure and privacy):
         raise UsageError("nothing to pin: give --from-measure, --mr-enclave or --mr-signer")
-    identities = [{**entry, **overrides} for entry in entries] or [overrides]
+    identities = [{**entry, **overrides} for entry in entries] or ([overrides] if overrides else [])
     pol = Policy.from_identities(
         identities,
         allowed_tcb_status=["UpToDate", *allow_tcb_status],
         allow_debug=allow_debug_insecure,
         allow_simulated=allow_simulated_insecure,
+        privacy=privacy,
     )
     pol.save(out)
-    click.echo(f"wrote {out} (policy sha256 {pol.digest().hex()[:16]}…)")
+    budget = f"; privacy budget: {pol.privacy.describe()}" if pol.privacy else ""
+    click.echo(f"wrote {out} (policy sha256 {pol.digest().hex()[:16]}…{budget})")
 
 
 @policy.command("show")

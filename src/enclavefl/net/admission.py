@@ -9,6 +9,7 @@ module wires this logic to RPCs.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -31,11 +32,33 @@ from enclavefl.tee.collateral import CollateralSource
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import RaTlsIdentity, make_certificate, verify_certificate
 
+__all__ = [
+    "ADMISSION_DOMAIN",
+    "ADMISSION_VERSION",
+    "POLICY_HASH_CLAIM",
+    "PRIVACY_CLAIM",
+    "AdmissionRequest",
+    "Admitter",
+    "Mode",
+    "NonceStore",
+    "PartyCredentials",
+    "Peer",
+    "SessionStore",
+    "admission_payload",
+    "build_admission",
+    "check_party_name",
+    "check_policy_hash",
+    "log_verified",
+    "make_identity",
+    "sign_admission",
+]
+
 log = logging.getLogger("enclavefl.net")
 
 ADMISSION_DOMAIN = "enclavefl-admission"
 ADMISSION_VERSION = 1
 POLICY_HASH_CLAIM = "policy-hash"
+PRIVACY_CLAIM = "privacy-budget"
 NONCE_SIZE = 32
 TOKEN_SIZE = 32
 MAX_PARTY_CHARS = 128
@@ -73,8 +96,10 @@ class Peer:
 
 
 def make_identity(attester: Attester, policy: Policy, *, common_name: str = "enclavefl") -> RaTlsIdentity:
-    """This party's RA-TLS identity; its claims include the digest of the policy it enforces."""
-    return make_certificate(attester, extra_claims={POLICY_HASH_CLAIM: policy.digest()}, common_name=common_name)
+    """This party's RA-TLS identity; its claims include the digest of the policy it enforces
+    and, to name the difference when peers disagree, its privacy budget."""
+    extra = {POLICY_HASH_CLAIM: policy.digest(), PRIVACY_CLAIM: policy.privacy_claim()}
+    return make_certificate(attester, extra_claims=extra, common_name=common_name)
 
 
 def check_party_name(party: str) -> None:
@@ -134,10 +159,30 @@ def check_policy_hash(claims: Claims, policy: Policy, who: str) -> None:
     theirs = claims.bound.get(POLICY_HASH_CLAIM)
     ours = policy.digest()
     if theirs != ours:
+        # The budget claim is bound by the same evidence as the hash; it only explains.
+        their_budget = claims.bound.get(PRIVACY_CLAIM, b"")
+        if their_budget != policy.privacy_claim():
+            raise PolicyRejected(
+                f"privacy budget mismatch: {who} enforces {_budget_text(their_budget)}, "
+                f"this party enforces {_budget_text(policy.privacy_claim())} (policy hash differs)",
+                check="privacy",
+            )
         got = theirs.hex() if isinstance(theirs, bytes) else repr(theirs)
         raise PolicyRejected(
             f"policy hash mismatch: {who} enforces {got}, this party enforces {ours.hex()}", check="policy-hash"
         )
+
+
+def _budget_text(claim: object) -> str:
+    if claim == b"":
+        return "no privacy budget"
+    if not isinstance(claim, bytes):
+        return f"an unreadable privacy budget {claim!r}"
+    try:
+        budget = json.loads(claim)
+        return f"{budget['unit']}-level epsilon <= {budget['max_epsilon']:g}, delta = {budget['delta']:g}"
+    except (ValueError, KeyError, TypeError):
+        return f"an unreadable privacy budget {claim[:80]!r}"
 
 
 def log_verified(role: str, party: str, claims: Claims) -> None:

@@ -10,7 +10,9 @@ A CCZoo file loads unchanged::
 An SGX peer passes if ANY `sgx_mrs` entry matches ALL enabled fields; `isv_svn` is a minimum
 (as in Gramine; CCZoo's C++ compares it for equality). Added keys: `tdx_mrs` (entries of
 `mr_td`, `rtmr0`..`rtmr3`; omitted fields are not checked), `allowed_tcb_status` (default
-["UpToDate"]), `allow_debug` and `allow_simulated` (both default false). A `verify_*` key
+["UpToDate"]), `allow_debug` and `allow_simulated` (both default false), and `privacy`
+(`{unit: record|worker|label, max_epsilon, delta}`: the differential-privacy budget every
+party of a job enforces; being part of the digest, it is what every peer attests to). A `verify_*` key
 that is absent is "on" when some `sgx_mrs` entry gives that field, else "off". Unknown keys
 are errors, so that a typo cannot silently loosen a policy.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,12 +35,15 @@ from pydantic import (
     ConfigDict,
     StrictBool,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.errors import ConfigError, PolicyRejected
 from enclavefl.tee.claims import Claims, TeeType
+
+__all__ = ["PRIVACY_UNITS", "Policy", "PrivacyBudget", "SgxIdentity", "TdxIdentity", "TCB_STATUSES"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,51 @@ class TdxIdentity(BaseModel):
         return self
 
 
+PRIVACY_UNITS = ("record", "worker", "label")
+
+
+class PrivacyBudget(BaseModel):
+    """A differential-privacy budget: (`max_epsilon`, `delta`)-DP for one `unit` of privacy.
+
+    record: each training row of each worker (DP-SGD in the workers); worker: everything one
+    worker contributes (clipped, noised aggregation at the parameter server); label: the
+    vertical leader's labels (randomized response). `delta` may be 0 only for label DP,
+    whose randomized response is pure epsilon-DP; Gaussian mechanisms need delta > 0.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unit: Literal["record", "worker", "label"]
+    max_epsilon: float
+    delta: float
+
+    @field_validator("max_epsilon")
+    @classmethod
+    def _positive_finite(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"must be a finite number > 0, got {value}")
+        return float(value)
+
+    @field_validator("delta")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise ValueError(f"must be within [0, 1), got {value}")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _delta_for_gaussian(self) -> PrivacyBudget:
+        if self.unit != "label" and self.delta == 0:
+            raise ValueError(f"delta must be > 0 for unit {self.unit} (the Gaussian mechanism is not pure epsilon-DP)")
+        return self
+
+    def describe(self) -> str:
+        return f"{self.unit}-level epsilon <= {self.max_epsilon:g}, delta = {self.delta:g}"
+
+    def canonical(self) -> dict[str, Any]:
+        return {"unit": self.unit, "max_epsilon": self.max_epsilon, "delta": self.delta}
+
+
 class Policy(BaseModel):
     """Identity, TCB and debug requirements every peer's claims must satisfy."""
 
@@ -146,6 +197,7 @@ class Policy(BaseModel):
     allowed_tcb_status: tuple[TcbStatus, ...] = ("UpToDate",)
     allow_debug: StrictBool = False
     allow_simulated: StrictBool = False
+    privacy: PrivacyBudget | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -214,6 +266,7 @@ class Policy(BaseModel):
         allowed_tcb_status: tuple[str, ...] | list[str] = ("UpToDate",),
         allow_debug: bool = False,
         allow_simulated: bool = False,
+        privacy: Mapping[str, Any] | None = None,
     ) -> Policy:
         """A policy pinning the given SGX fields (None: not checked); `isv_svn` is a minimum."""
         given = {"mr_enclave": mr_enclave, "mr_signer": mr_signer,
@@ -224,6 +277,7 @@ class Policy(BaseModel):
             allowed_tcb_status=allowed_tcb_status,
             allow_debug=allow_debug,
             allow_simulated=allow_simulated,
+            privacy=privacy,
         )
 
     @classmethod
@@ -234,6 +288,7 @@ class Policy(BaseModel):
         allowed_tcb_status: tuple[str, ...] | list[str] = ("UpToDate",),
         allow_debug: bool = False,
         allow_simulated: bool = False,
+        privacy: Mapping[str, Any] | None = None,
     ) -> Policy:
         """A policy allowing any of several SGX identities (e.g. `enclavefl measure --json`
         outputs). A field is verified when any identity gives it, so every identity must."""
@@ -248,6 +303,8 @@ class Policy(BaseModel):
         obj["allowed_tcb_status"] = list(allowed_tcb_status)
         obj["allow_debug"] = allow_debug
         obj["allow_simulated"] = allow_simulated
+        if privacy is not None:
+            obj["privacy"] = dict(privacy)
         return cls.from_json(obj)
 
     @classmethod
@@ -386,7 +443,7 @@ class Policy(BaseModel):
             json.dumps({n: getattr(e, n) for n in enabled}, sort_keys=True) for e in self.sgx_mrs
         }
         tdx = {json.dumps(e.model_dump(exclude_none=True), sort_keys=True) for e in self.tdx_mrs}
-        return {
+        canonical = {
             "format": _CANONICAL_TAG,
             "verify": list(enabled),
             "sgx_mrs": [json.loads(e) for e in sorted(sgx)] if enabled else [],
@@ -395,6 +452,17 @@ class Policy(BaseModel):
             "allow_debug": self.allow_debug,
             "allow_simulated": self.allow_simulated,
         }
+        # Only present when set, so the digest of a policy without a budget is unchanged.
+        if self.privacy is not None:
+            canonical["privacy"] = self.privacy.canonical()
+        return canonical
+
+    def privacy_claim(self) -> bytes:
+        """The canonical JSON of the privacy budget (b"" without one), bound into this party's
+        claims next to the digest so that a peer's refusal can say which budget differs."""
+        if self.privacy is None:
+            return b""
+        return json.dumps(self.privacy.canonical(), sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical JSON: equal for semantically equal policies."""
@@ -403,7 +471,9 @@ class Policy(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         """The policy as a JSON object that `from_json` reads back to an equal policy."""
-        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs"})
+        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs", "privacy"})
+        if self.privacy is not None:
+            out["privacy"] = self.privacy.canonical()
         out["sgx_mrs"] = [e.model_dump(exclude_none=True) for e in self.sgx_mrs]
         out["tdx_mrs"] = [e.model_dump(exclude_none=True) for e in self.tdx_mrs]
         return out
