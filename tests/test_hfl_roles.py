@@ -26,7 +26,7 @@ from enclavefl.data import load_fate_csv
 from enclavefl.errors import SealError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore
-from enclavefl.hfl.metrics import binary_auc
+from enclavefl.train.metrics import binary_auc
 from enclavefl.hfl.server import ParameterServer, QuorumLost, UploadGate
 from enclavefl.hfl.strategies import GradContribution, grad_contribution, make_strategy
 from enclavefl.hfl.worker import Worker, evaluate

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from enclavefl.errors import UsageError
-from enclavefl.hfl.metrics import (
+from enclavefl.train.metrics import (
     AUC_BINS,
     EvalStats,
     accuracy,

@@ -25,7 +25,7 @@ from torch import nn
 
 from enclavefl.data import Table, load_fate_csv, load_sklearn, load_wide_deep_party, make_wide_deep_data
 from enclavefl.errors import SealError
-from enclavefl.hfl.metrics import binary_auc
+from enclavefl.train.metrics import binary_auc
 from enclavefl.models import BottomMLP, TopMLP, WideDeepFollower, WideDeepLeader
 from enclavefl.net.admission import PartyCredentials
 from enclavefl.net.client import AttestedClient, RetryPolicy

@@ -49,7 +49,6 @@ from torch import nn
 from enclavefl.errors import FormatError, Rejected, TransportError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore, rng_state, set_rng_state
-from enclavefl.hfl.metrics import EvalStats, aggregate_stats
 from enclavefl.hfl.sparse import SparseRows, pull_rows
 from enclavefl.hfl.strategies import (
     AsyncSGD,
@@ -64,6 +63,7 @@ from enclavefl.net.admission import Peer
 from enclavefl.net.exchange import Handler
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import ArraySink, Message, TensorSpec, TensorWriter
+from enclavefl.train.metrics import EvalStats, aggregate_stats
 
 log = logging.getLogger("enclavefl.hfl")
 

@@ -30,13 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from enclavefl.data.tensors import batch_indices
 from enclavefl.errors import TransportError, UsageError
 from enclavefl.hfl import wire
-from enclavefl.hfl.metrics import AUC_BINS, EvalStats, eval_stats
 from enclavefl.hfl.sparse import SparseRows, write_rows
 from enclavefl.hfl.state import buffer_names, model_state
 from enclavefl.hfl.strategies import (
@@ -49,18 +47,13 @@ from enclavefl.hfl.strategies import (
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.errors import ConnectFailed
 from enclavefl.net.tensors import Message
+from enclavefl.train.losses import default_loss
+from enclavefl.train.metrics import AUC_BINS, EvalStats, eval_stats
 
 log = logging.getLogger("enclavefl.hfl")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RowsOf = Callable[[Sequence[torch.Tensor]], Mapping[str, torch.Tensor]]
-
-
-def default_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits for one logit per example, mean cross-entropy for several."""
-    if logits.dim() == 1 or logits.shape[-1] == 1:
-        return F.binary_cross_entropy_with_logits(logits.reshape(-1), labels.reshape(-1).to(logits.dtype))
-    return F.cross_entropy(logits, labels.long())
 
 
 def as_tensors(what: str, data: Sequence[Any]) -> tuple[torch.Tensor, ...]:

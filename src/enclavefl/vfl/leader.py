@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from enclavefl.errors import FormatError, UsageError
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.hfl.metrics import accuracy, binary_auc, log_loss
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
+from enclavefl.train.losses import default_loss
+from enclavefl.train.metrics import accuracy, binary_auc, log_loss
 from enclavefl.vfl.align import Ids
 from enclavefl.vfl.align_channel import AlignmentEndpoint
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, LeaderBridge, Rewind
@@ -87,9 +87,7 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BCE on one logit column, cross-entropy on several."""
     if logits.dim() != 2:
         raise UsageError(f"the leader's model must return logits [N, C], got shape {list(logits.shape)}")
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
-    return F.cross_entropy(logits, labels.long())
+    return default_loss(logits, labels)
 
 
 def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

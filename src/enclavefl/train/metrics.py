@@ -30,6 +30,18 @@ from sklearn.metrics import roc_auc_score
 
 from enclavefl.errors import UsageError
 
+__all__ = [
+    "AUC_BINS",
+    "AUC_LOGIT_RANGE",
+    "EvalStats",
+    "accuracy",
+    "aggregate_stats",
+    "binary_auc",
+    "eval_stats",
+    "histogram_auc",
+    "log_loss",
+]
+
 AUC_BINS = 8192
 AUC_LOGIT_RANGE = 16.0
 
