@@ -51,15 +51,53 @@ def _fail(err: EnclaveflError) -> None:
     sys.exit(err.exit_code)
 
 
+def _command_name(ctx: click.Context) -> str:
+    """The command path below `enclavefl`: "run", "gramine build"."""
+    names: list[str] = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(reversed(names))
+
+
+def _require_extras(kwargs: dict[str, Any]) -> None:
+    """Before a command runs: the optional extras it and its job file need (enclavefl.extras)."""
+    from enclavefl import extras
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return
+    command = _command_name(ctx)
+    extras.require_for_command(command)
+    job_file = kwargs.get("job_file")
+    if command in extras.JOB_COMMANDS and job_file is not None:
+        from enclavefl.jobs.config import load_job
+
+        extras.require_for_job(load_job(job_file), job_file)
+
+
 def typed_errors(fn: F) -> F:
-    """Turn enclavefl errors into a one-line reason and the contract's exit code."""
+    """Turn enclavefl errors into a one-line reason and the contract's exit code.
+
+    Every command goes through here, so this is also where a missing optional extra is
+    reported (before the command runs, and for any import of an extra's module that fails
+    anyway) as the exact `pip install` line instead of an import traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _require_extras(kwargs)
             return fn(*args, **kwargs)
         except EnclaveflError as err:
             _fail(err)
+        except ModuleNotFoundError as err:
+            from enclavefl.extras import missing_extra_for
+
+            missing = missing_extra_for(err, needed_for=f"`enclavefl {_command_name(click.get_current_context())}`")
+            if missing is None:
+                raise
+            _fail(missing)
         except OSError as err:
             # Unreadable or unwritable paths are input errors, not crashes.
             _fail(UsageError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")))

@@ -1,6 +1,6 @@
 """Gramine-SGX enclaves for the parties of a job: render the manifest, sign it, read its identity.
 
-One template (deploy/gramine/enclavefl.manifest.template) serves every role. `plan_manifest`
+One template (enclavefl/share/gramine/enclavefl.manifest.template, package data) serves every role. `plan_manifest`
 decides, for one party of one job, what its enclave measures and what it may touch:
 
 * trusted (hashed into mr_enclave): the Python interpreter, its libraries and standard
@@ -32,6 +32,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path, PurePosixPath
 
 from cryptography.hazmat.primitives import hashes
@@ -446,21 +447,16 @@ def _check_overlaps(trusted: Sequence[_Entry], allowed: Sequence[_Entry]) -> Non
 
 
 def default_template_path() -> Path:
-    """The manifest template: in the source tree this package runs from, else <prefix>/share/enclavefl/.
+    """The manifest template shipped inside the package (enclavefl/share/gramine/).
 
-    The container images copy deploy/gramine/enclavefl.manifest.template to the latter.
+    Package data, so a wheel and a source checkout build the same enclave.
     """
-    candidates = [
-        Path(__file__).resolve().parents[3] / "deploy" / "gramine" / TEMPLATE_NAME,
-        Path(sys.prefix) / "share" / "enclavefl" / TEMPLATE_NAME,
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise UsageError(
-        f"manifest template not found ({' or '.join(str(c) for c in candidates)}): pass --template "
-        f"(it is deploy/gramine/{TEMPLATE_NAME} in the enclavefl repository)"
-    )
+    resource = files("enclavefl").joinpath("share", "gramine", TEMPLATE_NAME)
+    path = Path(str(resource))
+    if not path.is_file():  # a zipped or stripped install: nothing gramine-manifest could read either
+        raise UsageError(f"manifest template {TEMPLATE_NAME} is missing from the installed enclavefl package "
+                         f"({path}); reinstall it, or pass --template")
+    return path
 
 
 def render_manifest(plan: ManifestPlan, template: str) -> str:
