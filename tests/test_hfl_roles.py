@@ -422,6 +422,108 @@ def test_linger_tells_a_returning_worker_the_run_is_done(caplog: pytest.LogCaptu
         server.stop(grace_s=0)
 
 
+def test_async_run_tells_every_worker_including_late_joiners() -> None:
+    """async-sgd: a worker whose upload place is answered "done" and workers that join after
+    the last step all get the final state, and linger waits for them (issue 12, item 5)."""
+    total = 6
+    strategy = make_strategy("async-sgd", tiny_model(), lr=0.1, max_staleness=10)
+    server = attested_server()
+    ps = ParameterServer(server, strategy, workers=["a", "b", "c", "d"], min_workers=1, total=total,
+                         round_timeout_s=30, poll_s=0.5)
+    port = server.start()
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def start(party: str, loss_fn: Callable[..., torch.Tensor] | None = None) -> threading.Thread:
+        def body() -> None:
+            try:
+                extra = {"loss_fn": loss_fn} if loss_fn is not None else {}
+                worker = Worker(client(port, party), tiny_model(), blobs(40, seed=ord(party)), batch_size=8,
+                                lr=0.1, reconnect_timeout_s=2.0, **extra)
+                results[party] = worker.run()
+            except BaseException as exc:  # asserted below
+                errors[party] = exc
+
+        thread = threading.Thread(target=body, daemon=True)
+        thread.start()
+        return thread
+
+    def after_the_end(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # b's first gradient is ready only once the run is done: its upload place is refused.
+        _wait_for(lambda: ps.version >= total)
+        return F.cross_entropy(logits, labels)
+
+    try:
+        threads = [start("a"), start("b", after_the_end)]
+        summary = ps.run()
+        assert summary["version"] == total
+        threads += [start("c"), start("d")]  # join after the last step
+        untold = ps.linger(60)  # a hang guard: returns once every worker has the final state
+    finally:
+        server.stop(grace_s=1.0)  # as the job does: whoever was not told finds no server
+    for thread in threads:
+        thread.join(timeout=60)
+    assert untold == []
+    assert not errors, errors
+    assert set(results) == {"a", "b", "c", "d"}
+    assert all(r["done"] and r["version"] == total for r in results.values())
+    assert results["b"]["contributions"] == 0 and results["b"]["rejoins"] == 0
+
+
+def test_linger_gives_up_on_a_worker_that_never_joins() -> None:
+    strategy = make_strategy("fedavg", tiny_model())
+    server = attested_server()
+    ps = ParameterServer(server, strategy, workers=["a", "b"], min_workers=1, total=1, round_timeout_s=30)
+    fed = Federation(server, ps)
+    fed.worker("a", lambda c: Worker(c, tiny_model(), blobs(16, seed=0), batch_size=8))
+    summary = ps.run()
+    assert summary["version"] == 1
+    assert ps.linger(0.3) == ["b"]  # never joined, so never told
+    fed.run = lambda: summary  # type: ignore[method-assign]
+    fed._join_workers()
+    server.stop(grace_s=0)
+    assert not fed.errors, fed.errors
+
+
+# -- the default quorum: missing workers are named at once ---------------------------------
+
+
+def test_missing_workers_are_named_at_once_with_the_time_the_server_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = make_strategy("fedavg", tiny_model())
+    server = attested_server()
+    ps = ParameterServer(server, strategy, workers=["a", "b", "c"], total=2, round_timeout_s=300, poll_s=0.5)
+    release = threading.Event()
+
+    def stall(event: dict[str, Any]) -> None:
+        # b trains round 2, then goes silent (as if it died) until the test releases it.
+        if event["event"] == "train" and event["version"] == 1:
+            assert release.wait(timeout=120)
+
+    fed = Federation(server, ps)
+    summary: dict[str, Any] = {}
+    with caplog.at_level(logging.INFO, logger="enclavefl.hfl"):
+        runner = threading.Thread(target=lambda: summary.update(fed.run()), daemon=True)
+        runner.start()
+        # c never starts: the server says at once whom it waits for and for how long.
+        _wait_for(lambda: "waiting for worker(s) ['a', 'b', 'c'] to join" in caplog.text)
+        fed.worker("a", lambda c: Worker(c, tiny_model(), blobs(16, seed=0), batch_size=8))
+        fed.worker("b", lambda c: Worker(c, tiny_model(), blobs(16, seed=1), batch_size=8, on_metrics=stall))
+        _wait_for(lambda: "waiting for worker(s) ['c'] to join (2 of 3 joined)" in caplog.text)
+        assert "quorum 3 of 3 (strategy.min_workers, default: every worker)" in caplog.text
+        assert "the server gives up in 3" in caplog.text  # 300 s round + 3000 s quorum timeout
+        assert ps.version == 0
+        fed.worker("c", lambda c: Worker(c, tiny_model(), blobs(16, seed=2), batch_size=8))
+        # Round 2: a and c contribute, b is silent: named well before the 300 s round timeout.
+        _wait_for(lambda: "round 2: waiting for worker(s) ['b'] (silent for over" in caplog.text)
+        assert "it cannot close without them" in caplog.text
+        assert ps.version == 1 and "timeout with" not in caplog.text
+        release.set()
+        runner.join(timeout=60)
+    assert summary["version"] == 2 and not fed.errors
+
+
 # -- the server killed and restarted with resume -----------------------------------------
 
 

@@ -121,3 +121,21 @@ def test_unreadable_storage_key_fails_at_start_and_stops_the_job(hfl_job: Path, 
     server_log = (tmp_path / "out" / "logs" / "server.log").read_text()
     assert "missing.key cannot be read" in server_log and "Traceback" not in server_log
     assert "joined" not in server_log  # it failed before serving anyone
+
+
+def test_async_sgd_job_exits_0_with_every_worker_told(hfl_job: Path, tmp_path: Path) -> None:
+    """A short async-sgd job: one worker may finish every step before the other uploads
+    or even joins; both must get the final state and exit 0 (issue 12, item 5)."""
+    job = yaml.safe_load(hfl_job.read_text())
+    job["strategy"] = {"name": "async-sgd", "steps": 12, "batch_size": 16, "lr": 0.1}
+    hfl_job.write_text(yaml.safe_dump(job))
+    out = tmp_path / "out"
+    done = enclavefl("run", str(hfl_job), "--out", str(out), timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "async-sgd" and summary["rounds"] == 12
+    assert {name: p["exit_code"] for name, p in summary["parties"].items()} == {
+        "server": 0, "worker-a": 0, "worker-b": 0,
+    }
+    for name in ("worker-a", "worker-b"):
+        assert "done at version 12" in (out / "logs" / f"{name}.log").read_text()

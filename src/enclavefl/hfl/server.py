@@ -68,6 +68,9 @@ from enclavefl.train.metrics import EvalStats, aggregate_stats
 log = logging.getLogger("enclavefl.hfl")
 
 CHECKPOINT_FORMAT = 1
+# A connected worker that stays this long silent (and 3x longer than the slowest of the
+# others) while a round waits for it is reported (capped at a quarter of the round timeout).
+_SILENCE_S = 10.0
 Evaluate = Callable[[nn.Module], EvalStats]
 
 
@@ -326,6 +329,7 @@ class ParameterServer:
         self._error: BaseException | None = None
         self._deadline: float | None = None
         self._quorum_warned = False
+        self._reported_missing: tuple[Any, ...] = ()
         self._async_refused = 0
         self._updates_run = 0
         self._resumed_from: int | None = None
@@ -402,26 +406,31 @@ class ParameterServer:
         return self.summary()
 
     def linger(self, timeout_s: float) -> list[str]:
-        """After run(): go on answering until every worker that joined has been told the run
+        """After run(): go on answering until every worker of the job has been told the run
         is done, for at most `timeout_s`; returns the workers still not told.
 
-        A worker cut off near the end otherwise finds the server gone, cannot tell a finished
-        job from a lost server, and gives up only after its reconnect window.
+        "Told" means a reply that carried the final state and `done`, so the worker stops
+        there. A worker cut off near the end, or one that had not joined yet (async-sgd can
+        finish before a slow worker starts), otherwise finds the server gone, cannot tell a
+        finished job from a lost server, and gives up only after its reconnect window.
         """
         deadline = time.monotonic() + timeout_s
         with self._cond:
             if not self._done:
                 raise UsageError("linger() is for after run(): the run is not done")
-            untold = sorted(set(self._last_seen) - self._told_done)
+            untold = self._untold_locked()
             if untold and timeout_s > 0:
                 log.info("run done; waiting up to %g s for workers %s to hear it", timeout_s, untold)
             while untold and (remaining := deadline - time.monotonic()) > 0:
                 self._cond.wait(remaining)
-                untold = sorted(set(self._last_seen) - self._told_done)
+                untold = self._untold_locked()
         if untold:
             log.warning("workers %s did not hear that the run is done; they stop after their reconnect window",
                         untold)
         return untold
+
+    def _untold_locked(self) -> list[str]:
+        return [w for w in self._workers if w not in self._told_done]
 
     def summary(self) -> dict[str, Any]:
         with self._cond:
@@ -452,11 +461,15 @@ class ParameterServer:
         return peer.party
 
     def _telling(self, handler: Handler) -> Handler:
-        """`handler`, noting which workers a reply told that the run is done (for linger)."""
+        """`handler`, noting which workers a reply told that the run is done (for linger).
+
+        Only a reply with the final state counts: a worker given `done` without it would
+        still have to fetch the state, from a server that may have stopped by then.
+        """
 
         def handle(peer: Peer, request: Message) -> Message:
             reply = handler(peer, request)
-            if reply.meta.get("done") is True:
+            if reply.meta.get("done") is True and wire.DENSE in reply.tensors:
                 with self._cond:
                     self._told_done.add(peer.party)
                     self._cond.notify_all()
@@ -513,9 +526,7 @@ class ParameterServer:
             now = time.monotonic()
             self._seen_locked(worker, now)
             end = now + self._poll_s
-            while True:
-                if self._done:
-                    return Message(self._reply_meta_locked("done"))
+            while not self._done:
                 if not self._async and version != self._strategy.version:
                     return Message(self._reply_meta_locked("stale"))
                 now = time.monotonic()
@@ -534,6 +545,8 @@ class ParameterServer:
                 if now >= end:
                     return Message(self._reply_meta_locked("pending"))
                 self._cond.wait(min(end, min(e for _, e in self._leases.values())) - now)
+        # The run ended: the reply carries the final state, so the worker stops here.
+        return self._download(lambda: self._state_reply_locked("done", {}))
 
     def _on_push(self, peer: Peer, request: Message) -> Message:
         payload = request.tensors.pop(wire.PAYLOAD, None)
@@ -844,6 +857,7 @@ class ParameterServer:
             if self._async:
                 self._drop_idle_locked(now)
             else:
+                self._report_missing_locked(now)
                 self._check_deadline_locked(now)
             if now > self._published_at + self._round_timeout_s + self._quorum_timeout_s and self._error is None:
                 self._error = QuorumLost(
@@ -865,6 +879,57 @@ class ParameterServer:
                 else:
                     log.warning("no worker reported its evaluation of version %d", key)
 
+    def _report_missing_locked(self, now: float) -> None:
+        """Say which workers the step or round waits for, and how long the server waits.
+
+        Before the first round: at once, every time the set of workers still to join
+        changes. In a round: at once when the only workers left are not connected and the
+        quorum needs them; when they are connected but silent for far longer than the others
+        took (3x the slowest contributor, at least `silence_s`), since a worker that died
+        while training cannot be told from a slow one any sooner.
+        """
+        give_up_s = self._published_at + self._round_timeout_s + self._quorum_timeout_s - now
+        quorum = f"quorum {self._min_workers} of {len(self._workers)} (strategy.min_workers, default: every worker)"
+        if self._deadline is None:
+            absent = tuple(w for w in self._workers if w not in self._live)
+            if absent and self._reported_missing != ("join", absent):
+                self._reported_missing = ("join", absent)
+                log.info(
+                    "waiting for worker(s) %s to join (%d of %d joined): the first %s starts with a %s; "
+                    "without it the server gives up in %.0f s",
+                    list(absent), len(self._workers) - len(absent), len(self._workers), self._unit, quorum, give_up_s,
+                )
+            return
+        if not self._contributors:
+            return
+        waiting = [w for w in self._workers if w not in self._contributors]
+        blocked = self._live <= set(self._contributors) and len(self._contributors) < self._min_workers
+        gone = [w for w in waiting if w not in self._live] if blocked else []
+        slowest = max(self._contributors.values())
+        silence_s = max(min(_SILENCE_S, self._round_timeout_s / 4), 3 * slowest)
+        silent = [
+            w for w in waiting
+            if w in self._live and now - max(self._last_seen.get(w, now), self._published_at) > silence_s
+        ]
+        if gone:
+            missing, why = gone, "not connected"
+        elif silent:
+            missing, why = silent, f"silent for over {silence_s:.0f} s; the others took at most {slowest:.1f} s"
+        else:
+            return
+        key = ("round", self._strategy.version, tuple(missing))
+        if self._reported_missing == key:
+            return
+        self._reported_missing = key
+        if len(self._contributors) >= self._min_workers:
+            then = f"at the round timeout in {max(self._deadline - now, 0):.0f} s it closes without them"
+        else:
+            then = f"it cannot close without them ({quorum}); the server gives up in {give_up_s:.0f} s"
+        log.warning(
+            "%s %d: waiting for worker(s) %s (%s); %d of %d contributed: %s",
+            self._unit, self._strategy.version + 1, missing, why, len(self._contributors), len(self._workers), then,
+        )
+
     def _check_deadline_locked(self, now: float) -> None:
         if self._deadline is None or now < self._deadline:
             return
@@ -874,7 +939,7 @@ class ParameterServer:
             self._quorum_warned = True
             log.warning(
                 "%s %d: timeout with %d of the %d required worker(s) (%s); waiting up to %g s for a quorum",
-                self._unit, self._strategy.version, len(self._contributors), self._min_workers,
+                self._unit, self._strategy.version + 1, len(self._contributors), self._min_workers,
                 sorted(self._contributors), self._quorum_timeout_s,
             )
 

@@ -329,7 +329,7 @@ class Worker:
             if lease.meta.get("status") == "stale":
                 self._counts["stale"] += 1
             reply = lease
-            if reply.meta.get("status") != "joined":
+            if wire.DENSE not in reply.tensors:  # a rejoin and "done" carry the state already
                 reply = self._call(wire.WAIT, Message({"after": -1}, wire.want_tensors(want)))
             self._apply_state(reply)
             return
