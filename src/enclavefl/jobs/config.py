@@ -32,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -40,11 +41,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from enclavefl.errors import ConfigError, UsageError
+from enclavefl.jobs.refs import JobCode, is_ref
 
 __all__ = [
     "Address",
     "Cifar10Data",
     "CriteoData",
+    "CodeRef",
     "CsvData",
     "DataSpec",
     "HflEvaluationConfig",
@@ -417,21 +420,36 @@ class TeeConfig(_Section):
         return allowed
 
 
-_MODEL_NAME = re.compile(r"[A-Za-z_][\w.-]*(:[A-Za-z_][\w.]*)?")
+_BUILTIN_NAME = re.compile(r"[A-Za-z_][\w.-]*")
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _code_ref(value: str, info: ValidationInfo) -> str:
+    """A built-in name or a `module:function` reference, remembered for measurement."""
+    if is_ref(value):
+        if info.context is not None:
+            info.context.setdefault("code_refs", []).append(value)
+    elif not _BUILTIN_NAME.fullmatch(value):
+        raise _invalid(f"{value!r} is neither a built-in name nor a 'package.module:function' reference")
+    return value
+
+
+CodeRef = Annotated[str, AfterValidator(_code_ref)]
+"""A built-in name or `module:function`/`module:Class`: user code, resolved only by
+`enclavefl.jobs.refs.resolve_ref` and measured with the job (see `JobConfig.job_code`)."""
+
+
+def _module_name(value: str) -> str:
+    if not _MODULE_NAME.fullmatch(value):
+        raise _invalid(f"{value!r} is not a Python module name (e.g. mypkg.models)")
+    return value
 
 
 class ModelSpec(_Section):
-    name: str
+    name: CodeRef
     """A built-in model (mlp, resnet56, dlrm, ...) or 'package.module:function'."""
     args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the model's constructor."""
-
-    @field_validator("name")
-    @classmethod
-    def _model_name(cls, name: str) -> str:
-        if not _MODEL_NAME.fullmatch(name):
-            raise _invalid(f"{name!r} is not a model name: a built-in (mlp, resnet56, dlrm, ...) or 'package.module:function'")
-        return name
 
 
 class VflModelConfig(_Section):
@@ -607,6 +625,11 @@ class JobConfig(_Section):
     """The attestation policy JSON every party enforces."""
     storage: StorageConfig | None = None
     output: OutputConfig
+    code: Annotated[tuple[Annotated[str, AfterValidator(_module_name)], ...], AfterValidator(_unique)] = ()
+    """Python modules that `module:function` references may use besides the modules beside the
+    job file (e.g. an installed package); measured with the job."""
+    _job_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _code_refs: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="before")
     @classmethod
@@ -622,13 +645,26 @@ class JobConfig(_Section):
         return data
 
     @model_validator(mode="after")
-    def _check_federation(self) -> JobConfig:
+    def _check_federation(self, info: ValidationInfo) -> JobConfig:
         issues = self._federation_issues()
         if issues:
             raise PydanticCustomError(
                 "federation", "\n".join(f"{path}: {msg}" for path, msg in issues), {"issues": issues}
             )
+        self._job_dir = _base_dir(info)
+        self._code_refs = tuple(dict.fromkeys((info.context or {}).get("code_refs", ())))
         return self
+
+    def __eq__(self, other: object) -> bool:
+        # The same settings read from another directory are the same job (the round trip of
+        # dump_job); where user code is looked up is not a setting.
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable args: never hashable
+
+    def job_code(self) -> JobCode:
+        """Where this job's `module:function` references may load code from, and what they name."""
+        return JobCode(self._job_dir, self.code, self._code_refs)
 
     @property
     def mode(self) -> str:
@@ -882,7 +918,7 @@ def dump_job(config: JobConfig) -> str:
     return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
 
 
-_SECTION_ORDER = ("job", "parties", "tee", "policy", "model", "strategy", "training", "evaluation", "storage", "output")
+_SECTION_ORDER = ("job", "parties", "tee", "policy", "model", "strategy", "training", "evaluation", "storage", "output", "code")
 
 
 # --------------------------------------------------------------------------- error messages

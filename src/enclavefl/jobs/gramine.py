@@ -300,6 +300,8 @@ def plan_manifest(
         *([_Entry(runtime.libpython, False)] if runtime.libpython is not None else []),
         *(_Entry(d, True) for d in code_dirs),
         _Entry(job_file, False),
+        # The user code the job's module:function references may load (jobs/refs.py).
+        *(_Entry(path, path.is_dir()) for path in job.job_code().measured().values()),
         *([_Entry(job.policy, False)] if measure_policy else []),
         *([_Entry(CA_BUNDLE, False)] if CA_BUNDLE.is_file() else []),
     ]
@@ -336,6 +338,11 @@ def plan_manifest(
 
     _check_overlaps(trusted, allowed)
     env = _loader_env(runtime, params, job_file)
+    # Listed code: modules outside site-packages are found through PYTHONPATH, as here.
+    code_roots = [path.parent for path in job.job_code().measured().values()
+                  if not any(_inside(path, d) for d in code_dirs) and not _inside(path, job_file.parent)]
+    if code_roots:
+        env["PYTHONPATH"] = ":".join(dict.fromkeys([env["PYTHONPATH"], *map(str, code_roots)]))
     if CA_BUNDLE.is_file():
         env["SSL_CERT_FILE"] = str(CA_BUNDLE)
 

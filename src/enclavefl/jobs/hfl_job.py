@@ -17,7 +17,7 @@ from enclavefl.jobs.config import HflJobConfig, StrategyConfig
 from enclavefl.jobs.datasets import PartyData, load_party_data
 from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
-from enclavefl.models.registry import build_model
+from enclavefl.jobs.models import build_job_model
 
 log = logging.getLogger("enclavefl.jobs")
 
@@ -40,7 +40,7 @@ def server_hyper(strategy: StrategyConfig) -> dict[str, Any]:
 def build_global_model(job: HflJobConfig) -> torch.nn.Module:
     # Every party builds the same initial model from the job seed; the server's copy wins at join.
     torch.manual_seed(job.job.seed)
-    return build_model(job.model.name, **job.model.args)
+    return build_job_model(job.model, job, what="model.name")
 
 
 def _tensors(data: PartyData) -> tuple[torch.Tensor, ...]:

@@ -56,7 +56,7 @@ class PartyRuntime:
                 f"tee.attester is simulated but the policy {job.policy} does not allow simulated evidence: "
                 "no peer enforcing it would accept this party"
             )
-        measurement = simulated_measurement([job_file])
+        measurement = simulated_measurement([job_file], code=job.job_code().measured())
         attester = make_attester(
             job.tee.attester,
             allow_simulated_insecure=job.tee.allow_simulated_insecure,

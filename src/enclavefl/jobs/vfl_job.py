@@ -22,7 +22,7 @@ from enclavefl.jobs.config import CsvData, VflJobConfig
 from enclavefl.jobs.datasets import PartyData, load_party_data
 from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
-from enclavefl.models.registry import BUILTINS, build_model
+from enclavefl.jobs.models import build_job_model, model_factory
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
@@ -91,8 +91,11 @@ def _bottom_width(job: VflJobConfig) -> int:
     """The width of each follower's activations, from the bottom model's arguments."""
     spec = job.model.bottom
     if "out_features" in spec.args:
-        return int(spec.args["out_features"])
-    factory = BUILTINS.get(spec.name)
+        width = spec.args["out_features"]
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(f"model.bottom.args.out_features: must be an int >= 1, got {width!r}")
+        return width
+    factory = model_factory(spec, job, what="model.bottom.name")
     parameter = inspect.signature(factory).parameters.get("out_features") if factory else None
     if parameter is None or parameter.default is inspect.Parameter.empty:
         raise ConfigError("model.bottom.args.out_features: required, the leader sizes its top model by it")
@@ -106,7 +109,7 @@ def build_bottom(job: VflJobConfig, in_features: int) -> nn.Module:
     if spec.name == "bottom_mlp":
         args.setdefault("in_features", in_features)
     torch.manual_seed(job.job.seed)
-    return build_model(spec.name, **args)
+    return build_job_model(spec, job, what="model.bottom.name", **args)
 
 
 def _reads_own_features(top: nn.Module) -> bool:
@@ -125,7 +128,7 @@ def build_leader_model(job: VflJobConfig, in_features: int) -> nn.Module:
     elif spec.name == "wide_deep_leader":
         args.setdefault("follower_dims", [width] * followers)
     torch.manual_seed(job.job.seed + 1)
-    top = build_model(spec.name, **args)
+    top = build_job_model(spec, job, what="model.top.name", **args)
     if _reads_own_features(top):
         if job.model.leader_bottom:
             raise ConfigError(f"model.leader_bottom: model.top {spec.name!r} reads the leader's own features "

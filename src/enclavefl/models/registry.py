@@ -1,8 +1,7 @@
-"""Build a model by name: a built-in ("resnet20", "dlrm", ...) or a user's `module:function`."""
+"""Build a model by name (a built-in: "resnet20", "dlrm", ...) or from a user's factory."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable
@@ -33,46 +32,41 @@ BUILTINS: dict[str, Callable[..., nn.Module]] = {
 
 _RESNET_NAME = re.compile(r"resnet(\d+)")
 
+__all__ = ["BUILTINS", "build_model", "builtin_model"]
 
-def build_model(name_or_ref: str, **kwargs: Any) -> nn.Module:
-    """Build a built-in model by name, or call `package.module:function(**kwargs)`.
 
-    "resnet<depth>" works for any valid depth (6n+2). A user reference is imported and
-    called with `kwargs`; it must return a torch.nn.Module.
+def build_model(name_or_factory: str | Callable[..., nn.Module], /, **kwargs: Any) -> nn.Module:
+    """Build a built-in model by name, or call a model factory with `kwargs`.
+
+    "resnet<depth>" works for any valid depth (6n+2). A factory (a user's function or
+    class, resolved by `enclavefl.jobs.refs.resolve_ref`, which decides what a job file may
+    import) must accept `kwargs` and return a torch.nn.Module; both are checked.
     """
-    factory = _resolve(name_or_ref)
+    if isinstance(name_or_factory, str):
+        factory = builtin_model(name_or_factory)
+        if factory is None:
+            raise UsageError(
+                f"unknown model {name_or_factory!r}: use one of {sorted(BUILTINS)} or resnet<depth>; "
+                "user models are passed as a factory (job files: 'module:function', see docs/jobs.md)"
+            )
+        name = name_or_factory
+    else:
+        factory, name = name_or_factory, getattr(name_or_factory, "__qualname__", repr(name_or_factory))
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
-        raise UsageError(f"model {name_or_ref!r}: bad arguments {sorted(kwargs)}: {exc}") from None
+        raise UsageError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise UsageError(f"model {name_or_ref!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise UsageError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _resolve(name_or_ref: str) -> Callable[..., nn.Module]:
-    if name_or_ref in BUILTINS:
-        return BUILTINS[name_or_ref]
-    match = _RESNET_NAME.fullmatch(name_or_ref)
+def builtin_model(name: str) -> Callable[..., nn.Module] | None:
+    """The factory of built-in model `name` (resnet<depth> included), or None."""
+    if name in BUILTINS:
+        return BUILTINS[name]
+    match = _RESNET_NAME.fullmatch(name)
     if match:
         return partial(resnet_v2, depth=int(match.group(1)))
-    if ":" not in name_or_ref:
-        raise UsageError(
-            f"unknown model {name_or_ref!r}: use one of {sorted(BUILTINS)}, "
-            "resnet<depth>, or a 'package.module:function' reference"
-        )
-    module_name, _, attr_path = name_or_ref.partition(":")
-    if not module_name or not attr_path:
-        raise UsageError(f"model reference {name_or_ref!r} must look like 'package.module:function'")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import module {module_name!r} for model {name_or_ref!r}: {exc}") from None
-    for attr in attr_path.split("."):
-        if not hasattr(target, attr):
-            raise UsageError(f"model {name_or_ref!r}: {module_name!r} has no attribute {attr_path!r}")
-        target = getattr(target, attr)
-    if not callable(target):
-        raise UsageError(f"model {name_or_ref!r} is not callable (it is of type {type(target).__name__})")
-    return target
+    return None

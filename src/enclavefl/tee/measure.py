@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enclavefl.errors import ConfigError, FormatError, UsageError
+
+__all__ = [
+    "DEVELOPMENT_MR_SIGNER",
+    "SIGSTRUCT_SIZE",
+    "Measurement",
+    "mr_signer_of_key",
+    "read_sigstruct",
+    "simulated_measurement",
+]
 
 # A fixed, public signer identity for simulation when no signing key is given. It is not a
 # key and nobody holds a secret for it: it only names "unsigned development build".
@@ -119,6 +128,7 @@ def mr_signer_of_key(path: Path) -> bytes:
 def simulated_measurement(
     extra_files: Sequence[Path] = (),
     *,
+    code: Mapping[str, Path] | None = None,
     signing_key: Path | None = None,
     isv_prod_id: int = 0,
     isv_svn: int = 0,
@@ -128,7 +138,9 @@ def simulated_measurement(
 
     mr_enclave = SHA-256 over the sorted (relative path, SHA-256 of content) entries of every
     file of the enclavefl package (`package_root`, default: the installed one; caches and
-    bytecode excluded) and of `extra_files` (the job file), named by file name. mr_signer =
+    bytecode excluded), of `extra_files` (the job file), named by file name, and of the user
+    code the job can load (`code`: module name -> its file or package directory, see
+    `enclavefl.jobs.refs.JobCode.measured`), named `code/<path from the module's parent>`. mr_signer =
     MRSIGNER of `signing_key`, or the public development signer DEVELOPMENT_MR_SIGNER.
     Each entry is hashed as 4-byte big-endian name length, UTF-8 name, 32-byte digest.
     """
@@ -141,6 +153,12 @@ def simulated_measurement(
             raise UsageError(f"two measured extra files share the name {Path(extra).name!r}")
         seen.add(name)
         entries.append((name, _file_digest(Path(extra))))
+    for location in (code or {}).values():
+        location = Path(location)
+        if location.is_dir():
+            entries += [(f"code/{location.name}/{rel}", digest) for rel, digest in _tree_digests(location)]
+        else:
+            entries.append((f"code/{location.name}", _file_digest(location)))
     outer = hashlib.sha256()
     for name, digest in sorted(entries):
         encoded = name.encode("utf-8")
