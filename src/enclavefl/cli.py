@@ -247,6 +247,19 @@ def _print_claims(result: dict[str, Any]) -> None:
     stdout_console.print(table)
 
 
+def _simulated_measurement(job_file: Path | None, *, isv_prod_id: int = 0, isv_svn: int = 0) -> Any:
+    """The simulated measurement of this install, with a job: exactly what its parties report."""
+    from enclavefl.tee.measure import simulated_measurement
+
+    if job_file is None:
+        return simulated_measurement([], isv_prod_id=isv_prod_id, isv_svn=isv_svn)
+    from enclavefl.jobs.config import load_job
+
+    # As jobs/runtime.py measures a party: the job file and the user code it can load.
+    code = load_job(job_file).job_code().measured()
+    return simulated_measurement([job_file], code=code, isv_prod_id=isv_prod_id, isv_svn=isv_svn)
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), help="Write the RA-TLS certificate (PEM) here.")
 @click.option(
@@ -265,11 +278,9 @@ def _print_claims(result: dict[str, Any]) -> None:
 def attest(out: Path | None, attester: str, job_file: Path | None, allow_simulated_insecure: bool) -> None:
     """Make a fresh key in this TEE and an RA-TLS certificate binding it to evidence."""
     from enclavefl.tee.attesters import make_attester
-    from enclavefl.tee.measure import simulated_measurement
     from enclavefl.tee.ratls import make_certificate
 
-    extra = [job_file] if job_file else []
-    measurement = simulated_measurement(extra)
+    measurement = _simulated_measurement(job_file)
     att = make_attester(
         attester,
         allow_simulated_insecure=allow_simulated_insecure or attester == "simulated",
@@ -294,14 +305,14 @@ def attest(out: Path | None, attester: str, job_file: Path | None, allow_simulat
 @typed_errors
 def measure(sig: Path | None, job_file: Path | None, isv_prod_id: int, isv_svn: int, as_json: bool) -> None:
     """Print mr_enclave, mr_signer, isv_prod_id, isv_svn of this install or of a .sig file."""
-    from enclavefl.tee.measure import read_sigstruct, simulated_measurement
+    from enclavefl.tee.measure import read_sigstruct
 
     if sig is not None:
         m = read_sigstruct(sig)
         source = f"sigstruct {sig}"
     else:
-        m = simulated_measurement([job_file] if job_file else [], isv_prod_id=isv_prod_id, isv_svn=isv_svn)
-        source = "simulated (hash of the installed package files)"
+        m = _simulated_measurement(job_file, isv_prod_id=isv_prod_id, isv_svn=isv_svn)
+        source = "simulated (hash of the installed package files" + (", the job and its code)" if job_file else ")")
     data = m.to_json()
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -742,6 +753,28 @@ def demo(work: Path) -> None:
     if failed:
         raise JobFailed(f"demo parties failed ({'; '.join(failed)}); logs under {work}")
     stdout_console.print(f"outputs (metrics.jsonl, summary.json, metrics.png, logs) under {work}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("-t", "--template", default="hfl-tabular", show_default=True,
+              help="Project template (`--list` shows them).")
+@click.option("--list", "list_templates", is_flag=True, help="List the project templates and exit.")
+@typed_errors
+def new(directory: Path | None, template: str, list_templates: bool) -> None:
+    """Write a small runnable project into DIRECTORY: job, policy, model code, data, README."""
+    from enclavefl.scaffold import TEMPLATES, create_project
+
+    if list_templates:
+        width = max(len(name) for name in TEMPLATES)
+        for name, entry in TEMPLATES.items():
+            click.echo(f"{name:<{width}}  {entry.summary}")
+        return
+    if directory is None:
+        raise UsageError("give the project directory: enclavefl new DIR --template NAME (or --list)")
+    job = create_project(directory, template)
+    click.echo(f"wrote {template} project {directory}; next (README.md has the rest):")
+    click.echo(f"  enclavefl run {job}")
 
 
 # --------------------------------------------------------------------------- deployment
