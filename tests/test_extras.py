@@ -112,3 +112,12 @@ def test_a_failed_import_of_another_module_stays_a_bug(monkeypatch: pytest.Monke
     monkeypatch.setattr(enclavefl.jobs.demo, "run_demo", broken)
     result = CliRunner().invoke(main, ["demo", "--work", "unused"])
     assert isinstance(result.exception, ModuleNotFoundError)
+
+
+def test_require_imports_or_names_the_extra() -> None:
+    assert extras.require("json", "ml").__name__ == "json"
+    with pytest.raises(extras.MissingExtra) as caught:
+        extras.require("enclavefl_no_such_module", "tf")
+    assert caught.value.extra == "tf" and caught.value.exit_code == 2
+    assert str(caught.value).startswith("`import enclavefl_no_such_module` needs [tf] Keras/TensorFlow trainers")
+    assert str(caught.value).endswith("install it with: pip install 'enclavefl[tf]'")

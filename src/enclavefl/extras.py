@@ -10,15 +10,18 @@ the one place that knows which is which:
 * `COMMAND_EXTRAS`: what each `enclavefl` command needs whatever its input;
 * `JOB_FEATURES`: what a job file needs, by the features it uses (a new feature that needs an
   extra adds one `JobFeature` here);
-* `MissingExtra`: the exit-2 error naming the exact install line, raised by `require` and by
-  `missing_extra_for` for an import that failed anyway.
+* `MissingExtra`: the exit-2 error naming the exact install line, raised by the checks
+  (`require_for_command`, `require_for_job`), by `require(module, extra)` where code imports
+  an extra's module, and made by `missing_extra_for` for an import that failed anyway.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from enclavefl.errors import UsageError
@@ -35,6 +38,7 @@ __all__ = [
     "install_line",
     "missing_extra_for",
     "require",
+    "require_extras",
     "require_for_command",
     "require_for_job",
 ]
@@ -102,10 +106,11 @@ class MissingExtra(UsageError):
 
     def __init__(self, extras: Iterable[str], *, needed_for: str, missing: Iterable[str] = ()) -> None:
         self.extras = tuple(dict.fromkeys(extras))
+        self.extra = self.extras[0]
         self.needed_for = needed_for
         what = "; ".join(f"[{e}] {EXTRAS[e].provides}" for e in self.extras if e in EXTRAS)
         gone = f" ({', '.join(missing)} not importable)" if missing else ""
-        super().__init__(f"{needed_for} needs {what}{gone}: install it with  {install_line(self.extras)}")
+        super().__init__(f"{needed_for} needs {what}{gone}: install it with: {install_line(self.extras)}")
 
 
 def install_line(extras: Iterable[str]) -> str:
@@ -113,7 +118,19 @@ def install_line(extras: Iterable[str]) -> str:
     return f"pip install '{DISTRIBUTION}[{','.join(dict.fromkeys(extras))}]'"
 
 
-def require(extras: Iterable[str], *, needed_for: str) -> None:
+def require(module: str, extra: str) -> ModuleType:
+    """`import module` where an extra's code needs it, or raise MissingExtra naming `extra`.
+
+    For code paths a job reaches only with some feature (a Keras trainer imports keras):
+    the command-level checks below run first, this catches what they cannot know.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra([extra], needed_for=f"`import {module}`", missing=[exc.name or module]) from None
+
+
+def require_extras(extras: Iterable[str], *, needed_for: str) -> None:
     """Raise MissingExtra naming every extra in `extras` whose modules are not all importable."""
     missing: dict[str, list[str]] = {}
     for name in dict.fromkeys(extras):
@@ -127,7 +144,7 @@ def require(extras: Iterable[str], *, needed_for: str) -> None:
 
 
 def require_for_command(command: str) -> None:
-    require(COMMAND_EXTRAS.get(command, ()), needed_for=f"`enclavefl {command}`")
+    require_extras(COMMAND_EXTRAS.get(command, ()), needed_for=f"`enclavefl {command}`")
 
 
 def extras_for_job(job: Any) -> dict[str, list[str]]:
@@ -142,7 +159,7 @@ def extras_for_job(job: Any) -> dict[str, list[str]]:
 def require_for_job(job: Any, job_file: object) -> None:
     needed = extras_for_job(job)
     features = ", ".join(f for names in needed.values() for f in names)
-    require(needed, needed_for=f"job {job_file} ({features})")
+    require_extras(needed, needed_for=f"job {job_file} ({features})")
 
 
 def missing_extra_for(error: ModuleNotFoundError, *, needed_for: str) -> MissingExtra | None:
