@@ -150,3 +150,32 @@ def test_seal_unseal_roundtrip_and_refusal(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
     code, _, err = run("unseal", str(sealed), str(tmp_path / "y"), "--key", "nope:thing", "--name", "model")
     assert code == 2
+
+
+def test_verify_cert_with_invalid_x509_version_exits_2(tmp_path: Path) -> None:
+    import hashlib
+
+    from enclavefl.net.admission import make_identity
+    from enclavefl.tee.attesters import SimulatedAttester
+    from enclavefl.tee.measure import Measurement
+    from enclavefl.tee.policy import Policy
+
+    policy = Policy.from_values(allow_simulated=True)
+    der = make_identity(SimulatedAttester(Measurement(hashlib.sha256(b"e").digest(), bytes(32))), policy).cert_der
+    at = der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02]))
+    cert = tmp_path / "bad.der"
+    cert.write_bytes(der[: at + 4] + b"\x07" + der[at + 5 :])
+    policy_file = tmp_path / "policy.json"
+    policy.save(policy_file)
+    code, _, err = run("verify", "--cert", str(cert), "--policy", str(policy_file))
+    assert code == 2
+    assert "not a valid X509 version" in err and "Traceback" not in err
+
+
+def test_policy_nested_deeply_exits_2(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"sgx_mrs": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    quote, collateral = shared_file("attestation", "sgx_quote"), shared_file("attestation", "sgx_quote_collateral.json")
+    code, _, err = run("verify", "--quote", str(quote), "--collateral", str(collateral), "--policy", str(deep))
+    assert code == 2
+    assert "nested too deeply" in err and "Traceback" not in err

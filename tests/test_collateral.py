@@ -372,3 +372,31 @@ def test_qcnl_invalid(tmp_path: Path, text: str, problem: str) -> None:
     conf.write_text(text)
     with pytest.raises(ConfigError, match=problem):
         pccs_url_from_qcnl(conf)
+
+
+def _with_date(doc: dict[str, object], piece: str, field: str, value: object) -> dict[str, object]:
+    inner = json.loads(str(doc[piece]))
+    inner[field] = value
+    return {**doc, piece: json.dumps(inner)}
+
+
+@pytest.mark.parametrize("piece", ["tcb_info", "qe_identity"])
+@pytest.mark.parametrize("field", ["issueDate", "nextUpdate"])
+@pytest.mark.parametrize("value", [12345, None, ["2025-01-01T00:00:00Z"], {"a": 1}, "2025-01-01T00:00:00"])
+def test_offline_collateral_date_not_a_string_is_format_error(
+    tmp_path: Path, attestation_dir: Path, piece: str, field: str, value: object
+) -> None:
+    doc = json.loads((attestation_dir / "sgx_quote_collateral.json").read_text())
+    path = tmp_path / "dates.json"
+    path.write_text(json.dumps(_with_date(doc, piece, field, value)))
+    with pytest.raises(FormatError, match="has no valid issueDate/nextUpdate"):
+        OfflineCollateral(path)
+
+
+@pytest.mark.parametrize("field", ["issueDate", "nextUpdate"])
+def test_pccs_collateral_date_not_a_string_is_collateral_error(
+    sgx_pccs: LoopbackPccs, sgx_quote: bytes, tmp_path: Path, field: str
+) -> None:
+    sgx_pccs.doc = _with_date(sgx_pccs.doc, "tcb_info", field, 1750330571)
+    with pytest.raises(CollateralError, match="unusable collateral: .*TCB info has no valid"):
+        PccsCollateral(sgx_pccs.url, cache_dir=tmp_path).get(sgx_quote, at=PINNED_TIME)

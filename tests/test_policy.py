@@ -418,3 +418,11 @@ def test_policy_is_immutable() -> None:
 def test_save_into_missing_directory_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot write policy .*missing/policy.json"):
         Policy.default().save(tmp_path / "missing" / "policy.json")
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_policy_nested_deeply_is_config_error(tmp_path: Path, depth: int) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text('{"sgx_mrs": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ConfigError, match="deep.json"):
+        Policy.load(path)

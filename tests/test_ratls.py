@@ -444,3 +444,20 @@ def test_simulated_quote_under_the_hardware_tag_is_not_a_quote(attester):
 def test_verification_time_must_be_unix_seconds(identity, at):
     with pytest.raises(UsageError, match="unix time"):
         verify_certificate(identity.cert_der, policy=SIM_POLICY, at=at)
+
+
+def with_x509_version(der: bytes, version: int) -> bytes:
+    """The certificate with its version field ([0] EXPLICIT INTEGER 2 = v3) set to `version`."""
+    at = der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02]))
+    assert at > 0
+    return der[: at + 4] + bytes([version]) + der[at + 5 :]
+
+
+@pytest.mark.parametrize("version", [3, 7, 0x7F])
+def test_invalid_x509_version_is_format_error(identity: RaTlsIdentity, version: int) -> None:
+    bad = with_x509_version(identity.cert_der, version)
+    with pytest.raises(FormatError, match="not a valid X509 version"):
+        verify_certificate(bad, policy=SIM_POLICY)
+    pem = b"-----BEGIN CERTIFICATE-----\n" + __import__("base64").encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    with pytest.raises(FormatError, match="not a valid X509 version"):
+        extract_evidence(pem)

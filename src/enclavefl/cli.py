@@ -367,7 +367,7 @@ def policy_init(
     for path in from_measure:
         try:
             measured = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise UsageError(f"{path} is not JSON from `enclavefl measure --json`: {err}") from err
         if not isinstance(measured, dict):
             raise UsageError(f"{path} is not JSON from `enclavefl measure --json`")

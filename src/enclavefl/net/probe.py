@@ -22,7 +22,7 @@ from enclavefl.net.admission import check_policy_hash, log_verified
 from enclavefl.net.errors import ConnectFailed
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.policy import Policy
-from enclavefl.tee.ratls import verify_certificate
+from enclavefl.tee.ratls import load_certificate, verify_certificate
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ProbedCertificate:
 
     @property
     def certificate(self) -> x509.Certificate:
-        return x509.load_der_x509_certificate(self.der)
+        return load_certificate(self.der)
 
     @property
     def sha256(self) -> bytes:
@@ -45,7 +45,10 @@ class ProbedCertificate:
 
     @property
     def common_name(self) -> str:
-        names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        try:
+            names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        except ValueError as exc:
+            raise FormatError(f"server certificate subject does not parse: {exc}") from exc
         if len(names) != 1:
             raise FormatError(f"server certificate must have exactly one CN, has {len(names)}")
         return str(names[0].value)
@@ -68,8 +71,8 @@ def fetch_certificate(host: str, port: int, *, timeout_s: float = 5.0) -> Probed
     if not der:
         raise ConnectFailed(f"{host}:{port} presented no TLS certificate")
     try:
-        x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+        load_certificate(der)
+    except FormatError as exc:
         raise FormatError(f"{host}:{port} presented a certificate that does not parse: {exc}") from exc
     return ProbedCertificate(der)
 

@@ -100,9 +100,11 @@ def collateral_validity(collateral: dcap_qvl.QuoteCollateralV3) -> CollateralVal
     for name, text in (("TCB info", collateral.tcb_info), ("QE identity", collateral.qe_identity)):
         try:
             doc = json.loads(text)
+            if not isinstance(doc, dict):
+                raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
             issued = _parse_rfc3339(doc["issueDate"])
             next_update = _parse_rfc3339(doc["nextUpdate"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise FormatError(
                 f"collateral {name} has no valid issueDate/nextUpdate: {exc}"
             ) from None
@@ -315,8 +317,14 @@ def _parse_qcnl_legacy(text: str) -> dict[str, str]:
     return values
 
 
-def _parse_rfc3339(value: str) -> int:
-    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+def _parse_rfc3339(value: Any) -> int:
+    # The JSON is untrusted until its signature is checked: anything may stand here.
+    if not isinstance(value, str):
+        raise ValueError(f"expected an RFC 3339 string, got {type(value).__name__}")
+    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone")
+    return int(when.timestamp())
 
 
 def _without_pck_chain(collateral: dcap_qvl.QuoteCollateralV3) -> dcap_qvl.QuoteCollateralV3:

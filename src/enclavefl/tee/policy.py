@@ -238,6 +238,8 @@ class Policy(BaseModel):
             return cls.model_validate(dict(obj))
         except ValidationError as exc:
             raise ConfigError(f"invalid policy: {_describe(exc)}") from None
+        except RecursionError:
+            raise ConfigError("invalid policy: nested too deeply") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
@@ -250,6 +252,8 @@ class Policy(BaseModel):
             obj = json.loads(text)
         except ValueError as exc:
             raise ConfigError(f"policy {file} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"policy {file} is not valid JSON: nested too deeply") from None
         try:
             return cls.from_json(obj)
         except ConfigError as exc:

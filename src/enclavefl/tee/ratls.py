@@ -145,7 +145,7 @@ def make_certificate(
 
 def extract_evidence(cert: bytes | x509.Certificate) -> Evidence:
     """The evidence in an RA-TLS certificate (PEM or DER); FormatError if there is none."""
-    certificate = _load_certificate(cert)
+    certificate = load_certificate(cert)
     tagged = _extension_value(certificate, TCG_DICE_TAGGED_EVIDENCE_OID)
     if tagged is not None:
         # Like Gramine: when the tagged extension is present it alone decides.
@@ -177,7 +177,7 @@ def verify_certificate(
         isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= _MAX_UNIX_TIME
     ):
         raise UsageError(f"verification time must be a unix time in seconds, got {at!r}")
-    certificate = _load_certificate(cert)
+    certificate = load_certificate(cert)
     evidence = extract_evidence(certificate)
     if evidence.tee is TeeType.SIMULATED:
         claims = parse_simulated_quote(evidence.quote)
@@ -189,7 +189,7 @@ def verify_certificate(
     else:
         claims = verify_quote(evidence.quote, collateral, at=at)
 
-    spki = _spki_der(_public_key(certificate))
+    spki = _spki_der(certificate_public_key(certificate))
     bound = _check_key_binding(evidence, claims.report_data, spki)
     _check_self_signed(certificate, at)
     claims = dataclasses.replace(claims, bound=bound)
@@ -336,7 +336,8 @@ def _check_self_signed(certificate: x509.Certificate, at: int | None) -> None:
         )
 
 
-def _load_certificate(cert: bytes | x509.Certificate) -> x509.Certificate:
+def load_certificate(cert: bytes | x509.Certificate) -> x509.Certificate:
+    """A certificate from PEM or DER bytes; FormatError for anything that is not one."""
     if isinstance(cert, x509.Certificate):
         return cert
     if not isinstance(cert, (bytes, bytearray)):
@@ -345,7 +346,7 @@ def _load_certificate(cert: bytes | x509.Certificate) -> x509.Certificate:
         if bytes(cert).lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(bytes(cert))
         return x509.load_der_x509_certificate(bytes(cert))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise FormatError(f"not an X.509 certificate: {exc}") from exc
 
 
@@ -362,7 +363,8 @@ def _extension_value(certificate: x509.Certificate, oid: x509.ObjectIdentifier) 
     return value.value
 
 
-def _public_key(certificate: x509.Certificate) -> CertificatePublicKeyTypes:
+def certificate_public_key(certificate: x509.Certificate) -> CertificatePublicKeyTypes:
+    """The certificate's public key; FormatError when it does not parse."""
     try:
         return certificate.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
