@@ -21,6 +21,7 @@ from enclavefl.net.tensors import (
     DigestSink,
     LazyTensor,
     Limits,
+    Malformed,
     MemmapSink,
     Message,
     TensorDigest,
@@ -172,8 +173,10 @@ def _varint(value: int) -> bytes:
 
 
 def test_garbage_frame_is_format_error() -> None:
+    malformed = parse_frame(b"\x1a\xff\xff")
+    assert isinstance(malformed, Malformed) and "frame does not parse" in malformed.reason
     with pytest.raises(FormatError, match="frame does not parse"):
-        parse_frame(b"\x1a\xff\xff")
+        decode_message(iter([malformed]))
 
 
 # --- validation of what arrives ---------------------------------------------------------

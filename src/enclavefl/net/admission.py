@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import cbor2
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,7 +29,13 @@ from enclavefl.tee.attesters import Attester
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import CollateralSource
 from enclavefl.tee.policy import Policy
-from enclavefl.tee.ratls import RaTlsIdentity, make_certificate, verify_certificate
+from enclavefl.tee.ratls import (
+    RaTlsIdentity,
+    certificate_public_key,
+    load_certificate,
+    make_certificate,
+    verify_certificate,
+)
 
 __all__ = [
     "ADMISSION_DOMAIN",
@@ -204,31 +209,95 @@ def log_verified(role: str, party: str, claims: Claims) -> None:
 
 
 class NonceStore:
-    """Single-use, expiring nonces; the oldest are dropped beyond `capacity` (bounded memory)."""
+    """Single-use, expiring nonces in bounded memory, fair between sources.
 
-    def __init__(self, *, ttl_s: float = 30.0, capacity: int = 4096, clock: Callable[[], float] = time.monotonic):
+    A source (see guard.source_of) holds at most `per_source` unused nonces: issuing more
+    drops its own oldest. It gets `rate_per_s` nonces a second on average (bursts of
+    `per_source`); beyond that `issue` raises Rejected(check="rate-limit"). Beyond
+    `capacity` nonces in all, the oldest of the source holding the most is dropped. So a
+    flood from one source only ever evicts that source's own nonces.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = 30.0,
+        capacity: int = 4096,
+        per_source: int = 64,
+        rate_per_s: float = 50.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if capacity < 1 or per_source < 1 or not rate_per_s > 0:
+            raise UsageError("nonce store capacity, per_source and rate_per_s must be positive")
         self.ttl_s = ttl_s
         self._capacity = capacity
+        self._per_source = per_source
+        self._rate = rate_per_s
         self._clock = clock
-        self._nonces: OrderedDict[bytes, float] = OrderedDict()
+        self._by_source: dict[str, OrderedDict[bytes, float]] = {}
+        self._source_of: dict[bytes, str] = {}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, when)
         self._lock = threading.Lock()
 
-    def issue(self) -> bytes:
+    def issue(self, source: str = "local") -> bytes:
+        """A fresh nonce for a client at `source`."""
         nonce = secrets.token_bytes(NONCE_SIZE)
         with self._lock:
-            self._nonces[nonce] = self._clock() + self.ttl_s
-            while len(self._nonces) > self._capacity:
-                self._nonces.popitem(last=False)
+            now = self._clock()
+            self._take_token(source, now)
+            nonces = self._by_source.setdefault(source, OrderedDict())
+            while nonces and next(iter(nonces.values())) < now:  # expired: issued in order
+                self._drop_oldest(source)
+                nonces = self._by_source.setdefault(source, OrderedDict())
+            if len(nonces) >= self._per_source:
+                self._drop_oldest(source)
+            elif len(self._source_of) >= self._capacity:
+                self._drop_oldest(max(self._by_source, key=lambda s: len(self._by_source[s])))
+            self._by_source.setdefault(source, OrderedDict())[nonce] = now + self.ttl_s
+            self._source_of[nonce] = source
         return nonce
 
     def consume(self, nonce: bytes) -> None:
         """Accept `nonce` once; unknown, reused or expired nonces are refused."""
         with self._lock:
-            expires = self._nonces.pop(nonce, None)
+            source = self._source_of.pop(nonce, None)
+            expires = None
+            if source is not None:
+                nonces = self._by_source[source]
+                expires = nonces.pop(nonce)
+                if not nonces:
+                    del self._by_source[source]
         if expires is None:
-            raise Rejected("admission nonce unknown or already used (replayed admission?)", check="nonce")
+            raise Rejected(
+                "admission nonce unknown or already used (replayed, or dropped under load: ask a fresh one)",
+                check="nonce",
+            )
         if self._clock() > expires:
             raise Rejected(f"admission nonce expired (nonces live {self.ttl_s:g} s)", check="nonce")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._source_of)
+
+    def _drop_oldest(self, source: str) -> None:
+        nonces = self._by_source[source]
+        nonce, _ = nonces.popitem(last=False)
+        del self._source_of[nonce]
+        if not nonces:
+            del self._by_source[source]
+
+    def _take_token(self, source: str, now: float) -> None:
+        tokens, when = self._buckets.pop(source, (float(self._per_source), now))
+        tokens = min(float(self._per_source), tokens + (now - when) * self._rate)
+        if len(self._buckets) >= self._capacity:  # bounded: forget the least recent source
+            self._buckets.popitem(last=False)
+        if tokens < 1:
+            self._buckets[source] = (tokens, now)
+            raise Rejected(
+                f"too many admission nonces requested from {source} (at most {self._rate:g} a second)",
+                check="rate-limit",
+            )
+        self._buckets[source] = (tokens - 1, now)
 
 
 class SessionStore:
@@ -341,10 +410,10 @@ class Admitter:
                 check="client-evidence",
             )
         try:
-            cert = x509.load_der_x509_certificate(request.certificate_der)
-        except ValueError as exc:
-            raise FormatError(f"client certificate is not DER X.509: {exc}") from exc
-        key = cert.public_key()
+            cert = load_certificate(request.certificate_der)
+        except FormatError as exc:
+            raise FormatError(f"client certificate: {exc}") from exc
+        key = certificate_public_key(cert)
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
             raise KeyBindingRejected("client certificate key is not ECDSA P-384", check="admission-signature")
         payload = admission_payload(request.nonce, request.server_cert_sha256, request.job_id, request.party)

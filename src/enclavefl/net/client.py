@@ -32,6 +32,7 @@ log = logging.getLogger("enclavefl.net")
 
 # Refresh a session a little before the server would refuse it.
 _SESSION_MARGIN = 0.9
+_RETRIED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True)
@@ -192,23 +193,7 @@ class AttestedClient:
             )
         channel = pinned_channel(self.target, probed, self._options)
         try:
-            admission = pb_grpc.AdmissionStub(channel)
-            nonce = admission.GetNonce(pb.NonceRequest(version=PROTOCOL_VERSION), timeout=self._connect_timeout_s)
-            request = build_admission(
-                self._identity, nonce=nonce.nonce, server_cert_der=probed.der, job_id=self._job_id, party=self.party
-            )
-            answer = admission.Admit(
-                pb.AdmitRequest(
-                    version=PROTOCOL_VERSION,
-                    party=request.party,
-                    job_id=request.job_id,
-                    nonce=request.nonce,
-                    server_cert_sha256=request.server_cert_sha256,
-                    certificate_der=request.certificate_der,
-                    signature=request.signature,
-                ),
-                timeout=self._connect_timeout_s,
-            )
+            answer = self._admit(pb_grpc.AdmissionStub(channel), probed)
         except grpc.RpcError as exc:
             channel.close()
             raise _transport_error(self.target, "admission", exc) from None
@@ -227,6 +212,36 @@ class AttestedClient:
             server=server,
             probed=probed,
         )
+
+    def _admit(self, admission: pb_grpc.AdmissionStub, probed: ProbedCertificate) -> pb.AdmitResponse:
+        # A server under a nonce flood may drop ours before we use it: one retry with a
+        # fresh nonce (a nonce refused again is a real refusal).
+        for attempt in (1, 2):
+            nonce = admission.GetNonce(pb.NonceRequest(version=PROTOCOL_VERSION), timeout=self._connect_timeout_s)
+            request = build_admission(
+                self._identity, nonce=nonce.nonce, server_cert_der=probed.der, job_id=self._job_id, party=self.party
+            )
+            try:
+                return admission.Admit(
+                    pb.AdmitRequest(
+                        version=PROTOCOL_VERSION,
+                        party=request.party,
+                        job_id=request.job_id,
+                        nonce=request.nonce,
+                        server_cert_sha256=request.server_cert_sha256,
+                        certificate_der=request.certificate_der,
+                        signature=request.signature,
+                    ),
+                    timeout=self._connect_timeout_s,
+                )
+            except grpc.RpcError as exc:
+                nonce_refused = (
+                    exc.code() is grpc.StatusCode.PERMISSION_DENIED and exchange.rpc_error_check(exc) == "nonce"
+                )
+                if attempt == 2 or not nonce_refused:
+                    raise
+                log.info("%s refused our admission nonce (%s); retrying once with a fresh one", self.target, exc.details())
+        raise AssertionError("unreachable")
 
     # --- calls --------------------------------------------------------------------------
 
@@ -270,18 +285,23 @@ class AttestedClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 failure = CallFailed(f"{method} on {self.target}: {code.name}: {exc.details()}", code=code.name)
-                if code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE):
+                # RESOURCE_EXHAUSTED: the server refused the call before running it (too many
+                # calls in progress), so sending it again is safe.
+                if code not in _RETRIED_CODES:
                     raise failure from None
+                busy = code is grpc.StatusCode.RESOURCE_EXHAUSTED
                 log.info(
-                    "%s on %s: %s (%s); attesting again (attempt %d of %d)",
+                    "%s on %s: %s (%s); %s (attempt %d of %d)",
                     method,
                     self.target,
                     code.name,
                     exc.details(),
+                    "retrying" if busy else "attesting again",
                     attempt,
                     self._retry.max_attempts,
                 )
-                self._drop(connection)
+                if not busy:
+                    self._drop(connection)
                 last = failure
             finally:
                 self._release(connection)

@@ -17,8 +17,8 @@ import grpc
 
 from enclavefl.errors import Rejected, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
-from enclavefl.net import enclavefl_pb2_grpc as pb_grpc
 from enclavefl.net.admission import AdmissionRequest, Admitter, NonceStore, PartyCredentials, Peer, SessionStore
+from enclavefl.net.guard import OpenCallGuard, OpenLimits, source_of
 from enclavefl.net.exchange import ExchangeServicer, Handler, Router, abort, channel_options
 from enclavefl.net.tensors import DEFAULT_CHUNK_SIZE, PROTOCOL_VERSION, Limits, TensorSink
 
@@ -68,7 +68,7 @@ class _SessionInterceptor(grpc.ServerInterceptor):
         return continuation(details)
 
 
-class _AdmissionServicer(pb_grpc.AdmissionServicer):
+class _AdmissionServicer:
     def __init__(self, admitter: Admitter, nonces: NonceStore, sessions: SessionStore, party: str) -> None:
         self._admitter = admitter
         self._nonces = nonces
@@ -76,7 +76,11 @@ class _AdmissionServicer(pb_grpc.AdmissionServicer):
         self._party = party
 
     def GetNonce(self, request: pb.NonceRequest, context: grpc.ServicerContext) -> pb.NonceResponse:
-        return pb.NonceResponse(version=PROTOCOL_VERSION, nonce=self._nonces.issue(), expires_in_s=self._nonces.ttl_s)
+        try:
+            nonce = self._nonces.issue(source_of(context.peer()))
+        except Rejected as exc:
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, exc.check)
+        return pb.NonceResponse(version=PROTOCOL_VERSION, nonce=nonce, expires_in_s=self._nonces.ttl_s)
 
     def Admit(self, request: pb.AdmitRequest, context: grpc.ServicerContext) -> pb.AdmitResponse:
         if request.version != PROTOCOL_VERSION:
@@ -92,17 +96,17 @@ class _AdmissionServicer(pb_grpc.AdmissionServicer):
         try:
             _, token = self._admitter.admit(admission)
         except Rejected as exc:
-            log.warning("refused admission of party %r: %s", request.party[:128], exc.reason)
+            log.warning("refused admission of party %r from %s: %s", request.party[:128], context.peer(), exc.reason)
             abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.reason, exc.check)
         except UsageError as exc:
-            log.warning("malformed admission from party %r: %s", request.party[:128], exc.reason)
+            log.warning("malformed admission from party %r (%s): %s", request.party[:128], context.peer(), exc.reason)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "format")
         return pb.AdmitResponse(
             version=PROTOCOL_VERSION, session_token=token, expires_in_s=self._sessions.ttl_s, server_party=self._party
         )
 
 
-class _HealthServicer(pb_grpc.HealthServicer):
+class _HealthServicer:
     def __init__(self, server: AttestedServer) -> None:
         self._server = server
 
@@ -134,6 +138,8 @@ class AttestedServer:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         limits: Limits = Limits(),
         max_workers: int = 16,
+        max_concurrent_rpcs: int = 1024,
+        open_limits: OpenLimits = OpenLimits(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if credentials.identity is None:
@@ -154,13 +160,30 @@ class AttestedServer:
             # gRPC shares a port between servers by default: a second party on a busy port
             # must fail to start, not split the first one's connections.
             options=[*channel_options(chunk_size, limits), ("grpc.so_reuseport", 0)],
+            # Beyond this many calls in progress gRPC refuses new ones before they queue.
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
-        pb_grpc.add_AdmissionServicer_to_server(
-            _AdmissionServicer(admitter, self._nonces, self._sessions, self.party), self._server
-        )
-        pb_grpc.add_HealthServicer_to_server(_HealthServicer(self), self._server)
+        # Admission and health are open to anyone: their own threads and limits (guard.py).
+        self._guard = OpenCallGuard(open_limits, name=f"enclavefl-{self.party}")
+        self._add_open_services(_AdmissionServicer(admitter, self._nonces, self._sessions, self.party))
         ExchangeServicer(self._router, self._peer_of, chunk_size=chunk_size, limits=limits).add_to_server(self._server)
         self.port = 0
+
+    def _add_open_services(self, admission: _AdmissionServicer) -> None:
+        guard = self._guard
+        health = _HealthServicer(self)
+        services = {
+            "enclavefl.v1.Admission": {
+                "GetNonce": guard.handler("GetNonce", admission.GetNonce, pb.NonceRequest, pb.NonceResponse.SerializeToString),
+                "Admit": guard.handler("Admit", admission.Admit, pb.AdmitRequest, pb.AdmitResponse.SerializeToString),
+            },
+            "enclavefl.v1.Health": {
+                "Check": guard.handler("Check", health.Check, pb.HealthRequest, pb.HealthResponse.SerializeToString),
+            },
+        }
+        self._server.add_generic_rpc_handlers(
+            tuple(grpc.method_handlers_generic_handler(name, handlers) for name, handlers in services.items())
+        )
 
     def register(self, method: str, handler: Handler, *, sink: TensorSink | None = None) -> None:
         """Serve `method` with `handler(peer, request) -> response`; request tensors go to `sink`."""
@@ -208,6 +231,7 @@ class AttestedServer:
     def stop(self, grace_s: float | None = 1.0) -> None:
         self._ready.clear()
         self._server.stop(grace_s).wait()
+        self._guard.close()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until the server stops (or `timeout_s` passes); True if it stopped."""

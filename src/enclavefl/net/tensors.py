@@ -64,6 +64,14 @@ def _is_torch(value: object) -> bool:
 
 
 @dataclass(frozen=True)
+class Malformed:
+    """What a deserializer returns for bytes it refuses: gRPC logs a traceback for an
+    exception there, so the refusal is made by the code that reads the request."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Limits:
     """Bounds a receiver enforces on every message (defence against a hostile peer)."""
 
@@ -217,14 +225,16 @@ def _fast_chunk(raw: bytes) -> Chunk | None:
     return Chunk(offset, memoryview(raw)[size[1] :])
 
 
-def parse_frame(raw: bytes) -> Frame:
+def parse_frame(raw: bytes) -> Frame | Malformed:
+    """A frame from its bytes; Malformed (never an exception: gRPC would log a traceback for
+    it) when they do not parse, for `decode_message` to refuse."""
     chunk = _fast_chunk(raw)
     if chunk is not None:
         return chunk
     try:
         frame = pb.Frame.FromString(raw)
     except DecodeError as exc:
-        raise FormatError(f"frame does not parse: {exc}") from exc
+        return Malformed(f"frame does not parse: {exc}")
     if frame.WhichOneof("kind") == "chunk":
         return Chunk(frame.chunk.offset, frame.chunk.data)
     return frame
@@ -348,22 +358,22 @@ def _as_kind(array: np.ndarray, spec: TensorSpec) -> Any:
 
 
 class _ArrayWriter:
+    # The buffer grows with the bytes that arrive instead of being allocated at the header:
+    # a peer that declares a huge tensor and sends nothing costs nothing. (A large bytearray
+    # grows by realloc, which moves pages rather than copying them.)
     def __init__(self, spec: TensorSpec) -> None:
         self._spec = spec
-        self._array = np.empty(spec.shape, dtype=spec.storage_dtype)
-        self._flat = self._array.reshape(-1).view(np.uint8)
-        self._pos = 0
+        self._buffer = bytearray()
 
     def write(self, data: bytes | memoryview) -> None:
-        end = self._pos + len(data)
-        self._flat[self._pos : end] = np.frombuffer(data, dtype=np.uint8)
-        self._pos = end
+        self._buffer += data
 
     def close(self) -> Any:
-        return _as_kind(self._array, self._spec)
+        flat = np.frombuffer(self._buffer, dtype=self._spec.storage_dtype)
+        return _as_kind(flat.reshape(self._spec.shape), self._spec)
 
     def abort(self) -> None:
-        self._array = self._flat = np.empty(0)
+        self._buffer = bytearray()
 
 
 class ArraySink:
@@ -459,6 +469,11 @@ def _header_spec(frame: pb.TensorHeader, limits: Limits) -> TensorSpec:
         )
     if spec.nbytes > limits.max_tensor_bytes:
         raise FormatError(f"tensor {frame.name!r}: {spec.nbytes} bytes exceeds limit {limits.max_tensor_bytes}")
+    # A zero dimension makes any other dimension "fit" (shape (0, 2**63) is 0 bytes), but
+    # no array library can hold it: each dimension must fit the limit on its own.
+    largest = math.prod(max(d, 1) for d in spec.shape) * spec.storage_dtype.itemsize
+    if largest > limits.max_tensor_bytes:
+        raise FormatError(f"tensor {frame.name!r}: shape {spec.shape} exceeds limit {limits.max_tensor_bytes} bytes")
     return spec
 
 
@@ -471,6 +486,8 @@ def decode_message(
     """
     sink = sink or ArraySink()
     header = next(frames, None)
+    if isinstance(header, Malformed):
+        raise FormatError(header.reason)
     if not isinstance(header, pb.Frame) or header.WhichOneof("kind") != "header":
         raise FormatError("message must start with a call header")
     head = header.header
@@ -482,8 +499,10 @@ def decode_message(
         raise FormatError(f"message meta has {len(head.meta_json)} characters, limit {limits.max_meta_bytes}")
     try:
         meta = json.loads(head.meta_json) if head.meta_json else {}
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # also integers too long to convert
         raise FormatError(f"message meta is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise FormatError("message meta is nested too deeply") from None
     if not isinstance(meta, dict):
         raise FormatError(f"message meta must be a JSON object, got {type(meta).__name__}")
 
@@ -494,6 +513,8 @@ def decode_message(
     received = 0
     try:
         for frame in frames:
+            if isinstance(frame, Malformed):
+                raise FormatError(frame.reason)
             if isinstance(frame, Chunk):
                 if spec is None or writer is None:
                     raise FormatError("tensor chunk outside a tensor")

@@ -1,0 +1,381 @@
+"""The attested channel under abuse: stalled and flooding unauthenticated calls, nonce
+floods, garbage and oversized messages, hostile shapes and meta from an authenticated peer.
+
+Timings are not asserted here (bench/bench_flood.py measures them); these tests assert
+that the job completes and that good peers are admitted while the abuse goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flood import StalledFlood
+
+from enclavefl.errors import FormatError, Rejected, UsageError
+from enclavefl.hfl.server import ParameterServer
+from enclavefl.hfl.strategies import make_strategy
+from enclavefl.hfl.worker import Worker
+from enclavefl.models import mlp
+from enclavefl.net import enclavefl_pb2 as pb
+from enclavefl.net.admission import Mode, NonceStore, PartyCredentials, make_identity
+from enclavefl.net.client import AttestedClient, RetryPolicy, pinned_channel
+from enclavefl.net.exchange import exchange_callable
+from enclavefl.net.guard import OpenLimits, source_of
+from enclavefl.net.probe import fetch_certificate
+from enclavefl.net.server import SESSION_METADATA_KEY, AttestedServer
+from enclavefl.net.tensors import PROTOCOL_VERSION, Chunk, LazyTensor, Message, decode_message
+from enclavefl.tee.attesters import SimulatedAttester
+from enclavefl.tee.measure import Measurement
+from enclavefl.tee.policy import Policy
+
+GOOD = Measurement(hashlib.sha256(b"hardened enclave").digest(), hashlib.sha256(b"signer").digest())
+POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
+JOB = "hardening"
+
+
+def credentials(party: str) -> PartyCredentials:
+    return PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY), POLICY, party, JOB, Mode.TWO_WAY)
+
+
+def client(port: int, party: str, host: str = "127.0.0.1") -> AttestedClient:
+    return AttestedClient(f"{host}:{port}", credentials(party), retry=RetryPolicy(max_attempts=5, initial_backoff_s=0.05))
+
+
+def echo(peer: object, request: Message) -> Message:
+    return request
+
+
+@pytest.fixture
+def server() -> Iterator[AttestedServer]:
+    # "[::]" takes IPv4 and IPv6: floods come from ::1, good peers from 127.0.0.1, so the
+    # two are different sources, as an attacker and a worker on different hosts are.
+    server = AttestedServer(credentials("server"), host="[::]", open_limits=OpenLimits(request_timeout_s=1.0))
+    server.register("echo", echo)
+    server.start()
+    yield server
+    server.stop(grace_s=0)
+
+
+def open_channel(port: int) -> grpc.Channel:
+    return pinned_channel(f"127.0.0.1:{port}", fetch_certificate("127.0.0.1", port), [])
+
+
+def raw_call(channel: grpc.Channel, method: str, payload: bytes) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary(method)(payload, timeout=10)
+    return info.value
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- item 1: stalled unauthenticated calls --------------------------------------------------
+
+
+def test_source_of_groups_by_address() -> None:
+    assert source_of("ipv4:10.0.0.1:5000") == "10.0.0.1"
+    assert source_of("ipv6:%5B::ffff:10.0.0.1%5D:5000") == "10.0.0.1"
+    assert source_of("ipv6:[2001:db8::1]:1") == source_of("ipv6:[2001:db8::2]:2") == "2001:db8::/64"
+    assert source_of("unix:/tmp/sock") == "unix:/tmp/sock"
+
+
+def test_stalled_calls_are_cancelled_and_limited_per_source(server: AttestedServer) -> None:
+    with StalledFlood(f"[::1]:{server.port}", calls=40, connections=2) as flood:
+        time.sleep(1.6)  # past the 1 s request timeout
+        held = flood.held
+    limits = server._guard.limits
+    assert flood.ended["RESOURCE_EXHAUSTED"] > 0  # beyond the per-source cap: refused at once
+    assert flood.ended["CANCELLED"] > 0  # within it: cancelled after the timeout
+    assert held <= 40
+    assert server._guard.refused > 0 and limits.max_calls_per_source < 40
+
+
+def _blobs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (rows,), generator=g)
+    return torch.randn(rows, 6, generator=g) + F.one_hot(y, 6).float() * 2, y
+
+
+def test_job_completes_and_good_peer_is_admitted_under_1000_stalled_calls(server: AttestedServer) -> None:
+    """Issue 12 item 1: 16 stalled Health calls used to hold every server thread."""
+    torch.manual_seed(0)
+    model = mlp(6, (8,), 3)
+    strategy = make_strategy("fedavg", copy.deepcopy(model))
+    workers = ["w1", "w2", "w3"]
+    ps = ParameterServer(server, strategy, workers=workers, total=3, round_timeout_s=60)
+    errors: dict[str, BaseException] = {}
+
+    def work(party: str, seed: int) -> None:
+        try:
+            Worker(client(server.port, party), copy.deepcopy(model), _blobs(32, seed), batch_size=8, lr=0.1).run()
+        except BaseException as exc:  # reported below
+            errors[party] = exc
+
+    with StalledFlood(f"[::1]:{server.port}", calls=1000, connections=10) as flood:
+        threads = [threading.Thread(target=work, args=(p, i), daemon=True) for i, p in enumerate(workers)]
+        for thread in threads:
+            thread.start()
+        summary = ps.run()
+        for thread in threads:
+            thread.join(timeout=60)
+        newcomer = client(server.port, "newcomer")
+        assert newcomer.connect().party == "server"  # admitted while the flood is held
+        newcomer.close()
+        assert flood.opened >= 1000
+    assert not errors, errors
+    assert summary["version"] == 3
+    assert server._guard.refused > 0
+
+
+# -- item 2: nonce floods ------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_nonce_flood_from_one_source_evicts_only_its_own_nonces() -> None:
+    clock = Clock()
+    store = NonceStore(capacity=100, per_source=10, rate_per_s=1e9, clock=clock)
+    good = store.issue("10.0.0.1")
+    for _ in range(5000):
+        clock.now += 1e-6  # 5000 nonces in 5 ms
+        store.issue("10.0.0.66")
+    assert len(store) <= 100
+    store.consume(good)  # still there
+
+
+def test_nonce_store_capacity_evicts_from_the_largest_source() -> None:
+    clock = Clock()
+    store = NonceStore(capacity=20, per_source=20, rate_per_s=1e9, clock=clock)
+    good = store.issue("10.0.0.1")
+    for i in range(19):
+        store.issue("10.0.0.66")
+    for i in range(50):
+        clock.now += 1e-6
+        store.issue(f"10.1.0.{i % 3}")
+    assert len(store) == 20
+    store.consume(good)
+
+
+def test_nonce_issuance_is_rate_limited_per_source() -> None:
+    clock = Clock()
+    store = NonceStore(per_source=5, rate_per_s=2.0, clock=clock)
+    for _ in range(5):
+        store.issue("10.0.0.66")
+    with pytest.raises(Rejected) as info:
+        store.issue("10.0.0.66")
+    assert info.value.check == "rate-limit"
+    store.issue("10.0.0.1")  # other sources are not affected
+    clock.now += 0.5
+    store.issue("10.0.0.66")  # one more token after 0.5 s at 2/s
+
+
+def test_good_client_is_admitted_under_a_nonce_flood(server: AttestedServer) -> None:
+    stop = threading.Event()
+    issued = [0]
+
+    def flood() -> None:
+        channel = pinned_channel(f"[::1]:{server.port}", fetch_certificate("::1", server.port), [])
+        get = channel.unary_unary(
+            "/enclavefl.v1.Admission/GetNonce", request_serializer=pb.NonceRequest.SerializeToString
+        )
+        while not stop.is_set():
+            try:
+                get(pb.NonceRequest(version=PROTOCOL_VERSION), timeout=5)
+                issued[0] += 1
+            except grpc.RpcError:
+                pass  # rate-limited: the flood goes on
+        channel.close()
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        for i in range(3):
+            good = client(server.port, f"good-{i}")
+            assert good.connect().party == "server"
+            good.close()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert issued[0] > 0
+
+
+def test_client_retries_once_with_a_fresh_nonce(server: AttestedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = server._nonces
+    real = store.consume
+    refused: list[bytes] = []
+
+    def evicted_once(nonce: bytes) -> None:
+        if not refused:
+            refused.append(nonce)
+            raise Rejected("admission nonce unknown or already used", check="nonce")
+        real(nonce)
+
+    monkeypatch.setattr(store, "consume", evicted_once)
+    good = client(server.port, "alice")
+    assert good.connect().party == "server"
+    assert len(refused) == 1
+
+
+# -- items 7 and 9: garbage before admission, hostile input after it -----------------------------
+
+
+@pytest.mark.parametrize(
+    "method", ["/enclavefl.v1.Admission/Admit", "/enclavefl.v1.Admission/GetNonce", "/enclavefl.v1.Health/Check"]
+)
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12" + b"\xff" * 9 + b"\x01"])
+def test_garbage_before_admission_is_one_warning_naming_the_peer(
+    server: AttestedServer, caplog: pytest.LogCaptureFixture, method: str, payload: bytes
+) -> None:
+    caplog.set_level(logging.INFO)
+    channel = open_channel(server.port)
+    error = raw_call(channel, method, payload)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert not errors_logged(caplog)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0].getMessage()
+    channel.close()
+
+
+def test_oversized_admission_is_refused_without_a_traceback(
+    server: AttestedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    channel = open_channel(server.port)
+    big = pb.AdmitRequest(version=PROTOCOL_VERSION, party="p", certificate_der=b"\x00" * (2 << 20))
+    error = raw_call(channel, "/enclavefl.v1.Admission/Admit", big.SerializeToString())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "allowed" in (error.details() or "")
+    assert server._guard.limits.max_request_bytes < 1 << 20  # well below 16 MiB
+    assert not errors_logged(caplog)
+    channel.close()
+
+
+def test_admission_with_invalid_x509_version_is_refused_cleanly(
+    server: AttestedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    channel = open_channel(server.port)
+    nonce = channel.unary_unary(
+        "/enclavefl.v1.Admission/GetNonce",
+        request_serializer=pb.NonceRequest.SerializeToString,
+        response_deserializer=pb.NonceResponse.FromString,
+    )(pb.NonceRequest(version=PROTOCOL_VERSION), timeout=10)
+    der = credentials("mallory").identity.cert_der  # type: ignore[union-attr]
+    at = der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02]))
+    request = pb.AdmitRequest(
+        version=PROTOCOL_VERSION, party="mallory", job_id=JOB, nonce=nonce.nonce,
+        server_cert_sha256=fetch_certificate("127.0.0.1", server.port).sha256,
+        certificate_der=der[: at + 4] + b"\x07" + der[at + 5 :], signature=b"sig",
+    )  # fmt: skip
+    error = raw_call(channel, "/enclavefl.v1.Admission/Admit", request.SerializeToString())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid X509 version" in (error.details() or "")
+    assert not errors_logged(caplog)
+    channel.close()
+
+
+def _authenticated_frames(server: AttestedServer, frames: list[pb.Frame]) -> grpc.RpcError:
+    good = client(server.port, "alice")
+    good.connect()
+    connection = good._connection
+    assert connection is not None
+    responses = exchange_callable(connection.channel)(
+        iter(frames), metadata=((SESSION_METADATA_KEY, connection.token),), timeout=10
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        list(responses)
+    good.close()
+    return info.value
+
+
+def test_zero_sized_tensor_with_a_huge_dimension_is_invalid_argument(
+    server: AttestedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    header = pb.Frame(header=pb.CallHeader(version=PROTOCOL_VERSION, method="echo", meta_json="{}", tensor_count=1))
+    tensor = pb.Frame(
+        tensor=pb.TensorHeader(version=PROTOCOL_VERSION, name="t", dtype="float32", shape=[0, 2**63], nbytes=0,
+                               kind="numpy")
+    )  # fmt: skip
+    error = _authenticated_frames(server, [header, tensor])
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert not errors_logged(caplog)
+    # And through the client API, as any sender would declare it.
+    good = client(server.port, "bob")
+    with pytest.raises(UsageError, match="exceeds limit"):
+        good.call("echo", Message(tensors={"t": LazyTensor("float32", (0, 2**62), lambda: [])}))
+    good.close()
+
+
+def test_deeply_nested_meta_is_invalid_argument(server: AttestedServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    meta = '{"a":' + "[" * 200_000 + "]" * 200_000 + "}"
+    header = pb.Frame(header=pb.CallHeader(version=PROTOCOL_VERSION, method="echo", meta_json=meta, tensor_count=0))
+    error = _authenticated_frames(server, [header])
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "nested too deeply" in (error.details() or "")
+    assert not errors_logged(caplog)
+
+
+def test_garbage_frame_from_an_authenticated_peer_is_invalid_argument(
+    server: AttestedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    good = client(server.port, "alice")
+    good.connect()
+    connection = good._connection
+    assert connection is not None
+    raw = connection.channel.stream_stream("/enclavefl.v1.Exchange/Call")
+    with pytest.raises(grpc.RpcError) as info:
+        list(raw(iter([b"\x0a\xff\xff\xff"]), metadata=((SESSION_METADATA_KEY, connection.token),), timeout=10))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert not errors_logged(caplog)
+    good.close()
+
+
+def test_receive_path_allocates_only_what_arrives() -> None:
+    """A header announcing 1 GiB and 1 KiB of data costs about 1 KiB, not 1 GiB."""
+    header = pb.Frame(header=pb.CallHeader(version=PROTOCOL_VERSION, method="m", meta_json="{}", tensor_count=1))
+    tensor = pb.Frame(
+        tensor=pb.TensorHeader(version=PROTOCOL_VERSION, name="t", dtype="uint8", shape=[1 << 30], nbytes=1 << 30,
+                               kind="numpy")
+    )  # fmt: skip
+    chunk = Chunk(0, b"\x01" * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="stream ended after 1024"):
+            decode_message(iter([header, tensor, chunk]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_received_arrays_are_writable_and_exact() -> None:
+    from enclavefl.net.tensors import encode_message
+
+    value = np.arange(12, dtype=np.complex128).reshape(3, 4)
+    _, message = decode_message(iter(encode_message(Message(tensors={"v": value, "e": np.zeros((0, 5))}), chunk_size=7)))
+    assert np.array_equal(message.tensors["v"], value) and message.tensors["v"].flags.writeable
+    assert message.tensors["e"].shape == (0, 5)
