@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,19 @@ def attestation_dir() -> Path:
 @pytest.fixture
 def tabular_dir() -> Path:
     return shared_file("tabular")
+
+
+# Fuzz budgets: each property test names its default number of examples (small, so that
+# `make test` stays fast); `make fuzz` multiplies them by ENCLAVEFL_FUZZ_SCALE.
+FUZZ_SCALE = max(1, int(os.environ.get("ENCLAVEFL_FUZZ_SCALE", "1")))
+
+
+def fuzz_settings(examples: int) -> Any:
+    """hypothesis settings for a fuzz test with `examples` examples at the default scale."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=examples * FUZZ_SCALE,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PINNED_TIME, shared_file
-from hypothesis import HealthCheck, given, settings
+from conftest import PINNED_TIME, fuzz_settings, shared_file
+from hypothesis import given
 from hypothesis import strategies as st
 
 from enclavefl.errors import ConfigError, EnclaveflError, FormatError, PolicyRejected
@@ -16,9 +16,7 @@ from enclavefl.tee.collateral import OfflineCollateral
 from enclavefl.tee.policy import SGX_FIELDS, TCB_STATUSES, TDX_FIELDS, Policy
 from enclavefl.tee.quote import verify_quote
 
-FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+FUZZ = fuzz_settings(150)
 
 
 def _sample(name: str) -> tuple[bytes, OfflineCollateral, Claims]:

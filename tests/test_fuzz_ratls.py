@@ -7,10 +7,10 @@ import hashlib
 
 import cbor2
 import pytest
-from conftest import PINNED_TIME, shared_file
+from conftest import PINNED_TIME, fuzz_settings, shared_file
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_ratls import build_cert, spki_der
 
@@ -40,7 +40,7 @@ EVIDENCE = IDENTITY.certificate.extensions.get_extension_for_oid(
 ).value.value
 SPKI_HASH = hashlib.sha256(spki_der(IDENTITY.private_key.public_key())).digest()
 KEY = ec.generate_private_key(ec.SECP384R1())
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(150)
 
 
 def verify_or_typed_error(cert: bytes) -> Claims | EnclaveflError:
@@ -111,7 +111,7 @@ def sgx():
     )
 
 
-@settings(max_examples=60, deadline=None)
+@fuzz_settings(60)
 @given(data=st.data())
 def test_mutated_real_quote_in_legacy_extension(sgx, data):
     quote, collateral = sgx

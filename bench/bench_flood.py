@@ -1,0 +1,152 @@
+"""Horizontal FL under an unauthenticated flood (issue 12, item 1).
+
+The same fedavg job (3 worker processes, an MLP on random data) runs twice against a
+parameter server in this process: once unloaded, once while a separate process holds
+`--calls` stalled unauthenticated calls open (Health/Check calls whose request never
+comes, re-opened whenever the server ends one; over 10 connections from ::1, the workers
+connecting from 127.0.0.1). Per round it reports wall time loaded / unloaded; the target is
+every round within 1.2x. It also times one fresh admission while the flood is held.
+
+    python bench/bench_flood.py [--calls 1000] [--rounds 6] [--rows 4096] [--width 256]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from flood import StalledFlood  # noqa: E402  (tests/flood.py: the same flood the tests use)
+
+from enclavefl.hfl.server import ParameterServer  # noqa: E402
+from enclavefl.hfl.strategies import make_strategy  # noqa: E402
+from enclavefl.hfl.worker import Worker  # noqa: E402
+from enclavefl.models import mlp  # noqa: E402
+from enclavefl.net.admission import PartyCredentials  # noqa: E402
+from enclavefl.net.client import AttestedClient  # noqa: E402
+from enclavefl.net.server import AttestedServer  # noqa: E402
+from enclavefl.tee.attesters import SimulatedAttester  # noqa: E402
+from enclavefl.tee.measure import Measurement  # noqa: E402
+from enclavefl.tee.policy import Policy  # noqa: E402
+
+MEASUREMENT = Measurement(hashlib.sha256(b"bench flood enclave").digest(), hashlib.sha256(b"bench signer").digest())
+POLICY = Policy.from_values(mr_enclave=MEASUREMENT.mr_enclave, allow_simulated=True)
+JOB = "bench-flood"
+SPAWN = mp.get_context("spawn")
+WORKERS = 3
+
+
+def _credentials(party: str) -> PartyCredentials:
+    return PartyCredentials.create(SimulatedAttester(MEASUREMENT), POLICY, party=party, job_id=JOB)
+
+
+def _data(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, width, generator=g), torch.randint(0, 10, (rows,), generator=g)
+
+
+def _model(width: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return mlp(width, (width, width), 10)
+
+
+def _worker(port: int, party: str, seed: int, rows: int, width: int) -> None:
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    client = AttestedClient(f"127.0.0.1:{port}", _credentials(party))
+    Worker(client, _model(width), _data(rows, width, seed), batch_size=64, lr=0.05, seed=seed).run()
+
+
+def _flood(port: int, calls: int, ready: Any, stop: Any, out: Any) -> None:
+    logging.disable(logging.WARNING)
+    flood = StalledFlood(f"[::1]:{port}", calls=calls, connections=10).start()
+    deadline = time.monotonic() + 60
+    while flood.opened < calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ready.set()
+    stop.wait()
+    out.send({**flood.stop(), "held_at_stop": flood.held})
+
+
+def _job(rounds: int, rows: int, width: int, calls: int) -> dict[str, Any]:
+    server = AttestedServer(_credentials("server"), host="[::]")
+    records: list[dict[str, Any]] = []
+    ps = ParameterServer(
+        server, make_strategy("fedavg", _model(width)), workers=[f"w{i}" for i in range(WORKERS)], total=rounds,
+        round_timeout_s=600, on_metrics=records.append,
+    )  # fmt: skip
+    port = server.start()
+    result: dict[str, Any] = {}
+    flood = None
+    if calls:
+        ready, stop = SPAWN.Event(), SPAWN.Event()
+        ours, theirs = SPAWN.Pipe()
+        flood = SPAWN.Process(target=_flood, args=(port, calls, ready, stop, theirs), daemon=True)
+        flood.start()
+        if not ready.wait(90):
+            raise RuntimeError("the flood did not open its calls")
+    workers = [
+        SPAWN.Process(target=_worker, args=(port, f"w{i}", i, rows, width), daemon=True) for i in range(WORKERS)
+    ]
+    for process in workers:
+        process.start()
+    try:
+        summary = ps.run()
+        started = time.monotonic()
+        newcomer = AttestedClient(f"127.0.0.1:{port}", _credentials("newcomer"))
+        newcomer.connect()
+        newcomer.close()
+        result["fresh_admission_s"] = round(time.monotonic() - started, 4)
+    finally:
+        for process in workers:
+            process.join(60)
+        if flood is not None:
+            stop.set()
+            result["flood"] = ours.recv()
+            flood.join(30)
+        result["open_calls_refused_by_guard"] = server._guard.refused
+        server.stop(1.0)
+    result["version"] = summary["version"]
+    result["round_wall_s"] = [round(r["wall_s"], 4) for r in records if r["event"] == "round"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--width", type=int, default=256)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    unloaded = _job(args.rounds, args.rows, args.width, calls=0)
+    loaded = _job(args.rounds, args.rows, args.width, calls=args.calls)
+    ratios = [b / a for a, b in zip(unloaded["round_wall_s"], loaded["round_wall_s"], strict=True)]
+    print(json.dumps({
+        "benchmark": "hfl fedavg under a flood of stalled unauthenticated calls",
+        "command": "python bench/bench_flood.py " + " ".join(sys.argv[1:]),
+        "workers": WORKERS, "rounds": args.rounds, "stalled_calls": args.calls,
+        "unloaded": unloaded, "loaded": loaded,
+        "round_ratio": [round(x, 4) for x in ratios],
+        "max_round_ratio": round(max(ratios), 4),
+        "median_round_ratio": round(statistics.median(ratios), 4),
+        "total_ratio": round(sum(loaded["round_wall_s"]) / sum(unloaded["round_wall_s"]), 4),
+        "target_max_round_ratio": 1.2,
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
