@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench proto clean
+.PHONY: demo test test-slow fuzz bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The property-based fuzz tests with a larger budget: each test's default number of examples
+# times ENCLAVEFL_FUZZ_SCALE (make fuzz ENCLAVEFL_FUZZ_SCALE=200 for a long run).
+ENCLAVEFL_FUZZ_SCALE ?= 40
+fuzz: $(STAMP)
+	ENCLAVEFL_FUZZ_SCALE=$(ENCLAVEFL_FUZZ_SCALE) $(BIN)/python -m pytest -q tests/test_fuzz_*.py --hypothesis-show-statistics
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
