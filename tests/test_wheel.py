@@ -197,19 +197,34 @@ def test_demo_and_run_without_the_ml_extra_name_it(core_venv: Path, tmp_path: Pa
 # --------------------------------------------------------------------------- with [ml]
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
-def test_new_project_runs_from_anywhere(ml_venv: Path, tmp_path: Path, template: str) -> None:
+def test_every_template_runs_from_anywhere(ml_venv: Path, tmp_path: Path) -> None:
+    """`enclavefl new` for every template, then `enclavefl run` of each from an unrelated directory.
+
+    The jobs run side by side: each is mostly process start-up and round trips, so together
+    they take little longer than the slowest alone.
+    """
     projects, elsewhere = tmp_path / "projects", tmp_path / "elsewhere"
     projects.mkdir()
     elsewhere.mkdir()
-    done = _enclavefl(ml_venv, "new", "my-job", "--template", template, cwd=projects)
-    assert done.returncode == 0, done.stderr
-    done = _enclavefl(ml_venv, "run", str(projects / "my-job" / "job.yaml"), cwd=elsewhere)
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    summary = json.loads((projects / "my-job" / "runs" / "summary.json").read_text())
-    assert summary["parties"] and all(p["attested"] and p["exit_code"] == 0 for p in summary["parties"].values())
-    assert summary["metrics"]["auc"] > 0.8, summary["metrics"]
-    assert not any(elsewhere.iterdir()), "the run wrote into its working directory"
+    for template in TEMPLATES:
+        done = _enclavefl(ml_venv, "new", template, "--template", template, cwd=projects)
+        assert done.returncode == 0, done.stderr
+    runs = {template: subprocess.Popen([str(ml_venv / "bin" / "enclavefl"), "run", str(projects / template / "job.yaml")],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=elsewhere,
+                                       env=_env(ml_venv))
+            for template in TEMPLATES}
+    try:
+        output = {template: run.communicate(timeout=300)[0] for template, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()
+    for template, run in runs.items():
+        assert run.returncode == 0, f"{template}:\n{output[template]}"
+        summary = json.loads((projects / template / "runs" / "summary.json").read_text())
+        parties = summary["parties"]
+        assert parties and all(p["attested"] and p["exit_code"] == 0 for p in parties.values()), (template, parties)
+        assert summary["metrics"]["auc"] > 0.8, (template, summary["metrics"])
+    assert not any(elsewhere.iterdir()), "a run wrote into its working directory"
 
 
 def test_new_lists_the_templates(ml_venv: Path, tmp_path: Path) -> None:
