@@ -126,3 +126,45 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path: Path, key: FileKey
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def _torch_zip_with(member: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", member)
+        archive.writestr("archive/version", b"3\n")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "plaintext",
+    [
+        b"",
+        b"not a torch file at all",
+        b"\x80\x04K\x01.",  # a pickle of 1: not a dict
+        b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93.",  # os.system: refused
+        b"\x80\x04}\x94(\x8c\x01a",  # a pickle cut short
+        b"PK\x03\x04" + os.urandom(64),  # a zip header, then garbage
+        _torch_zip_with(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01Q."),  # a persistent id it cannot resolve
+        _torch_zip_with(b"garbage"),
+        os.urandom(512),
+    ],
+    ids=["empty", "text", "int", "global", "truncated", "zip-garbage", "persistent-id", "zip-member", "random"],
+)
+def test_an_authentic_file_that_is_not_a_checkpoint_is_a_format_error(
+    tmp_path: Path, key: FileKeySource, plaintext: bytes
+) -> None:
+    """It decrypts (the key and the binding are right) but is not a torch checkpoint: a
+    typed FormatError, never pickle's or zipfile's own exceptions (issue 12, item 10)."""
+    from enclavefl.errors import FormatError
+    from enclavefl.seal.sealed import write_sealed
+
+    checkpoints = store(tmp_path, key)
+    with write_sealed(checkpoints.path(4), key=key, job_id=checkpoints.job_id, name=checkpoints.artifact,
+                      version=4) as stream:
+        stream.write(plaintext)
+    with pytest.raises(FormatError, match="authentic but not a loadable checkpoint|must hold a dict"):
+        checkpoints.load_latest()

@@ -139,3 +139,24 @@ def test_async_sgd_job_exits_0_with_every_worker_told(hfl_job: Path, tmp_path: P
     }
     for name in ("worker-a", "worker-b"):
         assert "done at version 12" in (out / "logs" / f"{name}.log").read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_party_start_resolves_prctl_before_fork() -> None:
+    """Between fork and exec the child only calls the prctl resolved at import: loading libc
+    there can deadlock on a lock another thread held at fork (issue 12, item 12)."""
+    code = """
+import ctypes, signal
+import enclavefl.jobs.launcher as launcher
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+def no_loading(*args, **kwargs):
+    raise AssertionError("a library was loaded in the child")
+ctypes.CDLL = no_loading
+launcher._die_with_parent()
+value = ctypes.c_int()
+prctl(2, ctypes.byref(value))  # PR_GET_PDEATHSIG
+assert value.value == signal.SIGTERM, value.value
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

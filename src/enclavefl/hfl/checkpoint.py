@@ -91,9 +91,12 @@ class CheckpointStore:
         try:
             with torch.sparse.check_sparse_tensor_invariants(enable=True):
                 state = torch.load(io.BytesIO(plaintext), weights_only=True)
-        except (RuntimeError, ValueError, EOFError) as exc:
-            # Authentic yet unreadable: written by an incompatible enclavefl or torch.
-            raise FormatError(f"{path}: authentic but not a loadable checkpoint: {exc}") from exc
+        except Exception as exc:
+            # Authentic (it unsealed with this job's key and binding) yet unreadable: written
+            # by an incompatible enclavefl or torch, or not a checkpoint at all. torch.load
+            # raises whatever its zip and pickle readers raise (UnpicklingError, BadZipFile,
+            # KeyError, ...): every one of them means "not a checkpoint".
+            raise FormatError(f"{path}: authentic but not a loadable checkpoint: {type(exc).__name__}: {exc}") from exc
         if not isinstance(state, dict):
             raise FormatError(f"{path}: checkpoint must hold a dict, got {type(state).__name__}")
         return state

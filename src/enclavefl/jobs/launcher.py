@@ -23,6 +23,24 @@ from enclavefl.jobs.config import JobConfig, load_job
 
 log = logging.getLogger("enclavefl.jobs")
 
+__all__ = [
+    "MEMBER_GRACE_S",
+    "METRICS_FILE",
+    "PLOT_FILE",
+    "RESULT_FILE",
+    "SUMMARY_FILE",
+    "MetricsFollower",
+    "PartyProcess",
+    "RunResult",
+    "append_metrics",
+    "build_summary",
+    "party_command",
+    "result_file",
+    "run_job",
+    "start_party",
+    "summary_file",
+]
+
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.json"
@@ -82,12 +100,25 @@ def _child_env(parties: int) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    except OSError:  # no libc to load (a static build): parties are then stopped by _stop only
+        return None
+
+
+# Resolved once, here: between fork and exec only async-signal-safe work is allowed, and
+# loading a library there (dlopen takes locks another thread, e.g. the progress display,
+# may hold at fork) can deadlock the child before it ever runs the party.
+_PRCTL = _load_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if the launcher dies, so no party is orphaned."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = getattr(libc, "prctl", None)
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start_party(
@@ -110,7 +141,7 @@ def start_party(
         stderr=subprocess.STDOUT,
         env=_child_env(parties),
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=_die_with_parent if _PRCTL is not None else None,
     )
     return PartyProcess(name, role, process, log_path, log_file)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -53,8 +52,10 @@ def load_model(
     plain = read_sealed(path, key=key, job_id=job_id, name=_artifact(party), version=MODEL_VERSION)
     try:
         state = torch.load(io.BytesIO(plain), weights_only=True)
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise FormatError(f"{path}: exported model does not load: {exc}") from None
+    except Exception as exc:  # torch.load's zip and pickle readers raise many types: all mean "not a model"
+        raise FormatError(f"{path}: exported model does not load: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict):
+        raise FormatError(f"{path}: exported model holds {type(state).__name__}, expected a state dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -171,8 +170,8 @@ class Storage:
         plain = read_sealed(path, key=self.key, job_id=self.job_id, name=self._checkpoint_name, version=iteration)
         try:
             state = torch.load(io.BytesIO(plain), weights_only=True)
-        except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-            raise FormatError(f"{path}: checkpoint does not load: {exc}") from None
+        except Exception as exc:  # torch.load's zip and pickle readers raise many types: all mean "not a checkpoint"
+            raise FormatError(f"{path}: checkpoint does not load: {type(exc).__name__}: {exc}") from None
         if not isinstance(state, dict):
             raise FormatError(f"{path}: checkpoint holds {type(state).__name__}, expected a dict")
         return state
