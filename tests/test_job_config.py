@@ -482,3 +482,61 @@ def test_config_is_immutable(tmp_path: Path) -> None:
     config: JobConfig = load_job(write_job(tmp_path, hfl_job()))
     with pytest.raises(Exception, match="frozen"):
         config.job.seed = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- hostile values (issue 12, item 8)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "text", "fragment"),
+    [
+        ("strategy", "rounds", "true", "strategy.rounds: Input should be a valid integer"),
+        ("strategy", "rounds", "1e30", "strategy.rounds: Input should be a valid integer"),
+        ("strategy", "rounds", "1.0e+30", "strategy.rounds: Input should be a valid integer"),
+        ("strategy", "rounds", "3.0", "strategy.rounds: Input should be a valid integer"),
+        ("strategy", "rounds", "4294967296", "strategy.rounds: Input should be less than or equal to 2147483647"),
+        ("strategy", "batch_size", "'8'", "strategy.batch_size: Input should be a valid integer"),
+        ("strategy", "lr", ".inf", "strategy.lr: must be a finite number"),
+        ("strategy", "lr", ".nan", "strategy.lr: must be a finite number"),
+        ("strategy", "lr", "true", "strategy.lr: expected a number, got bool True"),
+        ("strategy", "lr", "'0.1'", "strategy.lr: expected a number, got str '0.1'"),
+        ("strategy", "momentum", "-.inf", "strategy.momentum: must be a finite number"),
+        ("strategy", "round_timeout_s", "1.0e+300", "strategy.round_timeout_s: Input should be less than or equal to"),
+        ("job", "seed", "true", "job.seed: Input should be a valid integer"),
+        ("tee", "allow_simulated_insecure", "'on'", "tee.allow_simulated_insecure: Input should be a valid boolean"),
+        ("tee", "allow_simulated_insecure", "1", "tee.allow_simulated_insecure: Input should be a valid boolean"),
+    ],
+)
+def test_numbers_and_flags_are_strict_finite_and_bounded(
+    tmp_path: Path, section: str, field: str, text: str, fragment: str
+) -> None:
+    data = hfl_job()
+    data[section][field] = "PLACEHOLDER"
+    text_job = yaml.safe_dump(data, sort_keys=False).replace("PLACEHOLDER", text)
+    assert fragment in config_error(tmp_path, text_job)
+
+
+def test_integers_still_read_as_floats(tmp_path: Path) -> None:
+    data = hfl_job()
+    data["strategy"].update(lr=1, round_timeout_s=60)
+    job = load_job(write_job(tmp_path, data))
+    assert isinstance(job, HflJobConfig) and job.strategy.lr == 1.0 and isinstance(job.strategy.lr, float)
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    deep = "a:\n  args: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert "nested deeper than" in config_error(tmp_path, deep)
+    nested = hfl_job()
+    value: Any = 1
+    for _ in range(40):
+        value = {"x": value}
+    nested["model"]["args"]["in_features"] = value
+    assert "model.args.in_features.x.x" in config_error(tmp_path, nested)
+
+
+def test_yaml_alias_bomb_is_refused_before_validation(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    text = yaml.safe_dump(hfl_job(), sort_keys=False) + "\n".join(lines) + "\n"
+    assert "more than 100000 values" in config_error(tmp_path, text)

@@ -160,3 +160,44 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _party_fails_before_attesting(job_file: Path, out: Path, name: str = "worker-a") -> str:
+    done = enclavefl("party", str(job_file), "--name", name, "--out", str(out), timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (out / "parties" / f"{name}.json").exists()  # written once it attested: it never did
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"label": "target"}, "no label column 'target' in header"),
+        ({"path": sys.executable}, "not a CSV text file (not UTF-8"),
+    ],
+    ids=["missing-label-column", "binary-file"],
+)
+def test_bad_worker_data_is_exit_2_before_attestation(
+    hfl_job: Path, tmp_path: Path, change: dict[str, str], fragment: str
+) -> None:
+    job = yaml.safe_load(hfl_job.read_text())
+    job["parties"][1]["data"].update(change)
+    hfl_job.write_text(yaml.safe_dump(job))
+    assert fragment in _party_fails_before_attesting(hfl_job, tmp_path / "out")
+
+
+def test_bad_model_argument_is_exit_2_naming_the_field(hfl_job: Path, tmp_path: Path) -> None:
+    job = yaml.safe_load(hfl_job.read_text())
+    job["model"]["args"]["in_features"] = "x"
+    hfl_job.write_text(yaml.safe_dump(job))
+    stderr = _party_fails_before_attesting(hfl_job, tmp_path / "out", name="server")
+    assert "model.args: 'mlp' refused its arguments" in stderr
+
+
+def test_deeply_nested_job_file_is_exit_2(tmp_path: Path) -> None:
+    job_file = tmp_path / "deep.yaml"
+    job_file.write_text("job:\n  x: " + "[" * 6000 + "]" * 6000 + "\n")
+    done = enclavefl("run", str(job_file), timeout=60)
+    assert done.returncode == 2 and "nested deeper than" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,6 +15,8 @@ import numpy as np
 
 from enclavefl.errors import FormatError, UsageError
 
+__all__ = ["SKLEARN_DATASETS", "Table", "load_fate_csv", "load_sklearn"]
+
 SKLEARN_DATASETS = ("breast_cancer", "digits")
 
 
@@ -42,33 +44,51 @@ class Table:
         )
 
 
-def load_fate_csv(path: str | Path, *, id_column: str = "id", label_column: str = "y") -> Table:
-    """Read a FATE-style CSV; labels are int64 when every label is integral, else float32."""
+def load_fate_csv(
+    path: str | Path, *, id_column: str = "id", label_column: str = "y", require_label: bool = False
+) -> Table:
+    """Read a FATE-style CSV; labels are int64 when every label is integral, else float32.
+
+    Without a `label_column` in the header the table has no labels, unless `require_label`
+    (a configured label column): then its absence is an error, never a silent fall-back
+    that would turn the real label column into a feature. A file that is not UTF-8 CSV text
+    (a binary file, NUL bytes, a field over the csv module's limit) is a FormatError.
+    """
     path = Path(path)
     try:
         handle = path.open("r", encoding="utf-8", newline="")
     except OSError as exc:
         raise UsageError(f"cannot read table {path}: {exc.strerror}") from None
-    with handle:
-        reader = csv.reader(handle)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise FormatError(f"{path}: empty file (expected a header such as id,y,x0,...)") from None
-        if id_column not in header:
-            raise FormatError(f"{path}: no id column {id_column!r} in header {header[:6]}")
-        if len(set(header)) != len(header):
-            raise FormatError(f"{path}: duplicate column names in header {header}")
-        id_at = header.index(id_column)
-        label_at = header.index(label_column) if label_column in header else None
-        feature_at = [i for i in range(len(header)) if i not in (id_at, label_at)]
-        records = []
-        for line_no, record in enumerate(reader, start=2):
-            if not record:
-                continue
-            if len(record) != len(header):
-                raise FormatError(f"{path} line {line_no}: expected {len(header)} fields, got {len(record)}")
-            records.append((line_no, record))
+    reader = csv.reader(handle)
+    try:
+        with handle:
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise FormatError(f"{path}: empty file (expected a header such as id,y,x0,...)") from None
+            if id_column not in header:
+                raise FormatError(f"{path}: no id column {id_column!r} in header {header[:6]}")
+            if len(set(header)) != len(header):
+                raise FormatError(f"{path}: duplicate column names in header {header}")
+            if require_label and label_column not in header:
+                raise FormatError(
+                    f"{path}: no label column {label_column!r} in header {header[:6]}"
+                    f"{' ...' if len(header) > 6 else ''}: set the data spec's label to the file's label column"
+                )
+            id_at = header.index(id_column)
+            label_at = header.index(label_column) if label_column in header else None
+            feature_at = [i for i in range(len(header)) if i not in (id_at, label_at)]
+            records = []
+            for line_no, record in enumerate(reader, start=2):
+                if not record:
+                    continue
+                if len(record) != len(header):
+                    raise FormatError(f"{path} line {line_no}: expected {len(header)} fields, got {len(record)}")
+                records.append((line_no, record))
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not a CSV text file (not UTF-8 at byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:
+        raise FormatError(f"{path} line {reader.line_num}: not a CSV text file ({exc})") from None
     if not records:
         raise FormatError(f"{path}: no data rows after the header")
     cells = np.asarray([record for _, record in records], dtype=str)

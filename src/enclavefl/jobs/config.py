@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import types
@@ -33,6 +34,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PrivateAttr,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -220,6 +222,34 @@ KeySpec = Annotated[str, BeforeValidator(_resolve_key_spec)]
 """A key source for sealing, as `enclavefl.seal.parse_key_spec` reads it; `file:` paths resolved."""
 
 
+MAX_INT = 2**31 - 1
+"""The largest count, size or seed a job file may give (rounds, rows, batch sizes, ...)."""
+MAX_SECONDS = 30 * 24 * 3600.0
+"""The longest timeout a job file may give (Python's waits overflow far above this)."""
+
+Int = Annotated[int, Strict(), Field(le=MAX_INT)]
+"""A YAML integer: not `true`, not `2.0`, not `1.0e30`, at most MAX_INT."""
+
+
+def _real(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(f"expected a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _invalid(f"{value!r} is too large") from None
+    if not math.isfinite(number):
+        raise _invalid(f"must be a finite number, got {value!r}")
+    return number
+
+
+Bool = Annotated[bool, Strict()]
+"""A YAML `true`/`false`: not 1, not the string "on"."""
+Real = Annotated[float, BeforeValidator(_real), Field(allow_inf_nan=False)]
+"""A finite number (`.inf`, `.nan` and `true` are refused); YAML integers are accepted."""
+Seconds = Annotated[Real, Field(le=MAX_SECONDS)]
+
+
 def _unique(values: tuple[Any, ...]) -> tuple[Any, ...]:
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
@@ -246,11 +276,11 @@ class PartitionSpec(_Section):
 
     method: Literal["iid", "dirichlet"] = "iid"
     """iid: a seeded shuffle cut into equal parts; dirichlet: label skew (needs alpha)."""
-    num_parts: int = Field(ge=1)
+    num_parts: Int = Field(ge=1)
     """How many parts the source is cut into."""
-    index: int = Field(ge=0)
+    index: Int = Field(ge=0)
     """This party's part, 0 <= index < num_parts."""
-    alpha: float | None = Field(None, gt=0, validate_default=True)
+    alpha: Real | None = Field(None, gt=0, validate_default=True)
     """Dirichlet concentration: small gives each party few classes, large tends to IID."""
 
     @field_validator("index")
@@ -306,7 +336,7 @@ class Cifar10Data(_Section):
     root: ResolvedPath
     """The cifar-10-batches-py folder or the folder that holds it."""
     split: Literal["train", "test"] = "train"
-    download: bool = False
+    download: Bool = False
     """Download (MD5-checked) into root when the batches are missing."""
     partition: PartitionSpec | None = None
 
@@ -327,9 +357,9 @@ class CriteoData(_Section):
 
     kind: Literal["criteo"]
     path: ResolvedPath
-    vocab_sizes: Annotated[int | tuple[int, ...], BeforeValidator(_vocab_sizes)] = 10_000
+    vocab_sizes: Annotated[Int | tuple[Int, ...], BeforeValidator(_vocab_sizes)] = 10_000
     """Hash buckets per categorical field: one int for all 26 fields, or 26 ints."""
-    limit: int | None = Field(None, ge=1)
+    limit: Int | None = Field(None, ge=1)
     """Read only the first `limit` rows of the file (before partitioning)."""
     partition: PartitionSpec | None = None
 
@@ -345,9 +375,9 @@ class SklearnData(_Section):
 class WideDeepGenerate(_Section):
     """How the synthetic wide&deep files are made when missing (Fedlearner's make_data.py sizes)."""
 
-    rows: int = Field(2000, ge=1)
-    fields_per_party: int = Field(512, ge=1)
-    vocab_size: int = Field(101, ge=2)
+    rows: Int = Field(2000, ge=1)
+    fields_per_party: Int = Field(512, ge=1)
+    vocab_size: Int = Field(101, ge=2)
 
 
 class WideDeepData(_Section):
@@ -373,7 +403,7 @@ class JobSection(_Section):
     id: Name = Field(default_factory=lambda data: data.get("name", ""))
     """Bound into attestation and sealed files: keep it to resume from checkpoints. Default: name."""
     mode: Mode
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0)
     """Seeds partitioning, initialization and shuffling on every party."""
 
 
@@ -393,7 +423,7 @@ class TeeConfig(_Section):
     """PCCS to fetch quote collateral from (default: the verifier's)."""
     collateral: ResolvedPath | None = None
     """An offline collateral file instead of a PCCS."""
-    allow_simulated_insecure: bool = Field(False, validate_default=True)
+    allow_simulated_insecure: Bool = Field(False, validate_default=True)
     """Required for the simulated attester, whose evidence anyone can forge; the policy must also allow it."""
     verify: Literal["two-way", "server", "client"] = "two-way"
     """Who is attested: two-way (both ends); server: only the server/leader; client: only the others."""
@@ -457,7 +487,7 @@ class VflModelConfig(_Section):
     """Each follower's model over its own features; its output activations go to the leader."""
     top: ModelSpec
     """The leader's model over the activations; it computes the logits and the loss."""
-    leader_bottom: bool = True
+    leader_bottom: Bool = True
     """True: the leader also runs `bottom` on its own features.
 
     False: `top` reads the leader's own features itself (wide&deep's leader model).
@@ -480,36 +510,36 @@ _STRATEGY_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
     "staleness_policy": (("async-sgd",), "refuse"),
 }
 
-Fraction = Annotated[float, Field(ge=0, lt=1)]
+Fraction = Annotated[Real, Field(ge=0, lt=1)]
 
 
 class StrategyConfig(_Section):
     """How the server combines the workers' work. Parameters a strategy does not use are errors."""
 
     name: Literal["sync-sgd", "async-sgd", "fedavg", "fedprox", "fedadam"]
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
+    batch_size: Int = Field(ge=1)
+    lr: Real = Field(gt=0)
     """Of the server SGD that applies averaged gradients (sgd strategies) or of the workers' local SGD (rounds)."""
     momentum: Fraction = 0.0
-    weight_decay: float = Field(0.0, ge=0)
-    rounds: int | None = Field(None, ge=1, validate_default=True)
-    steps: int | None = Field(None, ge=1, validate_default=True)
-    local_epochs: int | None = Field(None, ge=1, validate_default=True)
-    mu: float | None = Field(None, ge=0, validate_default=True)
+    weight_decay: Real = Field(0.0, ge=0)
+    rounds: Int | None = Field(None, ge=1, validate_default=True)
+    steps: Int | None = Field(None, ge=1, validate_default=True)
+    local_epochs: Int | None = Field(None, ge=1, validate_default=True)
+    mu: Real | None = Field(None, ge=0, validate_default=True)
     """FedProx proximal weight."""
-    server_lr: float | None = Field(None, gt=0, validate_default=True)
+    server_lr: Real | None = Field(None, gt=0, validate_default=True)
     beta1: Fraction | None = Field(None, validate_default=True)
     beta2: Fraction | None = Field(None, validate_default=True)
-    tau: float | None = Field(None, gt=0, validate_default=True)
+    tau: Real | None = Field(None, gt=0, validate_default=True)
     """FedAdam adaptivity (epsilon)."""
-    max_staleness: int | None = Field(None, ge=0, validate_default=True)
+    max_staleness: Int | None = Field(None, ge=0, validate_default=True)
     """async-sgd: a gradient computed on a model more than this many versions old is dropped."""
     staleness_policy: Literal["refuse", "down-weight"] | None = Field(None, validate_default=True)
     """async-sgd, within max_staleness: refuse: full weight; down-weight: scaled by 1/(1 + staleness)."""
-    min_workers: int | None = Field(None, ge=1)
+    min_workers: Int | None = Field(None, ge=1)
     """Quorum: a round/step closes at its timeout once this many workers reported. None: every worker."""
-    round_timeout_s: float = Field(300.0, gt=0)
-    done_grace_s: float = Field(30.0, ge=0)
+    round_timeout_s: Seconds = Field(300.0, gt=0)
+    done_grace_s: Seconds = Field(30.0, ge=0)
     """After the last round/step, how long the server waits for workers that joined but have
     not yet heard the run is done (a worker cut off near the end); 0: stop at once."""
 
@@ -537,9 +567,9 @@ class HflEvaluationConfig(_Section):
     where: Literal["server", "workers"] = "workers"
     """server: on evaluation.data; workers: each on a held-out part of its own rows, results pooled."""
     data: DataSpec | None = Field(None, validate_default=True)
-    holdout_fraction: float | None = Field(None, gt=0, lt=1, validate_default=True)
+    holdout_fraction: Real | None = Field(None, gt=0, lt=1, validate_default=True)
     """where: workers: the fraction of each worker's rows kept out of training (default 0.2)."""
-    every: int = Field(1, ge=1)
+    every: Int = Field(1, ge=1)
     """Evaluate every N rounds (round strategies) or steps (sgd strategies), and after the last."""
     metrics: Metrics = ("accuracy", "logloss")
     """Any of accuracy, auc (binary tasks), logloss."""
@@ -568,15 +598,15 @@ class HflEvaluationConfig(_Section):
 class VflTrainingConfig(_Section):
     alignment: Literal["tee-join", "ecdh-psi"] = "ecdh-psi"
     """tee-join: ids go to the leader's enclave; ecdh-psi: private set intersection, safe without trusting the TEE."""
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    lr: Real = Field(gt=0)
     optimizer: Literal["sgd", "adam", "adagrad"] = "sgd"
     momentum: Fraction = 0.0
     """sgd only."""
-    pipeline_depth: int = Field(1, ge=1)
+    pipeline_depth: Int = Field(1, ge=1)
     """Iterations in flight between leader and followers (1: lock-step)."""
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_fraction: Real = Field(0.2, gt=0, lt=1)
     """Fraction of the aligned rows held out for validation (the same rows on every party)."""
     metrics: Metrics = ("accuracy", "logloss")
 
@@ -596,9 +626,9 @@ class StorageConfig(_Section):
     """Each party writes under <checkpoint_dir>/<party name>/."""
     key: KeySpec
     """file:PATH (insecure, development), sgx-seal:mrenclave|mrsigner, or broker:HOST:PORT/NAME."""
-    checkpoint_every: int = Field(ge=1)
+    checkpoint_every: Int = Field(ge=1)
     """In rounds (round strategies), steps (sgd strategies) or iterations (vfl)."""
-    keep_last: int = Field(3, ge=1)
+    keep_last: Int = Field(3, ge=1)
 
     def party_dir(self, party: str) -> Path:
         return self.checkpoint_dir / party
@@ -607,7 +637,7 @@ class StorageConfig(_Section):
 class OutputConfig(_Section):
     dir: ResolvedPath
     """Metrics, plots and exported models. Default: runs/<job name> under the current directory."""
-    plot: bool = True
+    plot: Bool = True
 
 
 # --------------------------------------------------------------------------- the job
@@ -882,6 +912,10 @@ def load_job(path: Path) -> JobConfig:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        # PyYAML composes nested nodes recursively: a deep enough document overflows it.
+        raise ConfigError(f"{path}: invalid YAML: nested deeper than this parser can read "
+                          f"(a job file nests at most {MAX_DEPTH} levels)") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -898,6 +932,7 @@ def parse_job(data: Any, *, base_dir: Path, source: str = "job") -> JobConfig:
         raise ConfigError(f"{source}: empty job file")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a job file is a mapping of sections (job, parties, ...), got {type(data).__name__}")
+    _check_size(data, source)
     job = data.get("job")
     mode = job.get("mode") if isinstance(job, dict) else None
     if mode not in _JOB_CLASSES:
@@ -909,6 +944,33 @@ def parse_job(data: Any, *, base_dir: Path, source: str = "job") -> JobConfig:
     except ValidationError as err:
         lines = _describe_errors(err, cls)
         raise ConfigError(f"{source}: invalid job file:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+MAX_DEPTH = 32
+"""How deep a job document may nest (mappings and lists); real jobs use about 6 levels."""
+MAX_NODES = 100_000
+"""How many values a job document may hold, YAML aliases counted at every use."""
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse documents too deep or too large to validate safely, without recursing.
+
+    Validation and the roles walk the document recursively, and YAML aliases make a small
+    file expand into a huge tree ("billion laughs"); both are bounded here, once.
+    """
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    nodes = 0
+    while stack:
+        node, depth, where = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ConfigError(f"{source}: invalid job file: more than {MAX_NODES} values (YAML aliases count at each use)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{source}: invalid job file: {where or '(top level)'} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, f"{where}.{k}" if where else str(k)) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(node))
 
 
 def dump_job(config: JobConfig) -> str:

@@ -29,6 +29,8 @@ from enclavefl.jobs.config import (
 
 log = logging.getLogger("enclavefl.jobs")
 
+__all__ = ["PartyData", "load_party_data", "preload_party_data"]
+
 
 @dataclass(frozen=True)
 class PartyData:
@@ -68,10 +70,26 @@ def _labels(y: np.ndarray | None) -> np.ndarray | None:
     return y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
 
 
+# Data a party loaded before it attested (preload_party_data), handed to the role once.
+_preloaded: dict[tuple[object, int], PartyData] = {}
+
+
+def preload_party_data(spec: object, *, seed: int) -> None:
+    """Load `spec` now, so that a missing label column or an unreadable file fails before the
+    party attests or connects; the next `load_party_data` of the same spec returns it."""
+    _preloaded[(spec, seed)] = _load(spec, seed)
+
+
 def load_party_data(spec: object, *, seed: int) -> PartyData:
     """Load a data spec of the job file (csv, sklearn, cifar10, criteo, wide-deep)."""
+    preloaded = _preloaded.pop((spec, seed), None)
+    return preloaded if preloaded is not None else _load(spec, seed)
+
+
+def _load(spec: object, seed: int) -> PartyData:
     if isinstance(spec, CsvData):
-        table = load_fate_csv(spec.path, id_column=spec.id_column, label_column=spec.label or "")
+        table = load_fate_csv(spec.path, id_column=spec.id_column, label_column=spec.label or "",
+                              require_label=spec.label is not None)
         X = table.X
         if spec.features is not None:
             missing = [f for f in spec.features if f not in table.feature_names]

@@ -10,12 +10,15 @@ from typing import Any
 
 from enclavefl.errors import UsageError
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.jobs.config import load_job
+from enclavefl.jobs.config import HflJobConfig, JobConfig, load_job
+from enclavefl.jobs.datasets import preload_party_data
 from enclavefl.jobs.launcher import result_file
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.net import bound_allocator, tune_allocator
 
 log = logging.getLogger("enclavefl.jobs")
+
+__all__ = ["run_party", "set_torch_threads"]
 
 
 def set_torch_threads() -> None:
@@ -25,6 +28,22 @@ def set_torch_threads() -> None:
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
+
+
+def _preflight(job: JobConfig, name: str, task: str) -> None:
+    """Check this party's own inputs before it attests: its data (and the hfl server's
+    evaluation data) load, with the configured label column; the hfl model builds from its
+    arguments. A bad file or argument is then an exit-2 error before any peer is contacted."""
+    party = job.party(name)
+    specs = [party.data] if party.data is not None and task != "predict" else []
+    if isinstance(job, HflJobConfig) and party.role == "server" and job.evaluation.data is not None:
+        specs.append(job.evaluation.data)
+    for spec in specs:
+        preload_party_data(spec, seed=job.job.seed)
+    if isinstance(job, HflJobConfig):
+        from enclavefl.jobs.hfl_job import build_global_model
+
+        build_global_model(job)
 
 
 def run_party(
@@ -49,6 +68,7 @@ def run_party(
         bound_allocator()  # many workers' uploads at once: memory near the live model copies
     else:
         tune_allocator()  # multi-MiB tensor frames: reuse buffers instead of fresh zeroed pages
+    _preflight(job, name, task)
     runtime = PartyRuntime.create(job, job_file, name, out)
     key = runtime.key_source()
     if key is not None and not (job.mode == "hfl" and runtime.party.role == "worker"):  # hfl workers keep no state
