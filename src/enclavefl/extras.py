@@ -10,18 +10,15 @@ the one place that knows which is which:
 * `COMMAND_EXTRAS`: what each `enclavefl` command needs whatever its input;
 * `JOB_FEATURES`: what a job file needs, by the features it uses (a new feature that needs an
   extra adds one `JobFeature` here);
-* `MissingExtra`: the exit-2 error naming the exact install line, raised by the checks
-  (`require_for_command`, `require_for_job`), by `require(module, extra)` where code imports
-  an extra's module, and made by `missing_extra_for` for an import that failed anyway.
+* `MissingExtra`: the exit-2 error naming the exact install line, raised by `require` and
+  made by `missing_extra_for` for an import of an extra's module that failed anyway.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from enclavefl.errors import UsageError
@@ -38,7 +35,6 @@ __all__ = [
     "install_line",
     "missing_extra_for",
     "require",
-    "require_extras",
     "require_for_command",
     "require_for_job",
 ]
@@ -96,7 +92,8 @@ def _section(name: str) -> Callable[[Any], bool]:
 JOB_FEATURES: tuple[JobFeature, ...] = (
     # Every party trains, evaluates or serves a torch model today.
     JobFeature("training", "ml", lambda job: True),
-    JobFeature("a differential privacy budget (privacy:)", "dp", _section("privacy")),
+    JobFeature("DP-SGD (privacy.mechanism: dp-sgd)", "dp",
+               lambda job: getattr(getattr(job, "privacy", None), "mechanism", None) == "dp-sgd"),
     JobFeature("experiment tracking (tracking:)", "tracking", _section("tracking")),
 )
 
@@ -118,19 +115,7 @@ def install_line(extras: Iterable[str]) -> str:
     return f"pip install '{DISTRIBUTION}[{','.join(dict.fromkeys(extras))}]'"
 
 
-def require(module: str, extra: str) -> ModuleType:
-    """`import module` where an extra's code needs it, or raise MissingExtra naming `extra`.
-
-    For code paths a job reaches only with some feature (a Keras trainer imports keras):
-    the command-level checks below run first, this catches what they cannot know.
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingExtra([extra], needed_for=f"`import {module}`", missing=[exc.name or module]) from None
-
-
-def require_extras(extras: Iterable[str], *, needed_for: str) -> None:
+def require(extras: Iterable[str], *, needed_for: str) -> None:
     """Raise MissingExtra naming every extra in `extras` whose modules are not all importable."""
     missing: dict[str, list[str]] = {}
     for name in dict.fromkeys(extras):
@@ -144,7 +129,7 @@ def require_extras(extras: Iterable[str], *, needed_for: str) -> None:
 
 
 def require_for_command(command: str) -> None:
-    require_extras(COMMAND_EXTRAS.get(command, ()), needed_for=f"`enclavefl {command}`")
+    require(COMMAND_EXTRAS.get(command, ()), needed_for=f"`enclavefl {command}`")
 
 
 def extras_for_job(job: Any) -> dict[str, list[str]]:
@@ -159,7 +144,7 @@ def extras_for_job(job: Any) -> dict[str, list[str]]:
 def require_for_job(job: Any, job_file: object) -> None:
     needed = extras_for_job(job)
     features = ", ".join(f for names in needed.values() for f in names)
-    require_extras(needed, needed_for=f"job {job_file} ({features})")
+    require(needed, needed_for=f"job {job_file} ({features})")
 
 
 def missing_extra_for(error: ModuleNotFoundError, *, needed_for: str) -> MissingExtra | None:
