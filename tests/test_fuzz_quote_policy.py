@@ -113,6 +113,15 @@ POLICY_KEYS = {
     "allow_debug": st.one_of(st.booleans(), SCALAR),
     "allow_simulated": st.one_of(st.booleans(), SCALAR),
     "verify_mr_enclav": SCALAR,
+    "parties": st.one_of(
+        st.dictionaries(
+            st.one_of(st.sampled_from(["leader", "w1"]), st.text(max_size=4)),
+            st.one_of(st.fixed_dictionaries({}, optional={"sgx_mrs": st.lists(SGX_ENTRY, max_size=2),
+                                                          "tdx_mrs": st.lists(TDX_ENTRY, max_size=2)}), JSONISH),
+            max_size=2,
+        ),
+        JSONISH,
+    ),  # fmt: skip
 }
 POLICY_OBJECTS = st.one_of(
     st.fixed_dictionaries({}, optional=POLICY_KEYS),
@@ -143,6 +152,11 @@ def test_policy_parser_and_check(obj: Any, claims: Claims) -> None:
         assert exc.reason
         return
     assert Policy.from_json(policy.to_json()).digest() == policy.digest()
+    for party in ("leader", "w1"):
+        try:
+            policy.check_party(party, claims)
+        except PolicyRejected as exc:
+            assert exc.check == "party-identity" and party in policy.parties
     try:
         policy.check(claims)
     except PolicyRejected as exc:

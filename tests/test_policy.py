@@ -426,3 +426,49 @@ def test_policy_nested_deeply_is_config_error(tmp_path: Path, depth: int) -> Non
     path.write_text('{"sgx_mrs": ' + "[" * depth + "]" * depth + "}")
     with pytest.raises(ConfigError, match="deep.json"):
         Policy.load(path)
+
+
+# -- per-party pins (issue 12, item 4) -------------------------------------------------------------
+
+
+def test_parties_pin_a_measurement_per_name() -> None:
+    policy = Policy.from_json({
+        "allow_simulated": True,
+        "parties": {"leader": {"sgx_mrs": [{"mr_enclave": MR_A, "isv_svn": 2}]},
+                    "td": {"tdx_mrs": [{"mr_td": MR_TD}]}},
+    })  # fmt: skip
+    policy.check_party("leader", simulated(isv_svn=3))
+    policy.check_party("follower", simulated(mr_enclave=bytes.fromhex(MR_B)))  # not listed: the rest applies
+    policy.check_party("td", tdx())
+    for party, claims in [("leader", simulated(mr_enclave=bytes.fromhex(MR_B), isv_svn=3)),
+                          ("leader", simulated(isv_svn=1)), ("leader", tdx()), ("td", simulated())]:  # fmt: skip
+        with pytest.raises(PolicyRejected) as info:
+            policy.check_party(party, claims)
+        assert info.value.check == "party-identity" and repr(party) in info.value.reason
+
+
+def test_parties_are_part_of_the_digest_only_when_given() -> None:
+    base = {"allow_simulated": True}
+    pinned = {**base, "parties": {"leader": {"sgx_mrs": [{"mr_enclave": MR_A}]}}}
+    other = {**base, "parties": {"leader": {"sgx_mrs": [{"mr_enclave": MR_B}]}}}
+    assert Policy.from_json(base).digest() == Policy.from_json({**base, "parties": {}}).digest()
+    digests = {Policy.from_json(obj).digest() for obj in (base, pinned, other)}
+    assert len(digests) == 3
+    again = Policy.from_json(Policy.from_json(pinned).to_json())
+    assert again.digest() == Policy.from_json(pinned).digest()
+
+
+@pytest.mark.parametrize(
+    "parties, problem",
+    [
+        ({"": {"sgx_mrs": [{"mr_enclave": MR_A}]}}, "party names must be"),
+        ({"x": {}}, "must list sgx_mrs or tdx_mrs"),
+        ({"x": {"sgx_mrs": [{}]}}, "must give at least one of"),
+        ({"x": {"sgx_mrs": [{"mr_enclav": MR_A}]}}, "unknown key"),
+        ({"x": {"sgx_mrs": [{"mr_enclave": "zz"}]}}, "64 hex"),
+        (["x"], "parties"),
+    ],
+)
+def test_bad_parties_are_config_errors(parties: Any, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        Policy.from_json({"parties": parties})

@@ -12,7 +12,9 @@ An SGX peer passes if ANY `sgx_mrs` entry matches ALL enabled fields; `isv_svn` 
 `mr_td`, `rtmr0`..`rtmr3`; omitted fields are not checked), `allowed_tcb_status` (default
 ["UpToDate"]), `allow_debug` and `allow_simulated` (both default false), and `privacy`
 (`{unit: record|worker|label, max_epsilon, delta}`: the differential-privacy budget every
-party of a job enforces; being part of the digest, it is what every peer attests to). A `verify_*` key
+party of a job enforces; being part of the digest, it is what every peer attests to), and
+`parties` (`{party name: {sgx_mrs: [...], tdx_mrs: [...]}}`: what a party of that name must
+run, on top of the rest; a name not listed is held to the rest only). A `verify_*` key
 that is absent is "on" when some `sgx_mrs` entry gives that field, else "off". Unknown keys
 are errors, so that a typo cannot silently loosen a policy.
 """
@@ -43,7 +45,7 @@ from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.errors import ConfigError, PolicyRejected
 from enclavefl.tee.claims import Claims, TeeType
 
-__all__ = ["PRIVACY_UNITS", "Policy", "PrivacyBudget", "SgxIdentity", "TdxIdentity", "TCB_STATUSES"]
+__all__ = ["PRIVACY_UNITS", "PartyIdentity", "Policy", "PrivacyBudget", "SgxIdentity", "TdxIdentity", "TCB_STATUSES"]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,66 @@ class PrivacyBudget(BaseModel):
         return {"unit": self.unit, "max_epsilon": self.max_epsilon, "delta": self.delta}
 
 
+MAX_PARTY_NAME_CHARS = 128
+
+
+class PartyIdentity(BaseModel):
+    """What a party of one name must run (a `parties` entry): any of its identities, each
+    matching on every field it gives (`isv_svn` a minimum)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sgx_mrs: tuple[SgxIdentity, ...] = ()
+    tdx_mrs: tuple[TdxIdentity, ...] = ()
+
+    @model_validator(mode="after")
+    def _pins_something(self) -> PartyIdentity:
+        if not self.sgx_mrs and not self.tdx_mrs:
+            raise ValueError("a parties entry must list sgx_mrs or tdx_mrs")
+        for index, entry in enumerate(self.sgx_mrs):
+            if all(getattr(entry, name) is None for name in SGX_FIELDS):
+                raise ValueError(f"sgx_mrs[{index}] must give at least one of {', '.join(SGX_FIELDS)}")
+        return self
+
+    def matches(self, claims: Claims) -> bool:
+        if claims.tee is TeeType.TDX:
+            measured = dict(zip(TDX_FIELDS, (claims.mr_td, *claims.rtmrs), strict=False))
+            return any(
+                all(getattr(e, n) is None or getattr(e, n) == measured.get(n, b"").hex() for n in TDX_FIELDS)
+                for e in self.tdx_mrs
+            )
+        return any(_sgx_entry_matches(e, claims) for e in self.sgx_mrs)
+
+    def canonical(self) -> dict[str, Any]:
+        def entries(items: tuple[BaseModel, ...]) -> list[Any]:
+            unique = {json.dumps(e.model_dump(exclude_none=True), sort_keys=True) for e in items}
+            return [json.loads(e) for e in sorted(unique)]
+
+        return {"sgx_mrs": entries(self.sgx_mrs), "tdx_mrs": entries(self.tdx_mrs)}
+
+
+def _sgx_entry_matches(entry: SgxIdentity, claims: Claims) -> bool:
+    for name in SGX_FIELDS:
+        want = getattr(entry, name)
+        if want is None:
+            continue
+        got = getattr(claims, name)
+        if name == "isv_svn":
+            if got < want:
+                return False
+        elif (got.hex() if isinstance(got, bytes) else got) != want:
+            return False
+    return True
+
+
+def _party_names(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        for name in value:
+            if not isinstance(name, str) or not name or len(name) > MAX_PARTY_NAME_CHARS or not name.isprintable():
+                raise ValueError(f"party names must be 1..{MAX_PARTY_NAME_CHARS} printable characters, got {name!r}")
+    return value
+
+
 class Policy(BaseModel):
     """Identity, TCB and debug requirements every peer's claims must satisfy."""
 
@@ -198,6 +260,7 @@ class Policy(BaseModel):
     allow_debug: StrictBool = False
     allow_simulated: StrictBool = False
     privacy: PrivacyBudget | None = None
+    parties: Annotated[dict[str, PartyIdentity], BeforeValidator(_party_names)] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -387,6 +450,16 @@ class Policy(BaseModel):
         else:
             self._check_sgx(claims)
 
+    def check_party(self, party: str, claims: Claims) -> None:
+        """Raise PolicyRejected(check="party-identity") unless `claims` are what the policy's
+        `parties` entry for `party` allows (a party not listed passes: `check` applies)."""
+        pin = self.parties.get(party)
+        if pin is not None and not pin.matches(claims):
+            raise PolicyRejected(
+                f"party {party!r} runs {claims.tee.value} {claims.short_id()}, not an identity the policy pins for"
+                f" that name", check="party-identity", claims=claims,
+            )  # fmt: skip
+
     def _check_sgx(self, claims: Claims) -> None:
         enabled = self.enabled_sgx_fields
         if not enabled:
@@ -459,6 +532,8 @@ class Policy(BaseModel):
         # Only present when set, so the digest of a policy without a budget is unchanged.
         if self.privacy is not None:
             canonical["privacy"] = self.privacy.canonical()
+        if self.parties:  # likewise
+            canonical["parties"] = {name: pin.canonical() for name, pin in sorted(self.parties.items())}
         return canonical
 
     def privacy_claim(self) -> bytes:
@@ -475,9 +550,11 @@ class Policy(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         """The policy as a JSON object that `from_json` reads back to an equal policy."""
-        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs", "privacy"})
+        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs", "privacy", "parties"})
         if self.privacy is not None:
             out["privacy"] = self.privacy.canonical()
+        if self.parties:
+            out["parties"] = {name: pin.canonical() for name, pin in self.parties.items()}
         out["sgx_mrs"] = [e.model_dump(exclude_none=True) for e in self.sgx_mrs]
         out["tdx_mrs"] = [e.model_dump(exclude_none=True) for e in self.tdx_mrs]
         return out
