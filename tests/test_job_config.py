@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import missing_shared_data
 
 from enclavefl.errors import ConfigError, UsageError
 from enclavefl.jobs.config import (
@@ -105,7 +106,7 @@ def test_tabular_examples_point_at_shared_data(name: str, monkeypatch: pytest.Mo
     # The default (../../shared/data from examples/) must find the shared checkout beside the repo.
     monkeypatch.delenv("ENCLAVEFL_SHARED_DATA", raising=False)
     if not (REPO.parent / "shared" / "data" / "tabular").is_dir():
-        pytest.skip(f"shared test data not found beside the repo at {REPO.parent / 'shared'}")
+        missing_shared_data(REPO.parent / "shared" / "data" / "tabular")
     config = load_job(EXAMPLES / f"{name}.yaml")
     paths = [p.data.path for p in config.parties if isinstance(p.data, CsvData)]
     if isinstance(config, HflJobConfig) and isinstance(config.evaluation.data, CsvData):
