@@ -32,7 +32,7 @@ fuzz: $(STAMP)
 	ENCLAVEFL_FUZZ_SCALE=$(ENCLAVEFL_FUZZ_SCALE) $(BIN)/python -m pytest -q tests/test_fuzz_*.py --hypothesis-show-statistics
 
 bench: $(STAMP)
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/run_all.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --pyi_out=src --grpc_python_out=src src/enclavefl/net/enclavefl.proto
