@@ -48,6 +48,7 @@ HEADLINES: dict[str, list[tuple[str, str, str, float]]] = {
         ("PS memory growth in model sizes (bound allocator)", "ps_memory_fedavg.1.growth_in_model_sizes", "<=", 4.0),
     ],
     "bench_vfl": [("wide&deep split / unsplit per step", "wide_deep.split_over_unsplit", "<=", 1.3)],
+    "bench_flood": [("round time under 1,000 stalled unauthenticated calls / unloaded (max)", "max_round_ratio", "<=", 1.2)],
     "bench_align": [
         ("tee-join 1M x 1M seconds", "tee_join.both_sequential.wall_s", "<=", 3.0),
         ("ecdh-psi 1M x 1M seconds", "ecdh_psi.both_sequential.wall_s", "<=", 90.0),
