@@ -11,6 +11,11 @@ kind), then loops until the server says the run is done:
 
 Each push first waits for an upload place (`hfl.slot`), which bounds the server's memory.
 
+Record-level differential privacy: with `privacy` (an `enclavefl.privacy.dpsgd.DpSgd`,
+extra `[dp]`) local training is DP-SGD, and before each round the worker checks that the
+round's steps keep its accountant within the policy's budget; a round that would not is
+not trained: the worker stops (`stopped: privacy budget`) and sends nothing more.
+
 Evaluation: with `eval_data` the worker evaluates every global state the server asks for
 (every `eval_every` versions and the last) and sends the statistics, never the rows.
 
@@ -155,6 +160,7 @@ class Worker:
         reconnect_timeout_s: float = 300.0,
         call_timeout_s: float = 600.0,
         on_metrics: Callable[[dict[str, Any]], None] | None = None,
+        privacy: Any = None,
     ) -> None:
         sizes = {"batch_size": batch_size, "local_epochs": local_epochs, "eval_batch_size": eval_batch_size}
         for name, value in sizes.items():
@@ -181,6 +187,8 @@ class Worker:
         self._reconnect_timeout_s = reconnect_timeout_s
         self._call_timeout_s = call_timeout_s
         self._on_metrics = on_metrics
+        self._privacy = privacy
+        self.stopped: str | None = None
         # What the server told us at join.
         self._incarnation: str | None = None
         self._kind = "grad"
@@ -206,6 +214,8 @@ class Worker:
         self._apply_state(self._join(None))
         self._maybe_evaluate()
         if self._kind == "grad":
+            if self._privacy is not None:
+                raise UsageError("record-level DP-SGD trains in rounds: use fedavg, fedprox or fedadam")
             self._run_sgd()
         else:
             self._run_rounds()
@@ -219,6 +229,8 @@ class Worker:
             "version": self._version,
             "done": self._done,
             **self._counts,
+            **({"privacy": self._privacy.report()} if self._privacy is not None else {}),
+            **({"stopped": self.stopped} if self.stopped else {}),
             "bytes_sent": self._bytes["sent"],
             "bytes_received": self._bytes["received"],
             "rows_sent": dict(self._rows_sent),
@@ -246,6 +258,13 @@ class Worker:
     def _run_rounds(self) -> None:
         want = self._rows_of_all(self._train) if self._rows_of is not None else {}
         while not self._done:
+            if self._privacy is not None and not self._privacy.fits(self._round_steps()):
+                self.stopped = "privacy budget"
+                log.warning("party %s: stopped: privacy budget (epsilon %.3f spent; another round would exceed %g)",
+                            self.party, self._privacy.epsilon, self._privacy.max_epsilon)
+                self._emit({"event": "stopped", "party": self.party, "version": self._version,
+                            "reason": "privacy budget", **self._privacy.report()})  # fmt: skip
+                return
             version = self._version
             start = model_state(self._model)
             started = time.perf_counter()
@@ -255,8 +274,9 @@ class Worker:
                 self._model, start, worker=self.party, num_examples=len(self._train[-1]), version=version
             )
             del start
+            private = self._privacy.report() if self._privacy is not None else {}
             self._emit({"event": "train", "party": self.party, "version": version, "loss": loss,
-                        "compute_s": compute_s})  # fmt: skip
+                        "compute_s": compute_s, **private})  # fmt: skip
             log.info("party %s: round %d/%d trained in %.2f s (loss %.4f)",
                      self.party, version + 1, self._total, compute_s, loss)
             self._push(contribution, want, compute_s)
@@ -283,10 +303,17 @@ class Worker:
         )
         return contribution, float(loss.detach())
 
+    def _round_steps(self) -> int:
+        return self._privacy.steps_per_epoch * self._local_epochs
+
     def _train_round(self, start: Mapping[str, torch.Tensor]) -> float:
         model = self._model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self._lr, momentum=self._momentum, weight_decay=self._weight_decay)
+        if self._privacy is not None:
+            mu = self._proximal_mu
+            penalty = (lambda: fedprox_penalty(model, start, mu)) if mu > 0 else None
+            return self._privacy.train(optimizer, epochs=self._local_epochs, loss_fn=self._loss_fn, penalty=penalty)
         model.train()
         total, batches = 0.0, 0
         rows = len(self._train[-1])

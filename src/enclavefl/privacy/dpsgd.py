@@ -1,0 +1,311 @@
+"""Record-level DP-SGD with Opacus (extra `enclavefl[dp]`).
+
+`make_private` wraps a model, its optimizer and its data loader the way Opacus's
+`PrivacyEngine.make_private_with_epsilon` does, but over a number of *steps* the whole job
+plans (the federation decides how many rounds and local epochs a worker trains), and with
+enclavefl's RDP accountant (`enclavefl.privacy.rdp`, equal to Opacus's) stepped by every
+optimizer step:
+
+* per-sample gradients (Opacus `GradSampleModule`), each clipped to `max_grad_norm`;
+* Gaussian noise of standard deviation `noise_multiplier * max_grad_norm` on their sum,
+  divided by the expected batch size (Opacus `DPOptimizer`);
+* Poisson sampling: every row joins each batch independently with probability
+  `sample_rate = batch_size / rows` (Opacus `DPDataLoader`), which the accounting assumes;
+* the noise multiplier found by bisection so that the planned steps spend at most the
+  target epsilon at delta.
+
+Models with layers Opacus cannot train privately (BatchNorm mixes the examples of a batch,
+so a per-sample gradient does not exist) are refused, naming the layers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from enclavefl.errors import UsageError
+from enclavefl.privacy.rdp import RdpAccountant, noise_multiplier_for
+
+try:
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+except ImportError as exc:  # the optional extra is missing
+    raise UsageError(
+        "record-level differential privacy (DP-SGD) needs Opacus: pip install 'enclavefl[dp]'"
+    ) from exc
+
+__all__ = ["DpSgd", "PrivateTraining", "check_model", "make_private"]
+
+# Opacus's per-sample hooks are full backward hooks on modules whose inputs (data) need no
+# gradient; torch warns about it on every step although it is exactly what Opacus expects.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model with layers Opacus cannot compute per-sample gradients for, naming them."""
+    problems = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        if validator is not None:
+            for error in validator(module):
+                reason = str(error).split(". ")[0]
+                problems.append(f"{name or '(model)'} ({type(module).__name__}): {reason}")
+    if problems:
+        raise UsageError(
+            "the model has layers Opacus cannot train with per-sample gradients: "
+            + "; ".join(problems)
+            + " (replace BatchNorm with GroupNorm or LayerNorm; see opacus.validators.ModuleValidator.fix)"
+        )
+
+
+@dataclass
+class PrivateTraining:
+    """A model, optimizer and loader ready for DP-SGD, and what they spend.
+
+    `model` is the GradSampleModule around the caller's model (which it shares parameters
+    with); `accountant.epsilon(delta)` is the epsilon spent by the optimizer steps so far.
+    """
+
+    model: GradSampleModule
+    optimizer: DPOptimizer
+    data_loader: DataLoader
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    delta: float
+    planned_steps: int
+    accountant: RdpAccountant
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.delta)
+
+    @property
+    def steps(self) -> int:
+        return self.accountant.steps
+
+    def report(self) -> dict[str, Any]:
+        """What metrics.jsonl and summary.json record about this worker's privacy."""
+        return {
+            "dp_epsilon": self.epsilon,
+            "dp_delta": self.delta,
+            "dp_accountant": self.accountant.name,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_max_grad_norm": self.max_grad_norm,
+            "dp_sample_rate": self.sample_rate,
+            "dp_steps": self.steps,
+        }
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    *,
+    target_epsilon: float | None,
+    delta: float,
+    steps: int,
+    max_grad_norm: float,
+    noise_multiplier: float | None = None,
+    accountant: RdpAccountant | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[PrivateTraining], None] | None = None,
+) -> PrivateTraining:
+    """Wrap for DP-SGD over `steps` planned optimizer steps.
+
+    Give `target_epsilon` (the noise multiplier is calibrated to it) or `noise_multiplier`
+    (used as is). `accountant` carries steps already spent (a resumed job). `on_step` runs
+    after every private step, e.g. to stop at the budget.
+    """
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise UsageError("give exactly one of target_epsilon and noise_multiplier")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise UsageError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"planned steps must be an int >= 1, got {steps!r}")
+    batches = len(data_loader)
+    if batches < 1:
+        raise UsageError("DP-SGD needs a data loader with at least one batch")
+    check_model(model)
+    sample_rate = 1.0 / batches
+    if noise_multiplier is None:
+        assert target_epsilon is not None
+        noise_multiplier = noise_multiplier_for(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps
+        )
+    model.train()
+    try:
+        private_model = GradSampleModule(model)
+    except NotImplementedError as exc:
+        raise UsageError(f"Opacus cannot compute per-sample gradients of this model: {exc}") from None
+    expected_batch = max(1, round(len(data_loader.dataset) * sample_rate))  # type: ignore[arg-type]
+    private_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch,
+        generator=generator,
+    )
+    loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+    training = PrivateTraining(
+        model=private_model,
+        optimizer=private_optimizer,
+        data_loader=loader,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=sample_rate,
+        delta=delta,
+        planned_steps=steps,
+        accountant=accountant if accountant is not None else RdpAccountant(),
+    )
+
+    def account(optim: DPOptimizer) -> None:
+        training.accountant.step(noise_multiplier=optim.noise_multiplier, sample_rate=sample_rate)
+        if on_step is not None:
+            on_step(training)
+
+    private_optimizer.attach_step_hook(account)
+    return training
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DpSgd:
+    """DP-SGD for a worker that trains `model` on its own rows, round after round.
+
+    Built once per job (the per-sample hooks are attached once); every round calls
+    `train` with a fresh optimizer. The noise multiplier is calibrated to spend
+    `target_epsilon` over `planned_steps` (or `noise_multiplier` is given); `fits(steps)`
+    says whether `steps` more stay within `max_epsilon` (the policy's budget).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Sequence[torch.Tensor],
+        *,
+        batch_size: int,
+        delta: float,
+        planned_steps: int,
+        max_grad_norm: float,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        max_epsilon: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise UsageError("give exactly one of target_epsilon and noise_multiplier")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise UsageError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+        check_model(model)
+        rows = int(train[-1].shape[0])
+        self._loader = DataLoader(TensorDataset(*train), batch_size=batch_size)
+        self.sample_rate = 1.0 / len(self._loader)
+        self.expected_batch_size = max(1, round(rows * self.sample_rate))
+        self.delta = float(delta)
+        self.max_grad_norm = float(max_grad_norm)
+        self.planned_steps = planned_steps
+        if noise_multiplier is None:
+            assert target_epsilon is not None
+            noise_multiplier = noise_multiplier_for(
+                target_epsilon=target_epsilon, delta=delta, sample_rate=self.sample_rate, steps=planned_steps
+            )
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_epsilon = max_epsilon
+        self.accountant = RdpAccountant()
+        self._generator = torch.Generator().manual_seed(seed)
+        self._private_loader = DPDataLoader.from_data_loader(self._loader, generator=self._generator)
+        model.train()
+        try:
+            self.module = GradSampleModule(model)
+        except NotImplementedError as exc:
+            raise UsageError(f"Opacus cannot compute per-sample gradients of this model: {exc}") from None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._loader)
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.delta)
+
+    def planned_epsilon(self) -> float:
+        """The epsilon the planned steps spend (the refusal check before training)."""
+        probe = RdpAccountant()
+        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.planned_steps)
+        return probe.epsilon(self.delta)
+
+    def fits(self, steps: int) -> bool:
+        """Whether `steps` more steps keep the spent epsilon within max_epsilon."""
+        if self.max_epsilon is None:
+            return True
+        probe = RdpAccountant(history=list(self.accountant.history))
+        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=steps)
+        return probe.epsilon(self.delta) <= self.max_epsilon
+
+    def train(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int,
+        loss_fn: LossFn,
+        penalty: Callable[[], torch.Tensor] | None = None,
+    ) -> float:
+        """`epochs` passes of Poisson-sampled private steps; the mean batch loss.
+
+        `penalty()` (FedProx's proximal term) is a function of the parameters only, not
+        of any record, so its gradient is added after clipping and noise.
+        """
+        private = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            generator=self._generator,
+        )
+        private.attach_step_hook(
+            lambda optim: self.accountant.step(noise_multiplier=optim.noise_multiplier, sample_rate=self.sample_rate)
+        )
+        module = self.module
+        module.train()
+        total, batches = 0.0, 0
+        for _ in range(epochs):
+            for batch in self._private_loader:
+                private.zero_grad(set_to_none=True)
+                loss = loss_fn(module(*batch[:-1]), batch[-1])
+                loss.backward()
+                if private.pre_step():
+                    if penalty is not None:
+                        extra = torch.autograd.grad(penalty(), private.params, allow_unused=True)
+                        for param, grad in zip(private.params, extra, strict=True):
+                            if grad is not None:
+                                param.grad += grad
+                    optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+        private.zero_grad(set_to_none=True)
+        return total / max(batches, 1)
+
+    def report(self) -> dict[str, Any]:
+        """What metrics.jsonl and summary.json record about this worker's privacy."""
+        return {
+            "dp_epsilon": self.epsilon,
+            "dp_delta": self.delta,
+            "dp_accountant": self.accountant.name,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_max_grad_norm": self.max_grad_norm,
+            "dp_sample_rate": self.sample_rate,
+            "dp_steps": self.accountant.steps,
+        }
