@@ -25,7 +25,8 @@ def _enclavefl_imports(path: Path) -> set[str]:
     [
         ("train", ("enclavefl.train", "enclavefl.errors")),
         ("vfl", ("enclavefl.vfl", "enclavefl.train", "enclavefl.errors", "enclavefl.net", "enclavefl.seal",
-                 "enclavefl.fsutil", "enclavefl.models", "enclavefl.data")),
+                 "enclavefl.fsutil", "enclavefl.models", "enclavefl.data", "enclavefl.privacy")),
+        ("privacy", ("enclavefl.privacy", "enclavefl.errors")),
     ],
 )
 def test_package_imports_only_below_it(package: str, allowed: tuple[str, ...]) -> None:

@@ -55,6 +55,13 @@ class PolicyRejected(Rejected):
     """Evidence verified but the claims do not satisfy the policy."""
 
 
+class PrivacyBudgetExceeded(Rejected):
+    """A job's privacy settings could spend more than the policy's budget (check "privacy")."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, check="privacy")
+
+
 class KeyBindingRejected(Rejected):
     """The evidence is not bound to the key that presents it."""
 

@@ -60,6 +60,7 @@ __all__ = [
     "OutputConfig",
     "PartitionSpec",
     "PartyConfig",
+    "PrivacyConfig",
     "SklearnData",
     "StorageConfig",
     "StrategyConfig",
@@ -643,6 +644,52 @@ class OutputConfig(_Section):
 # --------------------------------------------------------------------------- the job
 
 
+# mechanism -> (the policy's privacy unit it protects, the modes that run it)
+PRIVACY_MECHANISMS: dict[str, tuple[str, str]] = {
+    "dp-sgd": ("record", "hfl"),
+    "randomized-response": ("label", "vfl"),
+}
+
+
+class PrivacyConfig(_Section):
+    """How this job spends the policy's differential-privacy budget (policy `privacy:`).
+
+    dp-sgd (hfl, unit record): every worker trains with DP-SGD (Opacus, extra [dp]);
+    randomized-response (vfl, unit label): the leader trains on randomized labels.
+    """
+
+    mechanism: Literal["dp-sgd", "randomized-response"]
+    target_epsilon: float | None = Field(None, gt=0)
+    """The epsilon to spend over the whole job (default: the policy's max_epsilon)."""
+    noise_multiplier: float | None = Field(None, gt=0)
+    """dp-sgd: a fixed noise multiplier instead of one calibrated to target_epsilon."""
+    max_grad_norm: float | None = Field(None, gt=0, validate_default=True)
+    """dp-sgd: the per-sample clipping norm C (default 1.0)."""
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _one_noise_source(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("mechanism") != "dp-sgd":
+            raise _invalid("only used by mechanism dp-sgd")
+        if value is not None and info.data.get("target_epsilon") is not None:
+            raise _invalid("give either target_epsilon or noise_multiplier, not both")
+        return value
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clipping_for_dp_sgd(cls, value: float | None, info: ValidationInfo) -> float | None:
+        mechanism = info.data.get("mechanism")
+        if mechanism != "dp-sgd":
+            if value is not None:
+                raise _invalid(f"not used by mechanism {mechanism}")
+            return None
+        return 1.0 if value is None else value
+
+    @property
+    def unit(self) -> str:
+        return PRIVACY_MECHANISMS[self.mechanism][0]
+
+
 class JobConfig(_Section):
     """Sections common to both modes; `load_job` returns an HflJobConfig or a VflJobConfig."""
 
@@ -660,6 +707,8 @@ class JobConfig(_Section):
     job file (e.g. an installed package); measured with the job."""
     _job_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _code_refs: tuple[str, ...] = PrivateAttr(default=())
+    privacy: PrivacyConfig | None = None
+    """Differential privacy; required when the policy carries a privacy budget."""
 
     @model_validator(mode="before")
     @classmethod
@@ -748,6 +797,10 @@ class JobConfig(_Section):
         if not members:
             issues.append(("parties", f"no {member}: {mode} jobs need at least one"))
         issues.extend(self._mode_issues())
+        if self.privacy is not None:
+            runs_in = PRIVACY_MECHANISMS[self.privacy.mechanism][1]
+            if runs_in != mode:
+                issues.append(("privacy.mechanism", f"{self.privacy.mechanism} is for {runs_in} jobs (job.mode is {mode!r})"))
         return issues
 
     @abstractmethod
@@ -980,7 +1033,7 @@ def dump_job(config: JobConfig) -> str:
     return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
 
 
-_SECTION_ORDER = ("job", "parties", "tee", "policy", "model", "strategy", "training", "evaluation", "storage", "output", "code")
+_SECTION_ORDER = ("job", "parties", "tee", "policy", "privacy", "model", "strategy", "training", "evaluation", "storage", "output", "code")
 
 
 # --------------------------------------------------------------------------- error messages

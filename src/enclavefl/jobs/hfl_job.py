@@ -133,12 +133,20 @@ def run_worker(runtime: PartyRuntime, job: HflJobConfig) -> None:
         eval_data = _tensors(data.take(np.sort(order[:held])))
         data = data.take(np.sort(order[held:]))
     strategy_cfg = job.strategy
+    model = build_global_model(job)
+    train = _tensors(data)
+    privacy = None
+    if job.privacy is not None and runtime.privacy is not None:
+        from enclavefl.jobs.privacy import plan_dp_sgd
+
+        # Refused here, before connecting, when the planned steps exceed the budget.
+        privacy = plan_dp_sgd(job, runtime.privacy, model, train, seed=job.job.seed)
     client = runtime.client()
     runtime.connected(client)
     worker = Worker(
         client,
-        build_global_model(job),
-        _tensors(data),
+        model,
+        train,
         batch_size=strategy_cfg.batch_size,
         lr=strategy_cfg.lr,
         momentum=strategy_cfg.momentum,
@@ -146,8 +154,12 @@ def run_worker(runtime: PartyRuntime, job: HflJobConfig) -> None:
         local_epochs=strategy_cfg.local_epochs or 1,
         eval_data=eval_data,
         seed=job.job.seed,
+        privacy=privacy,
+        on_metrics=(lambda event: _record(runtime, event)) if privacy is not None else None,
     )
     try:
-        worker.run()
+        summary = worker.run()
     finally:
         client.close()
+    if privacy is not None:
+        runtime.write_party_record(privacy=summary["privacy"], **({"stopped": summary["stopped"]} if "stopped" in summary else {}))

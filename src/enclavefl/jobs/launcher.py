@@ -319,6 +319,7 @@ def build_summary(
             "mr_enclave": record.get("mr_enclave"),
             "attested": attested,
             "exit_code": proc.exit_code,
+            **{key: record[key] for key in ("privacy", "stopped") if key in record},
         }
     summary: dict[str, Any] = {
         "job": job.job.name,
@@ -329,6 +330,14 @@ def build_summary(
         "parties": parties,
     }
     summary.update(result.get("extra", {}))
+    stopped = sorted({p["stopped"] for p in parties.values() if "stopped" in p} | ({result["stopped"]} if "stopped" in result else set()))
+    if stopped:
+        summary["stopped"] = "; ".join(stopped)
+    spent = {name: p["privacy"] for name, p in parties.items() if "privacy" in p}
+    if "privacy" in result:
+        spent[procs[0].name] = result["privacy"]
+    if spent:
+        summary["privacy"] = spent
     return summary
 
 

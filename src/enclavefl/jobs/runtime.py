@@ -23,7 +23,7 @@ from enclavefl.seal.keys import GRAMINE_KEYS_DIR
 from enclavefl.tee.attesters import make_attester
 from enclavefl.tee.collateral import collateral_source
 from enclavefl.tee.measure import simulated_measurement
-from enclavefl.tee.policy import Policy
+from enclavefl.tee.policy import Policy, PrivacyBudget
 
 log = logging.getLogger("enclavefl.jobs")
 
@@ -41,6 +41,9 @@ class PartyRuntime:
     measurement: Any
     tee: str
     peers_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    privacy: PrivacyBudget | None = None
+    """The policy's privacy budget, checked against the job's privacy settings at start."""
+    record_extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, job: JobConfig, job_file: Path, name: str, out_dir: Path) -> PartyRuntime:
@@ -56,6 +59,9 @@ class PartyRuntime:
                 f"tee.attester is simulated but the policy {job.policy} does not allow simulated evidence: "
                 "no peer enforcing it would accept this party"
             )
+        from enclavefl.jobs.privacy import check_job_privacy
+
+        budget = check_job_privacy(job, policy)  # before attesting: a job over budget never starts
         measurement = simulated_measurement([job_file], code=job.job_code().measured())
         attester = make_attester(
             job.tee.attester,
@@ -79,6 +85,7 @@ class PartyRuntime:
             credentials=credentials,
             measurement=measurement,
             tee=attester.tee.value,
+            privacy=budget,
         )
         # A broker: storage key is fetched over the attested channel with this identity.
         configure_broker_access(credentials)
@@ -118,7 +125,10 @@ class PartyRuntime:
         return AttestedClient(f"{address.host}:{address.port}", self.credentials, retry=retry or RetryPolicy())
 
     def write_party_record(self, **extra: Any) -> None:
-        """Who this party is (its own measurement; never a key), for the run summary."""
+        """Who this party is (its own measurement; never a key), for the run summary.
+
+        `extra` adds to what earlier calls recorded (verified coordinator, privacy spent)."""
+        self.record_extra.update(extra)
         record = {
             "party": self.party.name,
             "role": self.party.role,
@@ -126,7 +136,7 @@ class PartyRuntime:
             "mr_enclave": self.measurement.mr_enclave.hex(),
             "mr_signer": self.measurement.mr_signer.hex(),
             "policy_sha256": self.policy.digest().hex(),
-            **extra,
+            **self.record_extra,
         }
         path = self.out_dir / "parties" / f"{self.party.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

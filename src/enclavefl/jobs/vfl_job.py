@@ -26,7 +26,7 @@ from enclavefl.jobs.models import build_job_model, model_factory
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
-from enclavefl.vfl.leader import Leader, SplitMlpLeader, evaluate, predict_as_leader
+from enclavefl.vfl.leader import LabelPrivacy, Leader, SplitMlpLeader, evaluate, predict_as_leader
 from enclavefl.vfl.storage import Storage
 
 log = logging.getLogger("enclavefl.jobs")
@@ -170,6 +170,16 @@ def _metrics_record(event: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _label_privacy(runtime: PartyRuntime, job: VflJobConfig) -> LabelPrivacy | None:
+    """Randomized response at the job's (budget-checked) label epsilon; classes from the top model."""
+    if job.privacy is None or runtime.privacy is None:
+        return None
+    from enclavefl.jobs.privacy import target_epsilon
+
+    outputs = int(job.model.top.args.get("out_features", 1))
+    return LabelPrivacy(target_epsilon(job.privacy, runtime.privacy), 2 if outputs == 1 else outputs)
+
+
 def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool) -> dict[str, Any]:
     training = job.training
     model = build_leader_model(job, data.num_features)
@@ -191,6 +201,7 @@ def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, 
         storage=_storage(runtime, job),
         resume=resume,
         on_metrics=lambda event: append_metrics(runtime.out_dir, _metrics_record(event)),
+        label_privacy=_label_privacy(runtime, job),
     )
     server.start()
     try:
@@ -212,6 +223,7 @@ def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, 
             "resumed_from": summary["resumed_from"],
             "model": None if exported is None else str(exported),
         },
+        **({"privacy": summary["privacy"]} if "privacy" in summary else {}),
     }
 
 

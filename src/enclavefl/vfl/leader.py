@@ -19,9 +19,10 @@ import csv
 import io
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from enclavefl.errors import FormatError, UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
+from enclavefl.privacy.label import keep_probability, randomized_response
 from enclavefl.train.losses import default_loss
 from enclavefl.train.metrics import accuracy, binary_auc, log_loss
 from enclavefl.vfl.align import Ids
@@ -41,6 +43,20 @@ from enclavefl.vfl.bridge import DEFAULT_POLL_S, LeaderBridge, Rewind
 from enclavefl.vfl.errors import FollowerUnavailable, ResumeFailed
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan, Step
 from enclavefl.vfl.storage import Aligned, Storage
+
+__all__ = [
+    "ACTIVATIONS",
+    "GRADIENTS",
+    "LabelPrivacy",
+    "Leader",
+    "Predictions",
+    "SplitMlpLeader",
+    "as_tensor",
+    "evaluate",
+    "loss_of",
+    "predict_as_leader",
+    "snapshot",
+]
 
 log = logging.getLogger("enclavefl.vfl")
 
@@ -292,6 +308,35 @@ class _Coordinator:
         return torch.from_numpy(self._aligned.rows[step.positions])
 
 
+@dataclass(frozen=True)
+class LabelPrivacy:
+    """Label DP by randomized response with `epsilon` over `num_classes` classes.
+
+    `seed_hex` (secret: from the OS, sealed in checkpoints, never logged) draws the
+    randomization once; the same seed gives the same randomized labels after a resume.
+    """
+
+    epsilon: float
+    num_classes: int
+    seed_hex: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+
+    def with_seed(self, seed_hex: str) -> LabelPrivacy:
+        return LabelPrivacy(self.epsilon, self.num_classes, seed_hex)
+
+    def randomize(self, labels: torch.Tensor) -> torch.Tensor:
+        rng = np.random.default_rng(int(self.seed_hex, 16))
+        noisy = randomized_response(labels.numpy(), self.epsilon, num_classes=self.num_classes, rng=rng)
+        return torch.from_numpy(noisy)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "label_epsilon": self.epsilon,
+            "label_delta": 0.0,
+            "label_mechanism": "randomized-response",
+            "label_keep_probability": keep_probability(self.epsilon, self.num_classes),
+        }
+
+
 class Leader(_Coordinator):
     """The leader of a vertical FL training job. Build it, start the server, then `run()`.
 
@@ -330,6 +375,7 @@ class Leader(_Coordinator):
         alignment_workers: int | None = None,
         tee_join_order_key: bytes | None = None,
         poll_s: float = DEFAULT_POLL_S,
+        label_privacy: LabelPrivacy | None = None,
     ) -> None:
         super().__init__(
             server, followers=followers, X=X, ids=ids, model=model, optimizer=optimizer, alignment=alignment,
@@ -340,6 +386,9 @@ class Leader(_Coordinator):
         if self._y.dim() != 1 or self._y.shape[0] != self._X.shape[0]:
             raise UsageError(f"leader: labels must be [rows] for {self._X.shape[0]} rows, got {list(self._y.shape)}")
         self._settings = (batch_size, epochs, seed, validation_fraction, pipeline_depth)
+        self._label_privacy = label_privacy
+        # Training reads these labels only; validation keeps the true ones (never trained on).
+        self._train_y = label_privacy.randomize(self._y) if label_privacy is not None else self._y
         self._on_metrics = on_metrics
         self._history: list[dict[str, Any]] = []
         self._loss_sum = 0.0
@@ -370,6 +419,7 @@ class Leader(_Coordinator):
             "completed": list(self._completed),
             "history": list(self._history),
             "final": dict(self._history[-1]) if self._history else {},
+            **({"privacy": self._label_privacy.report()} if self._label_privacy is not None else {}),
             "wall_s": time.monotonic() - started,
         }
 
@@ -387,7 +437,7 @@ class Leader(_Coordinator):
         activations = self._activations(step.iteration, grad=True)
         rows = self._rows(step)
         self._model.train()
-        loss = loss_of(self._model(self._X[rows], activations), self._y[rows])
+        loss = loss_of(self._model(self._X[rows], activations), self._train_y[rows])
         assert self._optimizer is not None
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -421,6 +471,7 @@ class Leader(_Coordinator):
             **{f"val_{name}": value for name, value in metrics.items()},
             "validation_rows": int(rows.numel()),
             "samples_per_s": self._timed_samples / max(now - self._epoch_started, 1e-9),
+            **(self._label_privacy.report() if self._label_privacy is not None else {}),
         }
         self._history.append(record)
         self._loss_sum, self._loss_count = 0.0, 0
@@ -434,12 +485,23 @@ class Leader(_Coordinator):
             self._on_metrics(dict(record))
 
     def _state(self) -> dict[str, Any]:
-        return {"history": list(self._history), "loss_sum": self._loss_sum, "loss_count": self._loss_count}
+        state = {"history": list(self._history), "loss_sum": self._loss_sum, "loss_count": self._loss_count}
+        if self._label_privacy is not None:
+            # Sealed with the checkpoint: a resumed leader must train on the same randomized
+            # labels (fresh ones would be a second release of the labels, doubling epsilon).
+            state["label_rr_seed"] = self._label_privacy.seed_hex
+        return state
 
     def _load_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
             self._history, self._loss_sum, self._loss_count = [], 0.0, 0
             return
+        if self._label_privacy is not None:
+            seed = state.get("label_rr_seed")
+            if not isinstance(seed, str):
+                raise FormatError("leader checkpoint: written without label privacy, this job uses it")
+            self._label_privacy = self._label_privacy.with_seed(seed)
+            self._train_y = self._label_privacy.randomize(self._y)
         history, loss_sum, loss_count = state.get("history"), state.get("loss_sum"), state.get("loss_count")
         if not isinstance(history, list) or not isinstance(loss_sum, float) or not isinstance(loss_count, int):
             raise FormatError("leader checkpoint: history, loss_sum or loss_count missing or of the wrong type")
