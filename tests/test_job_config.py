@@ -80,6 +80,7 @@ def test_all_examples_are_present() -> None:
     assert names == {
         "hfl_default_credit.yaml", "hfl_cifar10_resnet.yaml", "hfl_criteo_dlrm.yaml",
         "vfl_default_credit.yaml", "vfl_breast.yaml", "vfl_wide_deep.yaml",
+        "hfl_default_credit_dp.yaml", "vfl_default_credit_label_dp.yaml",
     }
 
 
@@ -89,7 +90,9 @@ def test_example_loads_with_simulated_attestation(path: Path) -> None:
     expected = HflJobConfig if path.name.startswith("hfl_") else VflJobConfig
     assert isinstance(config, expected)
     assert config.tee.attester == "simulated" and config.tee.allow_simulated_insecure
-    assert config.policy == (EXAMPLES / "policy-sim.json").resolve()
+    # Examples with a privacy budget use a simulated policy that carries it.
+    policy = "policy-sim.json" if config.privacy is None else f"policy-sim-dp-{config.privacy.unit}.json"
+    assert config.policy == (EXAMPLES / policy).resolve()
     assert config.coordinator().address is not None
     assert config.members()
 

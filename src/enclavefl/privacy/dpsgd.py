@@ -227,11 +227,19 @@ class DpSgd:
         self.accountant = RdpAccountant()
         self._generator = torch.Generator().manual_seed(seed)
         self._private_loader = DPDataLoader.from_data_loader(self._loader, generator=self._generator)
-        model.train()
-        try:
-            self.module = GradSampleModule(model)
-        except NotImplementedError as exc:
-            raise UsageError(f"Opacus cannot compute per-sample gradients of this model: {exc}") from None
+        self._model = model
+        self._module: GradSampleModule | None = None  # hooks attached at the first round, not before the checks
+
+    @property
+    def module(self) -> GradSampleModule:
+        """The model with Opacus's per-sample gradient hooks (shares its parameters)."""
+        if self._module is None:
+            self._model.train()
+            try:
+                self._module = GradSampleModule(self._model)
+            except NotImplementedError as exc:
+                raise UsageError(f"Opacus cannot compute per-sample gradients of this model: {exc}") from None
+        return self._module
 
     @property
     def steps_per_epoch(self) -> int:
