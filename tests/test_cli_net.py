@@ -213,3 +213,18 @@ def test_bad_usage_exits_2(args: tuple[str, ...], message: str, tmp_path: Path) 
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_client_asks_for_the_certificate_name_so_grpc_logs_no_mismatch(work: Path, good_policy: Path) -> None:
+    """Dialing `localhost` must not make the server's gRPC log `No match found for server
+    name: localhost`: clients ask for the name the RA-TLS certificate holds (SNI)."""
+    folder = work / "sni"
+    folder.mkdir()
+    with serving("echo-server", "--port", "0", "--policy", str(good_policy), *SIM, cwd=folder) as address:
+        port = address.rpartition(":")[2]
+        done = cli("echo-client", f"localhost:{port}", "--policy", str(good_policy), *SIM, "--megabytes", "1",
+                   cwd=folder)
+        assert done.returncode == 0, done.stderr
+    server_log = next(folder.glob("echo-server-*.log")).read_text()
+    assert "admitted party echo-client" in server_log
+    assert "No match found for server name" not in server_log + done.stderr

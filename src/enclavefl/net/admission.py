@@ -30,6 +30,7 @@ from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import CollateralSource
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import (
+    SERVER_NAME,
     RaTlsIdentity,
     certificate_public_key,
     load_certificate,
@@ -100,7 +101,7 @@ class Peer:
         return self.claims is not None
 
 
-def make_identity(attester: Attester, policy: Policy, *, common_name: str = "enclavefl") -> RaTlsIdentity:
+def make_identity(attester: Attester, policy: Policy, *, common_name: str = SERVER_NAME) -> RaTlsIdentity:
     """This party's RA-TLS identity; its claims include the digest of the policy it enforces
     and, to name the difference when peers disagree, its privacy budget."""
     extra = {POLICY_HASH_CLAIM: policy.digest(), PRIVACY_CLAIM: policy.privacy_claim()}

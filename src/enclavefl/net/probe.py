@@ -22,7 +22,14 @@ from enclavefl.net.admission import check_policy_hash, log_verified
 from enclavefl.net.errors import ConnectFailed
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.policy import Policy
-from enclavefl.tee.ratls import load_certificate, verify_certificate
+from enclavefl.tee.ratls import SERVER_NAME, load_certificate, verify_certificate
+
+__all__ = [
+    "ProbedCertificate",
+    "fetch_certificate",
+    "probe_and_verify",
+    "verify_server_certificate",
+]
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,15 @@ class ProbedCertificate:
         return str(names[0].value)
 
 
-def fetch_certificate(host: str, port: int, *, timeout_s: float = 5.0) -> ProbedCertificate:
-    """The certificate the TLS server at host:port presents (not verified here)."""
+def fetch_certificate(
+    host: str, port: int, *, timeout_s: float = 5.0, server_name: str = SERVER_NAME
+) -> ProbedCertificate:
+    """The certificate the TLS server at host:port presents (not verified here).
+
+    The probe asks for `server_name` (SNI), the name in enclavefl certificates, as the
+    pinned gRPC channel does afterwards: asking for the dialed host instead would name a
+    host the certificate does not list, which gRPC servers log as an error.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # Deliberately no CA or hostname check: the certificate is verified by its evidence next.
     context.check_hostname = False
@@ -64,7 +78,7 @@ def fetch_certificate(host: str, port: int, *, timeout_s: float = 5.0) -> Probed
     context.set_alpn_protocols(["h2", "http/1.1"])  # gRPC servers refuse clients that do not offer h2
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            with context.wrap_socket(sock, server_hostname=host) as tls:
+            with context.wrap_socket(sock, server_hostname=server_name) as tls:
                 der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError) as exc:
         raise ConnectFailed(f"cannot read the TLS certificate of {host}:{port}: {exc}") from exc

@@ -38,6 +38,22 @@ from enclavefl.tee.claims import Claims, TeeType
 from enclavefl.tee.quote import verify_quote
 from enclavefl.tee.simulated import REPORT_DATA_SIZE, decode_cbor, parse_simulated_quote
 
+__all__ = [
+    "Evidence",
+    "GRAMINE_LEGACY_QUOTE_OID",
+    "PUBKEY_HASH_CLAIM",
+    "RaTlsIdentity",
+    "SERVER_NAME",
+    "SIMULATED_EVIDENCE_CBOR_TAG",
+    "TCG_DICE_TAGGED_EVIDENCE_OID",
+    "TEE_QUOTE_CBOR_TAG",
+    "certificate_public_key",
+    "extract_evidence",
+    "load_certificate",
+    "make_certificate",
+    "verify_certificate",
+]
+
 if TYPE_CHECKING:
     from enclavefl.tee.collateral import CollateralSource
     from enclavefl.tee.policy import Policy
@@ -51,6 +67,11 @@ TEE_QUOTE_CBOR_TAG = 60000  # TCG_DICE_TAGGED_EVIDENCE_TEE_QUOTE_CBOR_TAG in Gra
 # implementation will ever read a simulated quote as hardware evidence.
 SIMULATED_EVIDENCE_CBOR_TAG = 0x656E6673
 PUBKEY_HASH_CLAIM = "pubkey-hash"
+# The TLS server name of every enclavefl party certificate (CN and DNS subjectAltName).
+# Clients ask for this name (SNI), not for the host they dial: the certificate is pinned by
+# its attested key, never by a DNS name, and asking for another name makes gRPC servers log
+# "No match found for server name".
+SERVER_NAME = "enclavefl"
 
 _HASH_ALGS = {1: hashlib.sha256, 7: hashlib.sha384, 8: hashlib.sha512}  # IANA named-information
 _QUOTE_HEADER_SIZE = 48
@@ -101,7 +122,7 @@ def make_certificate(
     attester: Attester,
     *,
     extra_claims: Mapping[str, Any] | None = None,
-    common_name: str = "enclavefl",
+    common_name: str = SERVER_NAME,
     valid_for: timedelta = timedelta(days=7),
 ) -> RaTlsIdentity:
     """Make a fresh EC P-384 key and a self-signed certificate binding it to a new quote.
