@@ -161,4 +161,5 @@ def test_policy_parser_and_check(obj: Any, claims: Claims) -> None:
         policy.check(claims)
     except PolicyRejected as exc:
         assert exc.check in {"mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "tcb_status",
-                             "debug", "simulated", "mr_td", "rtmr"}  # fmt: skip
+                             "debug", "simulated", "mr_td", "rtmr", "mr_seam", "mr_signer_seam",
+                             "mr_config_id", "mr_owner", "mr_owner_config"}  # fmt: skip

@@ -127,7 +127,7 @@ def test_cczoo_template_left_unfilled_is_config_error() -> None:
         ({"verify_mr_enclav": "on"}, "unknown key 'verify_mr_enclav'"),
         ({"allow_debug_enclave": True}, "unknown key 'allow_debug_enclave'"),
         ({"sgx_mrs": [{"mr_enclave": MR_A, "mrsigner": SIGNER_X}]}, "unknown key 'mrsigner' in sgx_mrs[0]"),
-        ({"tdx_mrs": [{"rt_mr0": RTMRS[0]}]}, "unknown key 'rt_mr0' in tdx_mrs[0]"),
+        ({"tdx_mrs": [{"rt_mr9": RTMRS[0]}]}, "unknown key 'rt_mr9' in tdx_mrs[0]"),
     ],
 )  # fmt: skip
 def test_unknown_keys_are_named(obj: dict[str, Any], message: str) -> None:
@@ -472,3 +472,112 @@ def test_parties_are_part_of_the_digest_only_when_given() -> None:
 def test_bad_parties_are_config_errors(parties: Any, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         Policy.from_json({"parties": parties})
+
+
+# -- CCZoo's TDX form, debuggable switch and trailing commas (issue 13) -------------------------
+
+# CCZoo's TDX dynamic_config.json (grpc-ra-tls README, TDX backend), values filled in.
+CCZOO_TDX_CONFIG = """{
+    "verify_mr_seam" : "off",
+    "verify_mrsigner_seam" : "off",
+    "verify_mr_td" : "on",
+    "verify_mr_config_id" : "off",
+    "verify_mr_owner" : "off",
+    "verify_mr_owner_config" : "off",
+    "verify_rt_mr0" : "on",
+    "verify_rt_mr1" : "on",
+    "verify_rt_mr2" : "on",
+    "verify_rt_mr3" : "off",
+    "tdx_mrs": [
+        {
+            "mr_seam" : "",
+            "mrsigner_seam" : "",
+            "mr_td" : "%s",
+            "mr_config_id" : "",
+            "mr_owner" : "",
+            "mr_owner_config" : "",
+            "rt_mr0" : "%s",
+            "rt_mr1" : "%s",
+            "rt_mr2" : "%s",
+            "rt_mr3" : ""
+        }
+    ]
+}
+""" % (MR_TD, RTMRS[0], RTMRS[1], RTMRS[2])
+
+# CCZoo's SGX form with the in-enclave verification and debuggable switches (Occlum, grpc_ratls).
+CCZOO_SGX_DEBUGGABLE = """{
+    "verify_in_enclave" : "on",
+    "verify_mr_enclave" : "on",
+    "verify_mr_signer" : "off",
+    "verify_isv_prod_id" : "off",
+    "verify_isv_svn" : "off",
+    "verify_enclave_debuggable" : "on",
+    "sgx_mrs": [
+        {
+            "mr_enclave" : "%s",
+            "mr_signer" : "",
+            "isv_prod_id" : 0,
+            "isv_svn" : 0,
+            "debuggable" : false
+        }
+    ]
+}
+""" % MR_A
+
+
+def test_cczoo_tdx_dynamic_config_loads_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic_config.json"
+    path.write_text(CCZOO_TDX_CONFIG)
+    policy = Policy.load(path)
+    assert policy.to_json()["tdx_mrs"] == [{"mr_td": MR_TD, "rtmr0": RTMRS[0], "rtmr1": RTMRS[1], "rtmr2": RTMRS[2]}]
+    policy.check(tdx(rtmrs=tuple(bytes.fromhex(r) for r in (*RTMRS[:3], "ab" * 48))))  # rt_mr3 is off
+    with pytest.raises(PolicyRejected) as info:
+        policy.check(tdx(mr_td=bytes(48)))
+    assert info.value.check == "mr_td"
+    with pytest.raises(PolicyRejected) as info:
+        policy.check(tdx(rtmrs=(bytes(48), *(bytes.fromhex(r) for r in RTMRS[1:]))))
+    assert info.value.check == "rtmr"
+    assert Policy.from_json(policy.to_json()).digest() == policy.digest()
+
+
+def test_cczoo_tdx_seam_and_owner_fields_are_checked() -> None:
+    config = json.loads(CCZOO_TDX_CONFIG)
+    config["verify_mr_seam"] = "on"
+    with pytest.raises(ConfigError, match=r"tdx_mrs\[0\]\.mr_seam is empty but verify_mr_seam is on"):
+        Policy.from_json(config)
+    config["tdx_mrs"][0]["mr_seam"] = "5e" * 48
+    policy = Policy.from_json(config)
+    policy.check(tdx(mr_seam=bytes.fromhex("5e" * 48)))
+    with pytest.raises(PolicyRejected) as info:
+        policy.check(tdx(mr_seam=bytes(48)))
+    assert info.value.check == "mr_seam"
+
+
+def test_cczoo_verify_in_enclave_and_enclave_debuggable(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic_config.json"
+    path.write_text(CCZOO_SGX_DEBUGGABLE)
+    policy = Policy.load(path)
+    policy.check(sgx())
+    with pytest.raises(PolicyRejected) as info:
+        policy.check(sgx(debug=True))
+    assert info.value.check == "debug"
+    # An entry with "debuggable": true is an explicit opt-in, and then only debug enclaves match it.
+    opted_in = json.loads(CCZOO_SGX_DEBUGGABLE)
+    opted_in["sgx_mrs"][0]["debuggable"] = True
+    debug_policy = Policy.from_json(opted_in)
+    debug_policy.check(sgx(debug=True))
+    with pytest.raises(PolicyRejected, match="debug attribute False"):
+        debug_policy.check(sgx())
+    assert debug_policy.digest() != policy.digest()
+    # Where the verification runs does not change what is accepted.
+    elsewhere = {**json.loads(CCZOO_SGX_DEBUGGABLE), "verify_in_enclave": "off"}
+    assert Policy.from_json(elsewhere).digest() == policy.digest()
+
+
+def test_trailing_comma_is_refused_at_the_comma(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic_config.json"
+    path.write_text('{\n    "verify_mr_enclave" : "off",\n    "sgx_mrs": []  ,\n}\n')
+    with pytest.raises(ConfigError) as info:
+        Policy.load(path)
+    assert "trailing comma at line 3 column 20" in info.value.reason

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+__all__ = ["Claims", "TeeType"]
+
 
 class TeeType(str, Enum):
     SGX = "sgx"
@@ -32,6 +34,12 @@ class Claims:
     debug: bool = False
     mr_td: bytes = b""
     rtmrs: tuple[bytes, ...] = ()
+    # TDX: the TDX module's identity and the TD's owner-defined fields (CCZoo's TDX policy keys).
+    mr_seam: bytes = b""
+    mr_signer_seam: bytes = b""
+    mr_config_id: bytes = b""
+    mr_owner: bytes = b""
+    mr_owner_config: bytes = b""
     # Claims bound by report_data but carried beside the quote (RA-TLS tagged evidence):
     # e.g. {"pubkey-hash": [1, b"..."], "policy-hash": b"..."}.
     bound: dict[str, Any] = field(default_factory=dict)
@@ -60,4 +68,6 @@ class Claims:
         if self.tee is TeeType.TDX:
             out["mr_td"] = self.mr_td.hex()
             out["rtmrs"] = [r.hex() for r in self.rtmrs]
+            for name in ("mr_seam", "mr_signer_seam", "mr_config_id", "mr_owner", "mr_owner_config"):
+                out[name] = getattr(self, name).hex()
         return out

@@ -17,6 +17,16 @@ party of a job enforces; being part of the digest, it is what every peer attests
 run, on top of the rest; a name not listed is held to the rest only). A `verify_*` key
 that is absent is "on" when some `sgx_mrs` entry gives that field, else "off". Unknown keys
 are errors, so that a typo cannot silently loosen a policy.
+
+CCZoo's other forms load unchanged too. SGX: `verify_enclave_debuggable` with a
+`debuggable` flag per `sgx_mrs` entry (when on, a peer's debug attribute must equal the
+matching entry's; an entry with `"debuggable": true` is an explicit opt-in to debug
+enclaves), and `verify_in_enclave` (where CCZoo runs the quote verification; an enclavefl
+party always verifies in its own process, inside its TEE, so it changes nothing). TDX: the
+`verify_mr_seam`, `verify_mrsigner_seam`, `verify_mr_td`, `verify_mr_config_id`,
+`verify_mr_owner`, `verify_mr_owner_config`, `verify_rt_mr0`..`verify_rt_mr3` switches and
+`tdx_mrs` entries spelled `mrsigner_seam`, `rt_mr0`.. : a field switched off is dropped
+from the entries, one switched on must be given in every entry.
 """
 
 from __future__ import annotations
@@ -59,7 +69,16 @@ TCB_STATUSES = (
     "OutOfDateConfigurationNeeded",
 )
 SGX_FIELDS = ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn")
-TDX_FIELDS = ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
+TDX_FIELDS = (
+    "mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3",
+    "mr_seam", "mr_signer_seam", "mr_config_id", "mr_owner", "mr_owner_config",
+)  # fmt: skip
+# CCZoo's TDX dynamic_config.json spelling of each TDX field (entry key; switch verify_<key>).
+_CCZOO_TDX_NAMES = {
+    "mr_td": "mr_td", "rt_mr0": "rtmr0", "rt_mr1": "rtmr1", "rt_mr2": "rtmr2", "rt_mr3": "rtmr3",
+    "mr_seam": "mr_seam", "mrsigner_seam": "mr_signer_seam", "mr_config_id": "mr_config_id",
+    "mr_owner": "mr_owner", "mr_owner_config": "mr_owner_config",
+}  # fmt: skip
 _CANONICAL_TAG = "enclavefl-policy/1"
 _RA_TLS_VARIABLES = {
     "mr_enclave": "RA_TLS_MRENCLAVE",
@@ -120,6 +139,8 @@ class SgxIdentity(BaseModel):
     mr_signer: Hex32 = None
     isv_prod_id: U16 = None
     isv_svn: U16 = None
+    debuggable: StrictBool | None = None
+    """Checked only with verify_enclave_debuggable on: the peer's debug attribute must equal it."""
 
 
 class TdxIdentity(BaseModel):
@@ -132,6 +153,11 @@ class TdxIdentity(BaseModel):
     rtmr1: Hex48 = None
     rtmr2: Hex48 = None
     rtmr3: Hex48 = None
+    mr_seam: Hex48 = None
+    mr_signer_seam: Hex48 = None
+    mr_config_id: Hex48 = None
+    mr_owner: Hex48 = None
+    mr_owner_config: Hex48 = None
 
     @model_validator(mode="after")
     def _pins_something(self) -> TdxIdentity:
@@ -254,6 +280,9 @@ class Policy(BaseModel):
     verify_mr_signer: OnOff = "off"
     verify_isv_prod_id: OnOff = "off"
     verify_isv_svn: OnOff = "off"
+    verify_enclave_debuggable: OnOff = "off"
+    verify_in_enclave: OnOff | None = None
+    """CCZoo: verify quotes inside the enclave. An enclavefl party always does; kept for round trips."""
     sgx_mrs: tuple[SgxIdentity, ...] = ()
     tdx_mrs: tuple[TdxIdentity, ...] = ()
     allowed_tcb_status: tuple[TcbStatus, ...] = ("UpToDate",)
@@ -264,16 +293,54 @@ class Policy(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _cczoo_tdx_form(cls, data: Any) -> Any:
+        """CCZoo's TDX switches and spellings -> tdx_mrs entries holding the enabled fields."""
+        if not isinstance(data, Mapping):
+            return data
+        switches = {key: data[f"verify_{key}"] for key in _CCZOO_TDX_NAMES if f"verify_{key}" in data}
+        entries = data.get("tdx_mrs")
+        spelled = isinstance(entries, (list, tuple)) and any(
+            isinstance(e, Mapping) and any(k in e and k != v for k, v in _CCZOO_TDX_NAMES.items()) for e in entries
+        )
+        if not switches and not spelled:
+            return data
+        for key, value in switches.items():
+            if value not in ("on", "off"):
+                raise ValueError(f"verify_{key}: must be 'on' or 'off', got {value!r}")
+        converted = {k: v for k, v in data.items() if not (k.startswith("verify_") and k[7:] in switches)}
+        if isinstance(entries, (list, tuple)):
+            rows = []
+            for index, entry in enumerate(entries):
+                if not isinstance(entry, Mapping):
+                    rows.append(entry)
+                    continue
+                row: dict[str, Any] = {}
+                for key, value in entry.items():
+                    name = _CCZOO_TDX_NAMES.get(key, key)
+                    # Without any switch (our own spelling), every given field is checked.
+                    enabled = switches.get(key, "on" if not switches else "off") == "on"
+                    if key in _CCZOO_TDX_NAMES and not enabled:
+                        continue
+                    if key in _CCZOO_TDX_NAMES and value in (None, ""):
+                        raise ValueError(f"tdx_mrs[{index}].{key} is empty but verify_{key} is on")
+                    row[name] = value
+                rows.append(row)
+            converted["tdx_mrs"] = rows
+        return converted
+
+    @model_validator(mode="before")
+    @classmethod
     def _default_verify_flags(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
         entries = data.get("sgx_mrs")
         entries = entries if isinstance(entries, (list, tuple)) else []
         filled = dict(data)
-        for name in SGX_FIELDS:
+        for name in (*SGX_FIELDS, "enclave_debuggable"):
             if f"verify_{name}" not in filled:
+                field = "debuggable" if name == "enclave_debuggable" else name
                 given = any(
-                    isinstance(e, Mapping) and e.get(name) not in (None, "") for e in entries
+                    isinstance(e, Mapping) and e.get(field) not in (None, "") for e in entries
                 )
                 filled[f"verify_{name}"] = "on" if given else "off"
         return filled
@@ -284,6 +351,10 @@ class Policy(BaseModel):
             for index, entry in enumerate(self.sgx_mrs):
                 if getattr(entry, name) is None:
                     raise ValueError(f"sgx_mrs[{index}].{name} is empty but verify_{name} is on")
+        if self.verify_enclave_debuggable == "on":
+            for index, entry in enumerate(self.sgx_mrs):
+                if entry.debuggable is None:
+                    raise ValueError(f"sgx_mrs[{index}].debuggable is empty but verify_enclave_debuggable is on")
         return self
 
     # -- construction -------------------------------------------------------------------
@@ -313,6 +384,8 @@ class Policy(BaseModel):
             raise ConfigError(f"cannot read policy {file}: {exc}") from None
         try:
             obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"policy {file} is not valid JSON: {_json_problem(text, exc)}") from None
         except ValueError as exc:
             raise ConfigError(f"policy {file} is not valid JSON: {exc}") from None
         except RecursionError:
@@ -431,6 +504,11 @@ class Policy(BaseModel):
     def enabled_sgx_fields(self) -> tuple[str, ...]:
         return tuple(name for name in SGX_FIELDS if getattr(self, f"verify_{name}") == "on")
 
+    @property
+    def _debug_entries(self) -> bool:
+        """Some sgx_mrs entry opts in to debug enclaves (CCZoo's verify_enclave_debuggable)."""
+        return self.verify_enclave_debuggable == "on" and any(e.debuggable for e in self.sgx_mrs)
+
     def check(self, claims: Claims) -> None:
         """Raise PolicyRejected (with `check` naming the failed check) unless `claims` pass."""
         if claims.tee is TeeType.SIMULATED:
@@ -442,7 +520,8 @@ class Policy(BaseModel):
                 f"TCB status {claims.tcb_status} not allowed (allowed: {allowed})",
                 check="tcb_status",
             )
-        if claims.debug and not self.allow_debug:
+        debug_by_entry = claims.tee is not TeeType.TDX and self._debug_entries
+        if claims.debug and not self.allow_debug and not debug_by_entry:
             what = "debug TD" if claims.tee is TeeType.TDX else "debug enclave"
             raise PolicyRejected(f"{what} not allowed by policy", check="debug")
         if claims.tee is TeeType.TDX:
@@ -462,6 +541,15 @@ class Policy(BaseModel):
 
     def _check_sgx(self, claims: Claims) -> None:
         enabled = self.enabled_sgx_fields
+        if self.verify_enclave_debuggable == "on":
+            candidates = [e for e in self.sgx_mrs if e.debuggable == claims.debug]
+            if not candidates:
+                raise PolicyRejected(
+                    f"debug attribute {claims.debug} matches no sgx_mrs entry (verify_enclave_debuggable is on)",
+                    check="debug",
+                )
+        else:
+            candidates = list(self.sgx_mrs)
         if not enabled:
             if self.tdx_mrs:
                 raise PolicyRejected(
@@ -474,7 +562,6 @@ class Policy(BaseModel):
                 f"policy turns verify_{enabled[0]} on but sgx_mrs is empty: no enclave is allowed",
                 check=enabled[0],
             )
-        candidates = list(self.sgx_mrs)
         for name in enabled:
             got = getattr(claims, name)
             if name == "isv_svn":
@@ -499,16 +586,17 @@ class Policy(BaseModel):
                     check="mr_td",
                 )
             return
-        measured = (claims.mr_td, *claims.rtmrs, b"", b"", b"", b"")[: len(TDX_FIELDS)]
+        rtmrs = (*claims.rtmrs, b"", b"", b"", b"")[:4]
+        measured = {"mr_td": claims.mr_td, **{f"rtmr{i}": rtmrs[i] for i in range(4)},
+                    **{name: getattr(claims, name) for name in TDX_FIELDS[5:]}}  # fmt: skip
         candidates = list(self.tdx_mrs)
-        for name, value in zip(TDX_FIELDS, measured, strict=True):
-            got = value.hex()
+        for name in TDX_FIELDS:
+            got = measured[name].hex()
             matching = [e for e in candidates if getattr(e, name) in (None, got)]
             if not matching:
                 wanted = [getattr(e, name) for e in candidates]
-                raise PolicyRejected(
-                    _mismatch(name, got, wanted), check="mr_td" if name == "mr_td" else "rtmr"
-                )
+                check = "rtmr" if name.startswith("rtmr") else name
+                raise PolicyRejected(_mismatch(name, got, wanted), check=check)
             candidates = matching
 
     # -- identity of the policy itself ----------------------------------------------------
@@ -516,14 +604,16 @@ class Policy(BaseModel):
     def canonical(self) -> dict[str, Any]:
         """The policy's meaning: disabled fields dropped, entries sorted and deduplicated."""
         enabled = self.enabled_sgx_fields
+        debuggable = self.verify_enclave_debuggable == "on"
+        checked = (*enabled, "debuggable") if debuggable else enabled
         sgx = {
-            json.dumps({n: getattr(e, n) for n in enabled}, sort_keys=True) for e in self.sgx_mrs
+            json.dumps({n: getattr(e, n) for n in checked}, sort_keys=True) for e in self.sgx_mrs
         }
         tdx = {json.dumps(e.model_dump(exclude_none=True), sort_keys=True) for e in self.tdx_mrs}
         canonical = {
             "format": _CANONICAL_TAG,
-            "verify": list(enabled),
-            "sgx_mrs": [json.loads(e) for e in sorted(sgx)] if enabled else [],
+            "verify": [*enabled, *(["enclave_debuggable"] if debuggable else [])],
+            "sgx_mrs": [json.loads(e) for e in sorted(sgx)] if checked else [],
             "tdx_mrs": [json.loads(e) for e in sorted(tdx)],
             "allowed_tcb_status": sorted(set(self.allowed_tcb_status)),
             "allow_debug": self.allow_debug,
@@ -550,7 +640,7 @@ class Policy(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         """The policy as a JSON object that `from_json` reads back to an equal policy."""
-        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs", "privacy", "parties"})
+        out = self.model_dump(mode="json", exclude={"sgx_mrs", "tdx_mrs", "privacy", "parties"}, exclude_none=True)
         if self.privacy is not None:
             out["privacy"] = self.privacy.canonical()
         if self.parties:
@@ -567,6 +657,18 @@ class Policy(BaseModel):
             atomic_write_bytes(file, text.encode("utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot write policy {file}: {exc}") from None
+
+
+def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
+    """The decoder's message, or for a trailing comma (CCZoo's README template has one)
+    the line and column of that comma, which is what the user has to delete."""
+    before = text[: exc.pos].rstrip()
+    if before.endswith(",") and text[exc.pos : exc.pos + 1] in ("}", "]"):
+        comma = len(before) - 1
+        line = text.count("\n", 0, comma) + 1
+        column = comma - (text.rfind("\n", 0, comma) + 1) + 1
+        return f"trailing comma at line {line} column {column} (JSON allows none before '{text[exc.pos]}'; delete it)"
+    return str(exc)
 
 
 def _short(value: Any) -> str:

@@ -135,6 +135,11 @@ def _claims(raw: bytes, parsed: dcap_qvl.Quote, report: dcap_qvl.VerifiedReport)
             tee=TeeType.TDX,
             mr_td=bytes(body.mr_td),
             rtmrs=tuple(bytes(r) for r in (body.rt_mr0, body.rt_mr1, body.rt_mr2, body.rt_mr3)),
+            mr_seam=bytes(body.mr_seam),
+            mr_signer_seam=bytes(body.mr_signer_seam),
+            mr_config_id=bytes(body.mr_config_id),
+            mr_owner=bytes(body.mr_owner),
+            mr_owner_config=bytes(body.mr_owner_config),
             debug=bool(body.td_attributes[0] & _TD_ATTRIBUTES_DEBUG),
             **common,
         )
