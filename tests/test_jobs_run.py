@@ -113,13 +113,16 @@ def test_gramine_party_provisions_the_checkpoint_mount_key(tmp_path: Path) -> No
 
 
 def test_unreadable_storage_key_fails_at_start_and_stops_the_job(hfl_job: Path, tmp_path: Path) -> None:
+    # (A missing file: key is created in simulation mode; a key others can read is refused.)
     job = yaml.safe_load(hfl_job.read_text())
-    job["storage"] = {"checkpoint_dir": "ckpt", "key": "file:missing.key", "checkpoint_every": 1}
+    job["storage"] = {"checkpoint_dir": "ckpt", "key": "file:open.key", "checkpoint_every": 1}
     hfl_job.write_text(yaml.safe_dump(job))
+    (tmp_path / "open.key").write_text("ab" * 32 + "\n")
+    (tmp_path / "open.key").chmod(0o644)
     done = enclavefl("run", str(hfl_job), "--out", str(tmp_path / "out"), timeout=120)
     assert done.returncode == 1 and "server (exit 2)" in done.stderr
     server_log = (tmp_path / "out" / "logs" / "server.log").read_text()
-    assert "missing.key cannot be read" in server_log and "Traceback" not in server_log
+    assert "open.key is accessible by other users" in server_log and "Traceback" not in server_log
     assert "joined" not in server_log  # it failed before serving anyone
 
 

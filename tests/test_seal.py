@@ -607,7 +607,7 @@ def test_create_key_file(tmp_path: Path) -> None:
 
 
 def test_missing_key_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError, match="does not exist; create it with: enclavefl keygen"):
         parse_key_spec(f"file:{tmp_path / 'absent'}").kek()
 
 

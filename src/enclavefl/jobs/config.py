@@ -43,6 +43,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from enclavefl.errors import ConfigError, UsageError
+from enclavefl.jobs.quick import apply_quick_caps
 from enclavefl.jobs.refs import JobCode, is_ref
 
 __all__ = [
@@ -314,6 +315,8 @@ class CsvData(_Section):
     """The label column (FATE files call it y); None for a party without labels."""
     features: tuple[str, ...] | None = Field(None, min_length=1)
     """Feature columns to use, in this order; None: every column but the id and label."""
+    limit: int | None = Field(None, ge=1)
+    """Read only the first `limit` rows (before partitioning); None: every row."""
     partition: PartitionSpec | None = None
     """Read only part of the rows (for several workers sharing one file); None: all rows."""
 
@@ -818,6 +821,19 @@ def _kind_issues(at: str, data: Any, mode: str) -> list[tuple[str, str]]:
     return []
 
 
+def _auc_issues(at: str, metrics: tuple[str, ...], args: dict[str, Any], model_at: str) -> list[tuple[str, str]]:
+    """auc is defined here for binary tasks (one logit); refuse it for a multi-class model
+    instead of dropping it silently at the first evaluation."""
+    if "auc" not in metrics:
+        return []
+    for name in ("out_features", "num_classes"):
+        classes = args.get(name)
+        if isinstance(classes, int) and classes > 1:
+            return [(at, f"auc needs a binary task (one output), but {model_at}.{name} is {classes}: "
+                         "a multi-class model; use accuracy and logloss")]
+    return []
+
+
 def _rows_source(data: Any) -> tuple[str, ...]:
     """What identifies the rows a data spec reads, before partitioning."""
     if isinstance(data, Cifar10Data):
@@ -862,6 +878,7 @@ class HflJobConfig(JobConfig):
             if isinstance(evaluation, CsvData) and evaluation.label is None:
                 issues.append(("evaluation.data.label", "required: evaluation needs labels"))
         issues.extend(self._shared_rows_issues())
+        issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics, self.model.args, "model.args"))
         workers = len(self.members())
         if self.strategy.min_workers is not None and workers and self.strategy.min_workers > workers:
             issues.append(("strategy.min_workers", f"{self.strategy.min_workers} is more than the {workers} worker(s) in parties"))
@@ -927,6 +944,7 @@ class VflJobConfig(JobConfig):
                     issues.append((f"parties[{i}].data.kind", f"{data.kind!r} differs from parties[{first_i}]'s {first.kind!r}; vfl parties hold the same kind of data"))
                 elif isinstance(data, WideDeepData) and isinstance(first, WideDeepData) and data.generate != first.generate:
                     issues.append((f"parties[{i}].data.generate", f"differs from parties[{first_i}]'s: the parties' files are generated together"))
+        issues.extend(_auc_issues("training.metrics", self.training.metrics, self.model.top.args, "model.top.args"))
         return issues
 
 
@@ -976,7 +994,7 @@ def load_job(path: Path) -> JobConfig:
         raise ConfigError(f"{where}: invalid YAML: {err.problem}{context}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
-    return parse_job(data, base_dir=path.absolute().parent, source=str(path))
+    return parse_job(apply_quick_caps(data), base_dir=path.absolute().parent, source=str(path))
 
 
 def parse_job(data: Any, *, base_dir: Path, source: str = "job") -> JobConfig:

@@ -90,13 +90,15 @@ def _load(spec: object, seed: int) -> PartyData:
     if isinstance(spec, CsvData):
         table = load_fate_csv(spec.path, id_column=spec.id_column, label_column=spec.label or "",
                               require_label=spec.label is not None)
-        X = table.X
+        X, y, ids = table.X, table.y, table.ids
+        if spec.limit is not None:
+            X, y, ids = X[: spec.limit], None if y is None else y[: spec.limit], ids[: spec.limit]
         if spec.features is not None:
             missing = [f for f in spec.features if f not in table.feature_names]
             if missing:
                 raise UsageError(f"{spec.path}: feature columns not found: {missing}")
             X = X[:, [table.feature_names.index(f) for f in spec.features]]
-        data = PartyData((X.astype(np.float32),), _labels(table.y), table.ids)
+        data = PartyData((X.astype(np.float32),), _labels(y), ids)
     elif isinstance(spec, SklearnData):
         table = load_sklearn(spec.name)
         data = PartyData((table.X.astype(np.float32),), _labels(table.y), table.ids)

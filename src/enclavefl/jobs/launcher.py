@@ -21,6 +21,25 @@ from enclavefl.errors import EnclaveflError, UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import JobConfig, load_job
 
+__all__ = [
+    "MEMBER_GRACE_S",
+    "METRICS_FILE",
+    "MetricsFollower",
+    "PLOT_FILE",
+    "PartyProcess",
+    "RESULT_FILE",
+    "RunResult",
+    "SUMMARY_FILE",
+    "append_metrics",
+    "build_summary",
+    "open_fresh_log",
+    "party_command",
+    "result_file",
+    "run_job",
+    "start_party",
+    "summary_file",
+]
+
 log = logging.getLogger("enclavefl.jobs")
 
 __all__ = [
@@ -60,6 +79,7 @@ class PartyProcess:
     log_path: Path
     log_file: Any
     exit_code: int | None = None
+    stopped: bool = False  # still running when the launcher stopped it
 
 
 @dataclass
@@ -133,8 +153,7 @@ def start_party(
     input_path: Path | None = None,
 ) -> PartyProcess:
     log_path = out_dir / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the process is reaped
+    log_file = open_fresh_log(log_path)
     process = subprocess.Popen(
         party_command(job_file, name, out_dir, resume=resume, task=task, input_path=input_path),
         stdout=log_file,
@@ -144,6 +163,15 @@ def start_party(
         preexec_fn=_die_with_parent if _PRCTL is not None else None,
     )
     return PartyProcess(name, role, process, log_path, log_file)
+
+
+def open_fresh_log(path: Path) -> Any:
+    """Open a party's log for this run: the previous run's log is kept once, as `<name>.log.1`,
+    so a failed run's error never sits in the log of the successful rerun."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".1"))
+    return open(path, "wb")  # noqa: SIM115 - closed when the process is reaped
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -205,6 +233,9 @@ def run_job(
             raise UsageError(f"predict needs an input file for every party (--input NAME=PATH); missing: {missing}")
     out = Path(out_dir or job.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    from enclavefl.jobs.runtime import storage_key
+
+    storage_key(job)  # simulation: create a missing file: key once, before the parties race for it
     stale = [result_file(task), summary_file(task)] + ([METRICS_FILE] if task == "train" else [])
     if not resume:
         for name in stale:
@@ -235,11 +266,17 @@ def run_job(
         from enclavefl.jobs.report import plot_metrics
 
         plot_metrics(follower.records, out / PLOT_FILE, title=job.job.name)
-    failed = {p.name: p.exit_code for p in procs if p.exit_code not in (0, None)}
+    failed = {p.name: p.exit_code for p in procs if p.exit_code not in (0, None) and not _left_behind(p, procs)}
     for name, code in failed.items():
         proc = next(p for p in procs if p.name == name)
         log.error("party %s exited with %s; last lines of %s:\n%s", name, code, proc.log_path, _tail(proc.log_path))
     return RunResult(summary=summary, out_dir=out, failed=failed)  # type: ignore[arg-type]
+
+
+def _left_behind(proc: PartyProcess, procs: list[PartyProcess]) -> bool:
+    """A member the launcher stopped after the coordinator had finished the job without it
+    (a quorum let the rounds close without a late or slow member): not a failure."""
+    return proc is not procs[0] and proc.stopped and procs[0].exit_code == 0
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -287,6 +324,7 @@ def _supervise(
 
 def _stop(proc: PartyProcess) -> None:
     if proc.process.poll() is None:
+        proc.stopped = True
         os.killpg(proc.process.pid, signal.SIGTERM)
         try:
             proc.process.wait(timeout=10)
@@ -321,6 +359,8 @@ def build_summary(
             "exit_code": proc.exit_code,
             **{key: record[key] for key in ("privacy", "stopped") if key in record},
         }
+        if _left_behind(proc, procs):
+            parties[proc.name]["note"] = "stopped by the launcher: the job finished without it"
     summary: dict[str, Any] = {
         "job": job.job.name,
         "job_id": job.job.id,

@@ -18,14 +18,34 @@ from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import JobConfig, PartyConfig
 from enclavefl.net import AttestedClient, AttestedServer, Mode, PartyCredentials, RetryPolicy
 from enclavefl.net.keybroker import configure_broker_access
-from enclavefl.seal import KeySource, parse_key_spec
+from enclavefl.seal import KeySource, ensure_development_key, parse_key_spec
 from enclavefl.seal.keys import GRAMINE_KEYS_DIR
 from enclavefl.tee.attesters import make_attester
 from enclavefl.tee.collateral import collateral_source
 from enclavefl.tee.measure import simulated_measurement
 from enclavefl.tee.policy import Policy, PrivacyBudget
 
+__all__ = ["PartyRuntime", "storage_key"]
+
 log = logging.getLogger("enclavefl.jobs")
+
+
+def storage_key(job: JobConfig) -> KeySource | None:
+    """The job's storage key source (None: no storage section).
+
+    In simulation mode (`tee.allow_simulated_insecure: true`) a `file:` key that does not
+    exist yet is created, with the same loud warning as the demo's: a simulated run is
+    INSECURE anyway, and the examples then run as written. Outside simulation a missing
+    key file is an error that names the `enclavefl keygen` command.
+    """
+    if job.storage is None:
+        return None
+    source = parse_key_spec(job.storage.key)
+    if job.tee.allow_simulated_insecure and ensure_development_key(source):
+        log.warning("INSECURE: simulation mode created the missing storage key %s; "
+                    "outside simulation, create keys yourself (enclavefl keygen PATH) or use sgx-seal:/broker:",
+                    source.spec)
+    return source
 
 
 @dataclass
@@ -94,9 +114,7 @@ class PartyRuntime:
 
     def key_source(self) -> KeySource | None:
         """The key that seals this party's checkpoints and exports (None: no storage configured)."""
-        if self.job.storage is None:
-            return None
-        return parse_key_spec(self.job.storage.key)
+        return storage_key(self.job)
 
     def prepare_storage(self, *, keys_dir: Path = GRAMINE_KEYS_DIR) -> bool:
         """Under Gramine-SGX, give the encrypted checkpoint mount its key before first use.

@@ -29,6 +29,20 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from enclavefl.errors import ConfigError, UsageError
 
+__all__ = [
+    "GRAMINE_KEYS_DIR",
+    "KEK_SIZE",
+    "FileKeySource",
+    "KeySource",
+    "SgxSealKeySource",
+    "create_key_file",
+    "ensure_development_key",
+    "known_key_schemes",
+    "parse_key_spec",
+    "register_key_scheme",
+    "write_random_key",
+]
+
 log = logging.getLogger(__name__)
 
 KEK_SIZE = 32
@@ -63,6 +77,10 @@ class FileKeySource:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
                 raw = f.read(_KEY_FILE_MAX + 1)
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"key file {self.path} does not exist; create it with: enclavefl keygen {self.path}"
+            ) from exc
         except OSError as exc:
             raise ConfigError(f"key file {self.path} cannot be read: {exc.strerror}") from exc
         mode = stat.S_IMODE(st.st_mode)
@@ -85,18 +103,33 @@ class FileKeySource:
 
 
 def write_random_key(path: str | os.PathLike[str]) -> Path:
-    """Write a fresh random key (64 hex characters, mode 0600) to `path`; never overwrites."""
+    """Write a fresh random key (64 hex characters, mode 0600) to `path`; never overwrites.
+
+    Missing parent folders are created (mode 0700). The key is written to a temporary
+    file and linked into place, so a party reading `path` at the same time sees either
+    no file or the whole key, never a half-written one.
+    """
     path = Path(path)
+    if path.exists():
+        raise UsageError(f"key file {path} already exists; refusing to overwrite it")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UsageError(f"key file {path} cannot be created: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(KEK_SIZE).hex().encode("ascii") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
     except FileExistsError as exc:
         raise UsageError(f"key file {path} already exists; refusing to overwrite it") from exc
     except OSError as exc:
         raise UsageError(f"key file {path} cannot be created: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(KEK_SIZE).hex().encode("ascii") + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -105,6 +138,23 @@ def create_key_file(path: str | os.PathLike[str]) -> FileKeySource:
     path = write_random_key(path)
     log.warning("created key file %s: file: keys are insecure, for development only", path)
     return FileKeySource(path)
+
+
+def ensure_development_key(source: KeySource) -> bool:
+    """Create the key file of a `file:` source that does not exist yet; True if it was created.
+
+    For simulation mode only (the caller checks): another party racing to create the
+    same file is fine, whoever links it first wins and both use that key.
+    """
+    if not isinstance(source, FileKeySource) or source.path.exists():
+        return False
+    try:
+        create_key_file(source.path)
+    except UsageError:
+        if source.path.exists():  # another party of the same job created it first
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""Every job in examples/ runs exactly as the README and docs/jobs.md say, from a fresh
+checkout: `enclavefl run examples/X.yaml` from the repository root, no key made beforehand
+(simulation mode creates a missing file: key), no --out. Small settings come only through
+the documented quick-run variables (ENCLAVEFL_MAX_ROUNDS=1, ENCLAVEFL_MAX_ROWS=2000);
+CIFAR-10 is a tiny stand-in folder given by ENCLAVEFL_CIFAR10, the variable the example
+documents, because the test cannot download."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, SHARED_DATA
+
+EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.yaml"))
+
+
+def _fake_cifar10(root: Path, images: int = 16) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (images, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, images)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A fresh copy of examples/ (outputs land in its runs/, as in a clone) and the environment."""
+    if not (SHARED_DATA / "tabular").is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    root = tmp_path_factory.mktemp("fresh")
+    repo = root / "enclavefl"
+    shutil.copytree(REPO / "examples", repo / "examples")
+    (root / "shared").mkdir()
+    (root / "shared" / "data").symlink_to(SHARED_DATA)  # the shared checkout beside the clone
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ENCLAVEFL_")}
+    env.update(ENCLAVEFL_MAX_ROUNDS="1", ENCLAVEFL_MAX_ROWS="2000", ENCLAVEFL_CIFAR10=str(_fake_cifar10(root / "cifar10")))
+    return repo, env
+
+
+def _enclavefl(repo: Path, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "enclavefl", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_runs_as_written(checkout: tuple[Path, dict[str, str]], example: str) -> None:
+    repo, env = checkout
+    done = _enclavefl(repo, env, "run", f"examples/{example}")
+    assert done.returncode == 0, f"{example}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert "Traceback" not in done.stderr
+    out = (repo / "examples" / yaml.safe_load((repo / "examples" / example).read_text())["output"]["dir"]).resolve()
+    assert out.parent == (repo / "runs").resolve()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"], summary
+    for party in summary["parties"].values():
+        # A quorum (min_workers) may finish one round without a late member: then it says so.
+        assert (party["exit_code"] == 0 and party["attested"]) or "note" in party, summary["parties"]
+
+
+def test_readme_predict_command(checkout: tuple[Path, dict[str, str]]) -> None:
+    """README: `enclavefl predict examples/vfl_default_credit.yaml --input guest=new_guest.csv
+    --input host=new_host.csv`, after the training run above (new rows: a slice of the data)."""
+    repo, env = checkout
+    if not (repo / "runs" / "vfl-default-credit" / "model" / "guest.sealed").exists():
+        done = _enclavefl(repo, env, "run", "examples/vfl_default_credit.yaml")
+        assert done.returncode == 0, done.stderr[-3000:]
+    for party, name in (("guest", "new_guest.csv"), ("host", "new_host.csv")):
+        with open(SHARED_DATA / "tabular" / f"default_credit_hetero_{party}.csv", newline="") as handle:
+            rows = list(csv.reader(handle))[:101]
+        with open(repo / name, "w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+    done = _enclavefl(repo, env, "predict", "examples/vfl_default_credit.yaml",
+                      "--input", "guest=new_guest.csv", "--input", "host=new_host.csv")
+    assert done.returncode == 0, done.stderr[-3000:]
+    predictions = (repo / "runs" / "vfl-default-credit" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == 101
+
+
+def test_docs_pinning_commands(checkout: tuple[Path, dict[str, str]]) -> None:
+    """docs/jobs.md, Pinning identities: measure the job, then write a policy from it."""
+    repo, env = checkout
+    done = _enclavefl(repo, env, "measure", "--job", "examples/vfl_breast.yaml", "--json")
+    assert done.returncode == 0, done.stderr
+    (repo / "measure.json").write_text(done.stdout)
+    done = _enclavefl(repo, env, "policy", "init", "--out", "policy.json", "--from-measure", "measure.json",
+                      "--allow-simulated-insecure")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((repo / "policy.json").read_text())["allow_simulated"] is True
