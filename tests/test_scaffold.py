@@ -99,13 +99,15 @@ def test_pin_commands_of_the_readme_pin_this_project(project: Path, tmp_path: Pa
     assert policy.sgx_mrs[0].mr_enclave == party_measurement(project).hex()
 
 
-def test_the_model_beside_the_job_is_measured(project: Path) -> None:
+def test_the_code_beside_the_job_is_measured(project: Path) -> None:
     job = load_job(project / "job.yaml")
-    assert list(job.job_code().measured().values()) == [project / "model.py"]
-    before = party_measurement(project)
-    with (project / "model.py").open("a") as handle:
-        handle.write("\n# an edit\n")
-    assert party_measurement(project) != before
+    code = sorted(project.glob("*.py"))
+    assert sorted(job.job_code().measured().values()) == code, "every module of the project is measured"
+    for module in code:
+        before = party_measurement(project)
+        with module.open("a") as handle:
+            handle.write("\n# an edit\n")
+        assert party_measurement(project) != before, module
 
 
 def test_gramine_trusts_the_model_and_allows_the_data(project: Path) -> None:
@@ -169,3 +171,11 @@ def test_new_list_describes_every_template() -> None:
 def test_project_name_is_a_valid_job_name(tmp_path: Path) -> None:
     assert project_name(tmp_path / "My Project!") == "My-Project"
     assert project_name(tmp_path / "___") == "enclavefl-project"
+
+
+def test_every_template_folder_is_a_template() -> None:
+    from importlib.resources import files
+
+    folders = {entry.name for entry in files("enclavefl").joinpath("share", "templates").iterdir()
+               if entry.is_dir() and not entry.name.startswith("_")}
+    assert folders == set(TEMPLATES)
