@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -94,13 +93,12 @@ def _make_venv(root: Path, wheel: Path, extras: set[str]) -> Path:
     _check([sys.executable, "-m", "venv", "--without-pip", str(root)])
     python = root / "bin" / "python"
     site = Path(_check([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
-    ours = Path(sysconfig.get_path("purelib"))
     for dist in _closure(_wheel_requirements(wheel, extras)).values():
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")} - {"__pycache__"}
         for top in tops:
-            target = site / top
-            if not target.exists() and (ours / top).exists():
-                target.symlink_to(ours / top)
+            source, target = Path(dist.locate_file(top)), site / top
+            if not target.exists() and source.exists():
+                target.symlink_to(source)
     spec = f"{wheel}[{','.join(sorted(extras))}]" if extras else str(wheel)
     _check([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-index", "--no-deps",
             spec])
