@@ -341,3 +341,21 @@ def test_shipped_sgx_job_renders_for_every_party(party: str) -> None:
     assert plan.checkpoint_mount is not None and plan.checkpoint_mount.key_name == "_sgx_mrsigner"
     assert plan.notes == ()  # no simulated attester, no host key file, data apart from code
     assert f"/data/{party}/" in allowed_paths(doc)
+
+
+def test_keras_party_gets_tensorflow_threads_backend_and_trusted_libraries(tmp_path: Path) -> None:
+    job = write_job(tmp_path, extra={"model": {"framework": "keras", "name": "mlp", "args": {"in_features": 1}}})
+    doc = manifest(job, "worker0", params=EnclaveParams(torch_threads=6))
+    env = doc["loader"]["env"]
+    assert env["KERAS_BACKEND"] == "tensorflow" and env["TF_NUM_INTRAOP_THREADS"] == "6"
+    assert env["TF_NUM_INTEROP_THREADS"] == "2" and env["KERAS_HOME"].startswith("/tmp")
+    import tensorflow  # noqa: PLC0415 - the [tf] extra: its native libraries must be measured
+
+    library = next(Path(tensorflow.__file__).parent.rglob("*.so*"))
+    assert any(covers(p, library.resolve()) for p in trusted_paths(doc)), library
+    (tmp_path / "torch").mkdir()
+    assert "KERAS_BACKEND" not in manifest(write_job(tmp_path / "torch"), "worker0")["loader"]["env"]
+    with pytest.raises(ConfigError, match="needs at least 4G"):
+        plan_manifest(job, "worker0", params=EnclaveParams(enclave_size="2G"))
+    with pytest.raises(ConfigError, match="max_threads 24: a Keras/TensorFlow party needs at least 30"):
+        plan_manifest(job, "worker0", params=EnclaveParams(max_threads=24))

@@ -16,6 +16,7 @@ the one place that knows which is which:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "JobFeature",
     "MissingExtra",
     "extras_for_job",
+    "import_from_extra",
     "install_line",
     "missing_extra_for",
     "require",
@@ -92,6 +94,7 @@ def _section(name: str) -> Callable[[Any], bool]:
 JOB_FEATURES: tuple[JobFeature, ...] = (
     # Every party trains, evaluates or serves a torch model today.
     JobFeature("training", "ml", lambda job: True),
+    JobFeature("Keras models (model framework: keras)", "tf", lambda job: job.model.uses_keras()),
     JobFeature("DP-SGD (privacy.mechanism: dp-sgd)", "dp",
                lambda job: getattr(getattr(job, "privacy", None), "mechanism", None) == "dp-sgd"),
     JobFeature("experiment tracking (tracking:)", "tracking", _section("tracking")),
@@ -126,6 +129,16 @@ def require(extras: Iterable[str], *, needed_for: str) -> None:
             missing[name] = gone
     if missing:
         raise MissingExtra(missing, needed_for=needed_for, missing=[m for ms in missing.values() for m in ms])
+
+
+def import_from_extra(module: str, extra: str, *, needed_for: str) -> Any:
+    """`import module` after checking that `extra` is installed (MissingExtra otherwise).
+
+    For code that needs an extra only when it runs (a Keras trainer, a Keras model half):
+    the core imports such modules at the point of use, never at its own import.
+    """
+    require([extra], needed_for=needed_for)
+    return importlib.import_module(module)
 
 
 def require_for_command(command: str) -> None:

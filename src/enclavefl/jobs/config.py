@@ -480,10 +480,26 @@ def _module_name(value: str) -> str:
 
 
 class ModelSpec(_Section):
+    framework: Literal["torch", "keras"] = "torch"
+    """torch (the factory returns a torch.nn.Module) or keras (a keras.Model; needs
+    pip install 'enclavefl[tf]')."""
     name: CodeRef
-    """A built-in model (mlp, resnet56, dlrm, ...) or 'package.module:function'."""
+    """A built-in model (mlp, resnet56, dlrm, ...; keras: mlp, bottom_mlp, top_mlp) or
+    'package.module:function'. `factory:` is another spelling of a 'module:function' name."""
     args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the model's constructor."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _factory_is_a_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "factory" in data:
+            if "name" in data:
+                raise _invalid("give the model either `name` or `factory`, not both")
+            data = {("name" if k == "factory" else k): v for k, v in data.items()}
+        return data
+
+    def uses_keras(self) -> bool:
+        return self.framework == "keras"
 
 
 class VflModelConfig(_Section):
@@ -491,11 +507,22 @@ class VflModelConfig(_Section):
     """Each follower's model over its own features; its output activations go to the leader."""
     top: ModelSpec
     """The leader's model over the activations; it computes the logits and the loss."""
-    leader_bottom: Bool = True
-    """True: the leader also runs `bottom` on its own features.
+    leader_bottom: Bool | ModelSpec = True
+    """True: the leader also runs `bottom` on its own features; a model: the leader runs that
+    one instead (a torch leader beside Keras followers, say).
 
     False: `top` reads the leader's own features itself (wide&deep's leader model).
     """
+
+    @property
+    def leader_bottom_spec(self) -> ModelSpec | None:
+        """The leader's own bottom model, or None when the top reads the leader's features itself."""
+        if isinstance(self.leader_bottom, ModelSpec):
+            return self.leader_bottom
+        return self.bottom if self.leader_bottom else None
+
+    def uses_keras(self) -> bool:
+        return any(spec.uses_keras() for spec in (self.bottom, self.top, self.leader_bottom_spec) if spec)
 
 
 _REQUIRED = object()

@@ -21,6 +21,7 @@ result says which tools were missing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -343,6 +344,8 @@ def plan_manifest(
                   if not any(_inside(path, d) for d in code_dirs) and not _inside(path, job_file.parent)]
     if code_roots:
         env["PYTHONPATH"] = ":".join(dict.fromkeys([env["PYTHONPATH"], *map(str, code_roots)]))
+    if job.model.uses_keras():
+        env.update(_keras_env(params, code_dirs))
     if CA_BUNDLE.is_file():
         env["SSL_CERT_FILE"] = str(CA_BUNDLE)
 
@@ -437,6 +440,48 @@ def _loader_env(runtime: PythonRuntime, params: EnclaveParams, job_file: Path) -
         if value:
             env[variable] = value
     return env
+
+
+# A TensorFlow party: its native libraries load from site-packages (trusted with it), its
+# thread pools are sized here (they count against sgx.max_threads), and importing it maps
+# about 1.5 GB, so smaller enclaves fail at start rather than mid-training.
+_TF_INTEROP_THREADS = 2
+_TF_MIN_ENCLAVE_BYTES = 4 << 30
+_GRPC_MIN_THREADS = 16
+_GRAMINE_THREADS = 4
+
+
+def _size_bytes(size: str) -> int:
+    return int(size[:-1]) << {"K": 10, "M": 20, "G": 30}[size[-1]]
+
+
+def _keras_env(params: EnclaveParams, code_dirs: Sequence[Path]) -> dict[str, str]:
+    """Environment of a party whose job uses Keras; refuses an enclave that could not run it."""
+    if _size_bytes(params.enclave_size) < _TF_MIN_ENCLAVE_BYTES:
+        raise ConfigError(f"enclave size {params.enclave_size}: a Keras/TensorFlow party needs at least 4G")
+    threads = 2 * params.torch_threads + _TF_INTEROP_THREADS + _GRPC_MIN_THREADS + _GRAMINE_THREADS
+    if params.max_threads < threads:
+        raise ConfigError(
+            f"max_threads {params.max_threads}: a Keras/TensorFlow party needs at least {threads} "
+            f"(torch and TensorFlow pools of {params.torch_threads}, {_TF_INTEROP_THREADS} inter-op, "
+            f"{_GRPC_MIN_THREADS} gRPC, {_GRAMINE_THREADS} Gramine)"
+        )
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    for module in ("keras", *(["tensorflow"] if backend == "tensorflow" else [])):
+        spec = importlib.util.find_spec(module)
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if origin is None or not any(_inside(origin, d) for d in code_dirs):
+            raise ConfigError(
+                f"{module} is not installed in this Python's site-packages ({origin}): the enclave could not "
+                "load it as a measured file; pip install 'enclavefl[tf]' into the environment you build from"
+            )
+    return {
+        "KERAS_BACKEND": backend,  # measured: the host cannot switch a party's backend
+        "TF_NUM_INTRAOP_THREADS": str(params.torch_threads),
+        "TF_NUM_INTEROP_THREADS": str(_TF_INTEROP_THREADS),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "KERAS_HOME": "/tmp/keras",  # in-enclave tmpfs
+    }
 
 
 def _check_overlaps(trusted: Sequence[_Entry], allowed: Sequence[_Entry]) -> None:

@@ -39,6 +39,11 @@ def server_hyper(strategy: StrategyConfig) -> dict[str, Any]:
 
 def build_global_model(job: HflJobConfig) -> torch.nn.Module:
     # Every party builds the same initial model from the job seed; the server's copy wins at join.
+    if job.model.uses_keras():
+        # KerasTrainer plugs into the worker once the worker drives a trainer (issue 10);
+        # until then say so before anything starts, instead of failing mid-job.
+        raise ConfigError("model.framework: keras models run in vertical jobs and through KerasTrainer; "
+                          "horizontal jobs built from a job file take torch models for now")
     torch.manual_seed(job.job.seed)
     return build_job_model(job.model, job, what="model.name")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from enclavefl.errors import ConfigError, UsageError
-from enclavefl.jobs.config import CsvData, VflJobConfig
+from enclavefl.jobs.config import CsvData, ModelSpec, VflJobConfig
 from enclavefl.jobs.datasets import PartyData, load_party_data
 from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
@@ -87,29 +87,40 @@ def _csv_header(path: Path) -> list[str]:
         raise UsageError(f"cannot read input file {path}: {exc.strerror}") from None
 
 
-def _bottom_width(job: VflJobConfig) -> int:
-    """The width of each follower's activations, from the bottom model's arguments."""
-    spec = job.model.bottom
+def _bottom_width(job: VflJobConfig, spec: ModelSpec, where: str) -> int:
+    """The width of a bottom model's activations, from its arguments or its factory's default."""
     if "out_features" in spec.args:
         width = spec.args["out_features"]
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"model.bottom.args.out_features: must be an int >= 1, got {width!r}")
+            raise ConfigError(f"{where}.args.out_features: must be an int >= 1, got {width!r}")
         return width
-    factory = model_factory(spec, job, what="model.bottom.name")
+    factory = model_factory(spec, job, what=f"{where}.name")
     parameter = inspect.signature(factory).parameters.get("out_features") if factory else None
     if parameter is None or parameter.default is inspect.Parameter.empty:
-        raise ConfigError("model.bottom.args.out_features: required, the leader sizes its top model by it")
+        raise ConfigError(f"{where}.args.out_features: required, the leader sizes its top model by it")
     return int(parameter.default)
 
 
-def build_bottom(job: VflJobConfig, in_features: int) -> nn.Module:
-    """A bottom model over `in_features` columns (split MLP bottoms are sized from the data)."""
-    spec = job.model.bottom
+def _build_half(job: VflJobConfig, spec: ModelSpec, what: str, seed: int, **args: Any) -> nn.Module:
+    """A torch model, or a Keras model inside a KerasHalf (the vfl roles drive both alike)."""
+    if spec.uses_keras():
+        from enclavefl.vfl.keras_half import KerasHalf, keras  # the [tf] extra, for Keras halves only
+
+        keras.utils.set_random_seed(seed)
+        return KerasHalf(build_job_model(spec, job, what=what, **args))
+    torch.manual_seed(seed)
+    return build_job_model(spec, job, what=what, **args)
+
+
+def build_bottom(job: VflJobConfig, in_features: int, spec: ModelSpec | None = None) -> nn.Module:
+    """A bottom model over `in_features` columns (split MLP bottoms are sized from the data);
+    `spec` defaults to the followers' `model.bottom`."""
+    spec = spec or job.model.bottom
+    where = "model.bottom" if spec is job.model.bottom else "model.leader_bottom"
     args = dict(spec.args)
     if spec.name == "bottom_mlp":
         args.setdefault("in_features", in_features)
-    torch.manual_seed(job.job.seed)
-    return build_job_model(spec, job, what="model.bottom.name", **args)
+    return _build_half(job, spec, f"{where}.name", job.job.seed, **args)
 
 
 def _reads_own_features(top: nn.Module) -> bool:
@@ -120,30 +131,56 @@ def _reads_own_features(top: nn.Module) -> bool:
 def build_leader_model(job: VflJobConfig, in_features: int) -> nn.Module:
     """The leader's whole model, called as model(x_own, follower_activations) -> logits."""
     followers = len(job.followers())
-    width = _bottom_width(job)
+    width = _bottom_width(job, job.model.bottom, "model.bottom")
+    own = job.model.leader_bottom_spec
+    own_width = 0
+    if own is not None:
+        own_width = _bottom_width(job, own, "model.bottom" if own is job.model.bottom else "model.leader_bottom")
     spec = job.model.top
     args = dict(spec.args)
     if spec.name == "top_mlp":
-        args.setdefault("in_features", width * (followers + int(job.model.leader_bottom)))
+        args.setdefault("in_features", width * followers + own_width)
     elif spec.name == "wide_deep_leader":
         args.setdefault("follower_dims", [width] * followers)
-    torch.manual_seed(job.job.seed + 1)
-    top = build_job_model(spec, job, what="model.top.name", **args)
+    top = _build_half(job, spec, "model.top.name", job.job.seed + 1, **args)
     if _reads_own_features(top):
-        if job.model.leader_bottom:
+        if own is not None:
             raise ConfigError(f"model.leader_bottom: model.top {spec.name!r} reads the leader's own features "
                               "itself (forward(x, follower_activations)); set leader_bottom: false")
         return top
-    return SplitMlpLeader(top, build_bottom(job, in_features) if job.model.leader_bottom else None)
+    return SplitMlpLeader(top, build_bottom(job, in_features, own) if own is not None else None)
 
 
-def _optimizer(job: VflJobConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _keras_halves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "keras_model")]
+
+
+def _optimizer(job: VflJobConfig, model: nn.Module) -> Any:
+    """The job's optimizer for the half: a torch one, or a KerasOptimizer when the half has Keras parts."""
+    training = job.training
+    halves = _keras_halves(model)
+    params = list(model.parameters())
+    if not halves:
+        return _torch_optimizer(job, params)
+    from enclavefl.vfl.keras_half import KerasOptimizer, keras  # the [tf] extra, for Keras halves only
+
+    def keras_optimizer() -> Any:
+        if training.optimizer == "adam":
+            return keras.optimizers.Adam(training.lr)
+        if training.optimizer == "adagrad":
+            return keras.optimizers.Adagrad(training.lr, initial_accumulator_value=0.0)
+        return keras.optimizers.SGD(training.lr, momentum=training.momentum)
+
+    return KerasOptimizer([(h, keras_optimizer()) for _, h in halves], _torch_optimizer(job, params) if params else None)
+
+
+def _torch_optimizer(job: VflJobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     training = job.training
     if training.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=training.lr)
+        return torch.optim.Adam(params, lr=training.lr)
     if training.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=training.lr)
-    return torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum)
+        return torch.optim.Adagrad(params, lr=training.lr)
+    return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
 
 
 def _storage(runtime: PartyRuntime, job: VflJobConfig) -> Storage | None:
@@ -255,8 +292,18 @@ def _export(runtime: PartyRuntime, job: VflJobConfig, model: nn.Module) -> Path 
         log.warning("no storage key in the job: party %s's trained half is not exported "
                     "(add a storage section to keep it and predict later)", runtime.party.name)
         return None
-    return export_model(model, model_path(runtime.out_dir, runtime.party.name), key=key,
-                        job_id=job.job.id, party=runtime.party.name)
+    party = runtime.party.name
+    path = export_model(model, model_path(runtime.out_dir, party), key=key, job_id=job.job.id, party=party)
+    halves = _keras_halves(model)
+    if halves:
+        # Keras parts also as native .keras archives (sealed) that Keras users can take away.
+        from enclavefl.vfl.keras_half import export_keras  # the [tf] extra, for Keras halves only
+
+        for name, half in halves:
+            part = name or "model"
+            export_keras(half.keras_model, path.with_name(f"{party}.{part}.keras.sealed"), key=key,
+                         job_id=job.job.id, artifact=f"vfl-model/{party}/{part}.keras")
+    return path
 
 
 # --------------------------------------------------------------------------- align
