@@ -139,7 +139,7 @@ def value_and_grad(
 
         with tf.GradientTape() as tape:
             total = _total_loss(model, loss, x, y, penalty)
-        grads = tape.gradient(total, trainable)
+        grads = tape.gradient(total, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return float(total), list(grads)
     if backend == "torch":
         total = _total_loss(model, loss, x, y, penalty)

@@ -71,7 +71,9 @@ def _record(
 
         def tf_pullback(grad: np.ndarray) -> tuple[list[np.ndarray | None], list[Any]]:
             sources = [x for x, wanted in zip(xs, want_inputs, strict=True) if wanted]
-            grads = tape.gradient(out, [*sources, *trainable], output_gradients=tf.convert_to_tensor(grad))
+            targets = [*sources, *trainable]
+            grads = tape.gradient(out, targets, output_gradients=tf.convert_to_tensor(grad),
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
             found = iter(grads[: len(sources)])
             return [next(found).numpy() if wanted else None for wanted in want_inputs], list(grads[len(sources) :])
 
