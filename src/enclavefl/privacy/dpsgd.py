@@ -10,7 +10,8 @@ optimizer step:
 * Gaussian noise of standard deviation `noise_multiplier * max_grad_norm` on their sum,
   divided by the expected batch size (Opacus `DPOptimizer`);
 * Poisson sampling: every row joins each batch independently with probability
-  `sample_rate = batch_size / rows` (Opacus `DPDataLoader`), which the accounting assumes;
+  `sample_rate = 1 / batches per epoch` (Opacus `DPDataLoader`; `DpSgd` samples its
+  tensors the same way without collating rows one by one), which the accounting assumes;
 * the noise multiplier found by bisection so that the planned steps spend at most the
   target epsilon at delta.
 
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from enclavefl.errors import UsageError
 from enclavefl.privacy.rdp import RdpAccountant, noise_multiplier_for
@@ -211,8 +212,12 @@ class DpSgd:
             raise UsageError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
         check_model(model)
         rows = int(train[-1].shape[0])
-        self._loader = DataLoader(TensorDataset(*train), batch_size=batch_size)
-        self.sample_rate = 1.0 / len(self._loader)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self._train = tuple(train)
+        self._steps_per_epoch = -(-rows // batch_size)
+        # As Opacus's DPDataLoader: rate 1 / (batches per epoch), so an epoch is as many steps.
+        self.sample_rate = 1.0 / self._steps_per_epoch
         self.expected_batch_size = max(1, round(rows * self.sample_rate))
         self.delta = float(delta)
         self.max_grad_norm = float(max_grad_norm)
@@ -226,7 +231,6 @@ class DpSgd:
         self.max_epsilon = max_epsilon
         self.accountant = RdpAccountant()
         self._generator = torch.Generator().manual_seed(seed)
-        self._private_loader = DPDataLoader.from_data_loader(self._loader, generator=self._generator)
         self._model = model
         self._module: GradSampleModule | None = None  # hooks attached at the first round, not before the checks
 
@@ -243,7 +247,16 @@ class DpSgd:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self._loader)
+        return self._steps_per_epoch
+
+    def _poisson_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One epoch of Poisson sampling (every row in each batch with probability
+        sample_rate, independently), as Opacus's UniformWithReplacementSampler, but slicing
+        the tensors at once instead of collating rows one by one."""
+        rows = int(self._train[-1].shape[0])
+        for _ in range(self._steps_per_epoch):
+            picked = torch.nonzero(torch.rand(rows, generator=self._generator) < self.sample_rate).reshape(-1)
+            yield tuple(t[picked] for t in self._train)
 
     @property
     def epsilon(self) -> float:
@@ -290,8 +303,12 @@ class DpSgd:
         module.train()
         total, batches = 0.0, 0
         for _ in range(epochs):
-            for batch in self._private_loader:
+            for batch in self._poisson_batches():
                 private.zero_grad(set_to_none=True)
+                if batch[-1].shape[0] == 0:
+                    # No row sampled: the step still releases noise (its absence would tell).
+                    self._noise_only_step(private)
+                    continue
                 loss = loss_fn(module(*batch[:-1]), batch[-1])
                 loss.backward()
                 if private.pre_step():
@@ -305,6 +322,14 @@ class DpSgd:
                 batches += 1
         private.zero_grad(set_to_none=True)
         return total / max(batches, 1)
+
+    def _noise_only_step(self, private: DPOptimizer) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for param in private.params:
+            noise = torch.normal(0.0, std, param.shape, generator=self._generator, dtype=param.dtype)
+            param.grad = noise / self.expected_batch_size
+        private.original_optimizer.step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def report(self) -> dict[str, Any]:
         """What metrics.jsonl and summary.json record about this worker's privacy."""
