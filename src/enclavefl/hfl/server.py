@@ -333,6 +333,8 @@ class ParameterServer:
         self._async_refused = 0
         self._updates_run = 0
         self._resumed_from: int | None = None
+        self._left: dict[str, str] = {}  # worker -> why it left for good (its privacy budget)
+        self._stopped: str | None = None
         self._started = time.monotonic()
         if resume:
             self._restore()
@@ -348,6 +350,7 @@ class ParameterServer:
         server.register(wire.PUSH, self._telling(self._on_push), sink=UploadGate(max_pending_uploads))
         server.register(wire.WAIT, self._telling(self._on_wait))
         server.register(wire.EVAL, self._telling(self._on_eval))
+        server.register(wire.LEAVE, self._on_leave)
 
     # -- public ---------------------------------------------------------------------
 
@@ -449,6 +452,8 @@ class ParameterServer:
                 "evaluations": list(self._evaluations),
                 "final_metrics": final,
                 "elapsed_s": time.monotonic() - self._started,
+                **({"left": dict(self._left)} if self._left else {}),
+                **({"stopped": self._stopped} if self._stopped else {}),
             }
 
     # -- handlers ---------------------------------------------------------------------
@@ -479,6 +484,11 @@ class ParameterServer:
 
     def _on_join(self, peer: Peer, request: Message) -> Message:
         worker = self._check_party(peer)
+        with self._cond:
+            if worker in self._left:
+                # A restarted worker would start a fresh accountant: its budget is spent.
+                raise Rejected(f"worker {worker} left this run ({self._left[worker]}); it may not rejoin",
+                               check="privacy")
         protocol = request.meta.get("protocol")
         if protocol != wire.PROTOCOL:
             raise UsageError(f"hfl protocol {protocol!r} not supported; this server speaks {wire.PROTOCOL}")
@@ -517,6 +527,43 @@ class ParameterServer:
         }
         meta["version"] = snapshot.version
         return Message(meta, tensors)
+
+    def _on_leave(self, peer: Peer, request: Message) -> Message:
+        """A worker leaves for good (its accountant reached the privacy budget). When too few
+        workers remain for a quorum, the run stops at the current version, checkpoint sealed."""
+        worker = self._check_party(peer)
+        reason = request.meta.get("reason")
+        if not isinstance(reason, str) or not reason or len(reason) > 200 or not reason.isprintable():
+            raise UsageError(f"hfl.leave: reason must be 1..200 printable characters, got {reason!r}")
+        with self._cond:
+            now = time.monotonic()
+            self._left[worker] = reason
+            self._live.discard(worker)
+            self._evaluators.discard(worker)
+            self._told_done.add(worker)  # it wants no final state
+            log.warning("worker %s left the run at version %d: %s", worker, self._strategy.version, reason)
+            remaining = [w for w in self._workers if w not in self._left]
+            if self._done:
+                pass
+            elif len(remaining) < self._min_workers:
+                self._guarded(self._stop_locked, now, reason)
+            else:
+                self._close_if_complete_locked(now)
+            return Message(self._reply_meta_locked("left"))
+
+    def _stop_locked(self, now: float, reason: str) -> None:
+        """End the run before its last version: the current state is sealed and final."""
+        version = self._strategy.version
+        log.warning("stopped: %s (version %d of %d; too few workers remain for a quorum of %d)",
+                    reason, version, self._total, self._min_workers)
+        self._stopped = reason
+        # Publishing this version evaluated and sealed it unless it was off their period.
+        if version == 0 or version % self._eval_every != 0:
+            self._evaluate_locked(version, now)
+        if self._checkpoints is not None and (version == 0 or version % self._checkpoint_every != 0):
+            self._save_locked(version)
+        self._done = True
+        self._cond.notify_all()
 
     def _on_slot(self, peer: Peer, request: Message) -> Message:
         """Grant an upload place (long-poll): at most `max_pending_uploads` uploads at once."""

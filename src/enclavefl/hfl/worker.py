@@ -264,6 +264,7 @@ class Worker:
                             self.party, self._privacy.epsilon, self._privacy.max_epsilon)
                 self._emit({"event": "stopped", "party": self.party, "version": self._version,
                             "reason": "privacy budget", **self._privacy.report()})  # fmt: skip
+                self._leave("privacy budget")
                 return
             version = self._version
             start = model_state(self._model)
@@ -388,6 +389,13 @@ class Worker:
         }
         self.traffic.append(record)
         self._apply_state(reply)
+
+    def _leave(self, reason: str) -> None:
+        """Tell the server this worker is gone for good (one try: it stops either way)."""
+        try:
+            self._client.call(wire.LEAVE, Message({"reason": reason}), timeout_s=self._call_timeout_s)
+        except TransportError as exc:
+            log.warning("party %s: could not tell the server it left: %s", self.party, exc.reason)
 
     def _call(self, method: str, message: Message) -> Message:
         """One call; after a transport failure or a server restart, the reply is the rejoin's."""

@@ -125,6 +125,7 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dic
             "resumed_from": summary.get("resumed_from"),
             "workers": summary.get("workers"),
         },
+        **({"stopped": summary["stopped"]} if "stopped" in summary else {}),
     }
 
 

@@ -1,0 +1,101 @@
+"""Record-level DP-SGD in horizontal workers over the attested channel: the budget stops the run."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from enclavefl.errors import Rejected
+from enclavefl.hfl import wire
+from enclavefl.hfl.checkpoint import CheckpointStore
+from enclavefl.hfl.server import ParameterServer
+from enclavefl.hfl.strategies import make_strategy
+from enclavefl.hfl.worker import Worker
+from enclavefl.models import mlp
+from enclavefl.net.admission import PartyCredentials
+from enclavefl.net.client import AttestedClient, RetryPolicy
+from enclavefl.net.errors import PeerRefused
+from enclavefl.net.server import AttestedServer
+from enclavefl.net.tensors import Message
+from enclavefl.seal.keys import FileKeySource, create_key_file
+from enclavefl.tee.attesters import SimulatedAttester
+from enclavefl.tee.measure import Measurement
+from enclavefl.tee.policy import Policy
+
+pytest.importorskip("opacus")
+from enclavefl.privacy.dpsgd import DpSgd  # noqa: E402
+
+GOOD = Measurement(hashlib.sha256(b"dp enclave").digest(), hashlib.sha256(b"dp signer").digest())
+POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True,
+                            privacy={"unit": "record", "max_epsilon": 1.0, "delta": 1e-5})
+JOB = "dp-test"
+
+
+def credentials(party: str) -> PartyCredentials:
+    return PartyCredentials.create(SimulatedAttester(GOOD), POLICY, party=party, job_id=JOB)
+
+
+def client(port: int, party: str) -> AttestedClient:
+    return AttestedClient(f"127.0.0.1:{port}", credentials(party),
+                          retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05))
+
+
+def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 6, generator=g)
+    return x, (x[:, 0] + 0.5 * x[:, 1] > 0).float()
+
+
+def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    store = CheckpointStore(tmp_path / "ckpt", key=FileKeySource(create_key_file(tmp_path / "k").path), job_id=JOB)
+    torch.manual_seed(0)
+    server = AttestedServer(credentials("server"), port=0, max_workers=8)
+    ps = ParameterServer(server, make_strategy("fedavg", mlp(6, (8,), 1)), workers=["a", "b"], total=6,
+                         min_workers=1, checkpoints=store, round_timeout_s=60)
+    port = server.start()
+    results: dict[str, Any] = {}
+    events: list[dict[str, Any]] = []
+
+    def body(party: str, seed: int) -> None:
+        torch.manual_seed(0)
+        model = mlp(6, (8,), 1)
+        train = data(seed)
+        # Planned for 2 rounds of 4 steps at epsilon 1; the server plans 6 rounds.
+        dp = DpSgd(model, train, batch_size=64, delta=1e-5, planned_steps=8, max_grad_norm=1.0,
+                   target_epsilon=1.0, max_epsilon=1.0, seed=seed)
+        worker = Worker(client(port, party), model, train, batch_size=64, lr=0.5, privacy=dp, on_metrics=events.append)
+        results[party] = worker.run()
+
+    threads = [threading.Thread(target=body, args=(p, i), daemon=True) for i, p in enumerate("ab")]
+    for thread in threads:
+        thread.start()
+    try:
+        summary = ps.run()
+    finally:
+        for thread in threads:
+            thread.join(timeout=120)
+    assert summary["stopped"] == "privacy budget"
+    assert summary["version"] == 2 and summary["left"] == {"a": "privacy budget", "b": "privacy budget"}
+    for party in "ab":
+        assert results[party]["stopped"] == "privacy budget"
+        assert results[party]["privacy"]["dp_steps"] == 8
+        assert results[party]["privacy"]["dp_epsilon"] <= 1.0
+    trained = [e for e in events if e["event"] == "train"]
+    assert len(trained) == 4 and all(e["dp_accountant"] == "rdp" and e["dp_epsilon"] <= 1.0 for e in trained)
+    assert [e["reason"] for e in events if e["event"] == "stopped"] == ["privacy budget"] * 2
+    # The last state is sealed: it loads (authenticated) and is the version the run stopped at.
+    latest = store.load_latest()
+    assert latest is not None and latest[0] == 2
+    # A worker that left may not come back (a restart would reset its accountant).
+    with client(port, "a") as again:
+        with pytest.raises((Rejected, PeerRefused), match="left this run") as refused:
+            again.call(wire.JOIN, Message({"protocol": wire.PROTOCOL, "evaluates": False}))
+    assert refused.value.check == "privacy"
+    server.stop(grace_s=0)
