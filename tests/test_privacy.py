@@ -205,6 +205,7 @@ def _job(tmp_path: Path, *, privacy: dict | None, budget: dict | None, rounds: i
     doc = yaml.safe_load((EXAMPLES / "hfl_default_credit_dp.yaml").read_text())
     doc["policy"] = str(tmp_path / "p.json")
     doc["strategy"]["rounds"] = rounds
+    doc["strategy"]["local_epochs"] = 1
     doc.pop("storage")
     if privacy is None:
         doc.pop("privacy")
