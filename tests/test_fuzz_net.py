@@ -40,8 +40,10 @@ from enclavefl.tee.quote import verify_quote
 GOOD = Measurement(hashlib.sha256(b"fuzz net").digest(), hashlib.sha256(b"signer").digest())
 POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
 JOB = "fuzz-net"
-SERVER = PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY), POLICY, "server", JOB, Mode.TWO_WAY)
-CLIENT = make_identity(SimulatedAttester(GOOD), POLICY)
+SERVER = PartyCredentials(
+    make_identity(SimulatedAttester(GOOD), POLICY, party="server"), POLICY, "server", JOB, Mode.TWO_WAY
+)
+CLIENT = make_identity(SimulatedAttester(GOOD), POLICY, party="alice")
 
 
 def _edit(data: bytes, edits: list[tuple[int, int]], cut: int | None, insert: bytes) -> bytes:

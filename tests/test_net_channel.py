@@ -44,8 +44,8 @@ class FakeClock:
         return self.now
 
 
-def identity(measurement: Measurement = GOOD, policy: Policy = POLICY) -> RaTlsIdentity:
-    return make_identity(SimulatedAttester(measurement), policy)
+def identity(measurement: Measurement = GOOD, policy: Policy = POLICY, party: str = "alice") -> RaTlsIdentity:
+    return make_identity(SimulatedAttester(measurement), policy, party=party)
 
 
 def echo(peer: Peer, request: Message) -> Message:
@@ -56,7 +56,7 @@ def make_server(
     *, port: int = 0, measurement: Measurement = GOOD, policy: Policy = POLICY, mode: str = "two-way",
     **kwargs: object,
 ) -> AttestedServer:  # fmt: skip
-    credentials = PartyCredentials(identity(measurement, policy), policy, "server", JOB, Mode(mode))
+    credentials = PartyCredentials(identity(measurement, policy, "server"), policy, "server", JOB, Mode(mode))
     server = AttestedServer(credentials, port=port, **kwargs)  # type: ignore[arg-type]
     server.register("echo", echo)
     server.start()
@@ -68,7 +68,7 @@ _UNSET = object()
 
 def make_client(port: int, *, party: str = "alice", measurement: Measurement = GOOD, policy: Policy = POLICY,
                 mode: str = "two-way", me: object = _UNSET, **kwargs: object) -> AttestedClient:  # fmt: skip
-    own = identity(measurement, policy) if me is _UNSET else me
+    own = identity(measurement, policy, party) if me is _UNSET else me
     credentials = PartyCredentials(own, policy, party, JOB, Mode(mode))  # type: ignore[arg-type]
     kwargs.setdefault("retry", RetryPolicy(max_attempts=4, initial_backoff_s=0.01))
     return AttestedClient(f"127.0.0.1:{port}", credentials, **kwargs)  # type: ignore[arg-type]
@@ -275,7 +275,7 @@ class RawAdmission:
         return self.stub.GetNonce(pb.NonceRequest(version=1)).nonce
 
     def admit(self, who: RaTlsIdentity | None, nonce: bytes, *, server_cert_der: bytes | None = None,
-              signer: RaTlsIdentity | None = None, party: str = "mallory") -> pb.AdmitResponse:  # fmt: skip
+              signer: RaTlsIdentity | None = None, party: str = "alice") -> pb.AdmitResponse:  # fmt: skip
         request = build_admission(
             who, nonce=nonce, server_cert_der=server_cert_der or self.probed.der, job_id=JOB, party=party
         )

@@ -31,6 +31,7 @@ from enclavefl.net import enclavefl_pb2 as pb
 from enclavefl.net.admission import Mode, NonceStore, PartyCredentials, make_identity
 from enclavefl.net.client import AttestedClient, RetryPolicy, pinned_channel
 from enclavefl.net.exchange import exchange_callable
+from enclavefl.net.errors import PartyNameHeld, PeerRefused
 from enclavefl.net.guard import OpenLimits, source_of
 from enclavefl.net.probe import fetch_certificate
 from enclavefl.net.server import SESSION_METADATA_KEY, AttestedServer
@@ -45,7 +46,7 @@ JOB = "hardening"
 
 
 def credentials(party: str) -> PartyCredentials:
-    return PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY), POLICY, party, JOB, Mode.TWO_WAY)
+    return PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY, party=party), POLICY, party, JOB, Mode.TWO_WAY)
 
 
 def client(port: int, party: str, host: str = "127.0.0.1") -> AttestedClient:
@@ -379,3 +380,108 @@ def test_received_arrays_are_writable_and_exact() -> None:
     _, message = decode_message(iter(encode_message(Message(tensors={"v": value, "e": np.zeros((0, 5))}), chunk_size=7)))
     assert np.array_equal(message.tensors["v"], value) and message.tensors["v"].flags.writeable
     assert message.tensors["e"].shape == (0, 5)
+
+
+# -- item 4: party names are bound to the evidence ------------------------------------------------
+
+OTHER = Measurement(hashlib.sha256(b"another build").digest(), hashlib.sha256(b"signer").digest())
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def named_client(port: int, party: str, *, binds: str | None = None, measurement: Measurement = GOOD,
+                 policy: Policy = POLICY) -> AttestedClient:  # fmt: skip
+    me = make_identity(SimulatedAttester(measurement), policy, party=party if binds is None else binds)
+    credentials = PartyCredentials(me, policy, party, JOB, Mode.TWO_WAY)
+    return AttestedClient(f"127.0.0.1:{port}", credentials, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
+
+
+def test_one_attested_identity_cannot_take_another_name(server: AttestedServer) -> None:
+    with pytest.raises(PeerRefused) as info:
+        named_client(server.port, "worker-2", binds="worker-1").connect()
+    assert info.value.check == "party-name" and "'worker-1'" in info.value.reason
+    unnamed = PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY), POLICY, "worker-2", JOB)
+    with pytest.raises(PeerRefused, match="binds no party name"):
+        AttestedClient(f"127.0.0.1:{server.port}", unnamed, retry=RetryPolicy(max_attempts=1)).connect()
+    assert named_client(server.port, "worker-1").connect().party == "server"
+
+
+def test_client_refuses_a_server_whose_evidence_binds_another_name() -> None:
+    lying = PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY, party="ps"), POLICY, "server", JOB)
+    server = AttestedServer(lying)
+    server.start()
+    try:
+        with pytest.raises(Rejected) as info:
+            named_client(server.port, "alice").connect()
+        assert info.value.check == "party-name"
+    finally:
+        server.stop(0)
+
+
+def test_a_name_held_by_a_live_key_is_refused_to_another_until_idle() -> None:
+    clock = FakeClock()
+    server = AttestedServer(credentials("server"), session_hold_s=10, clock=clock)
+    release, entered = threading.Event(), threading.Event()
+
+    def block(peer: object, request: Message) -> Message:
+        entered.set()
+        assert release.wait(30)
+        return request
+
+    server.register("echo", echo)
+    server.register("block", block)
+    server.start()
+    try:
+        real, second = named_client(server.port, "host-2"), named_client(server.port, "host-2")
+        real.call("echo", Message(meta={"i": 1}))
+        with pytest.raises(PartyNameHeld, match="held by another attested key"):
+            second.connect()
+        # A call in progress holds the name however long it runs.
+        waiting = threading.Thread(target=lambda: real.call("block", Message()), daemon=True)
+        waiting.start()
+        assert entered.wait(10)
+        clock.now += 60
+        with pytest.raises(PartyNameHeld):
+            second.connect()
+        release.set()
+        waiting.join(10)
+        with pytest.raises(PartyNameHeld):  # just used: still held
+            second.connect()
+        clock.now += 11  # idle longer than session_hold_s: the name passes, the old sessions end
+        assert second.connect().party == "server"
+        with pytest.raises(PartyNameHeld):
+            real.call("echo", Message())
+        assert server.admitted()["host-2"].claims == second_claims(second)
+    finally:
+        server.stop(0)
+
+
+def second_claims(client_: AttestedClient) -> object:
+    from enclavefl.tee.ratls import verify_certificate
+
+    return verify_certificate(client_._identity.cert_der, policy=POLICY)  # type: ignore[union-attr]
+
+
+def test_policy_pins_a_measurement_per_party_name() -> None:
+    policy = Policy.from_json({
+        "sgx_mrs": [{"mr_enclave": GOOD.mr_enclave.hex()}, {"mr_enclave": OTHER.mr_enclave.hex()}],
+        "allow_simulated": True,
+        "parties": {"leader": {"sgx_mrs": [{"mr_enclave": GOOD.mr_enclave.hex()}]}},
+    })  # fmt: skip
+    own = PartyCredentials(make_identity(SimulatedAttester(GOOD), policy, party="server"), policy, "server", JOB)
+    server = AttestedServer(own)
+    server.start()
+    try:
+        with pytest.raises(PeerRefused) as info:
+            named_client(server.port, "leader", measurement=OTHER, policy=policy).connect()
+        assert info.value.check == "party-identity"
+        assert named_client(server.port, "follower", measurement=OTHER, policy=policy).connect().party == "server"
+        assert named_client(server.port, "leader", policy=policy).connect().party == "server"
+    finally:
+        server.stop(0)

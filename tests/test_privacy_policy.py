@@ -119,7 +119,7 @@ def test_same_budget_other_policy_difference_is_a_hash_mismatch() -> None:
 @pytest.fixture
 def server() -> Iterator[AttestedServer]:
     mine = policy(RECORD_3)
-    credentials = PartyCredentials(make_identity(SimulatedAttester(GOOD), mine), mine, "server", "job-1")
+    credentials = PartyCredentials(make_identity(SimulatedAttester(GOOD), mine, party="server"), mine, "server", "job-1")
     server = AttestedServer(credentials, port=0)
     server.start()
     yield server
@@ -128,7 +128,9 @@ def server() -> Iterator[AttestedServer]:
 
 def client(port: int, privacy: dict[str, Any], mode: str) -> AttestedClient:
     theirs = policy(privacy)
-    credentials = PartyCredentials(make_identity(SimulatedAttester(GOOD), theirs), theirs, "w", "job-1", Mode(mode))
+    credentials = PartyCredentials(
+        make_identity(SimulatedAttester(GOOD), theirs, party="w"), theirs, "w", "job-1", Mode(mode)
+    )
     return AttestedClient(f"127.0.0.1:{port}", credentials, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -30,6 +31,7 @@ from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import CollateralSource
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import (
+    PUBKEY_HASH_CLAIM,
     SERVER_NAME,
     RaTlsIdentity,
     certificate_public_key,
@@ -41,6 +43,7 @@ from enclavefl.tee.ratls import (
 __all__ = [
     "ADMISSION_DOMAIN",
     "ADMISSION_VERSION",
+    "PARTY_CLAIM",
     "POLICY_HASH_CLAIM",
     "PRIVACY_CLAIM",
     "AdmissionRequest",
@@ -52,8 +55,10 @@ __all__ = [
     "SessionStore",
     "admission_payload",
     "build_admission",
+    "check_party_binding",
     "check_party_name",
     "check_policy_hash",
+    "key_id",
     "log_verified",
     "make_identity",
     "sign_admission",
@@ -64,6 +69,7 @@ log = logging.getLogger("enclavefl.net")
 ADMISSION_DOMAIN = "enclavefl-admission"
 ADMISSION_VERSION = 1
 POLICY_HASH_CLAIM = "policy-hash"
+PARTY_CLAIM = "party"
 PRIVACY_CLAIM = "privacy-budget"
 NONCE_SIZE = 32
 TOKEN_SIZE = 32
@@ -101,11 +107,38 @@ class Peer:
         return self.claims is not None
 
 
-def make_identity(attester: Attester, policy: Policy, *, common_name: str = SERVER_NAME) -> RaTlsIdentity:
-    """This party's RA-TLS identity; its claims include the digest of the policy it enforces
-    and, to name the difference when peers disagree, its privacy budget."""
-    extra = {POLICY_HASH_CLAIM: policy.digest(), PRIVACY_CLAIM: policy.privacy_claim()}
+def make_identity(
+    attester: Attester, policy: Policy, *, party: str | None = None, common_name: str = SERVER_NAME
+) -> RaTlsIdentity:
+    """This party's RA-TLS identity; its claims include the digest of the policy it enforces,
+    to name the difference when peers disagree its privacy budget, and its party name (a
+    server admits a client only under the name its evidence binds)."""
+    extra: dict[str, Any] = {POLICY_HASH_CLAIM: policy.digest(), PRIVACY_CLAIM: policy.privacy_claim()}
+    if party is not None:
+        check_party_name(party)
+        extra[PARTY_CLAIM] = party
     return make_certificate(attester, extra_claims=extra, common_name=common_name)
+
+
+def check_party_binding(claims: Claims, party: str, policy: Policy, who: str, *, required: bool = True) -> None:
+    """`party` must be the name `claims` bind, and run what `policy` pins for that name.
+
+    Without `required`, evidence that binds no name passes the first check (servers that are
+    not enclavefl parties, e.g. a Gramine RA-TLS server, bind none)."""
+    bound = claims.bound.get(PARTY_CLAIM)
+    if bound != party and (required or bound is not None):
+        raise Rejected(
+            f"{who} calls itself {party!r} but its evidence binds "
+            + (f"the name {bound!r}" if isinstance(bound, str) else "no party name"),
+            check="party-name",
+        )
+    policy.check_party(party, claims)
+
+
+def key_id(claims: Claims) -> bytes:
+    """What identifies the attested key behind `claims` (the hash its evidence binds)."""
+    entry = claims.bound.get(PUBKEY_HASH_CLAIM)
+    return bytes(entry[1]) if isinstance(entry, list) and len(entry) == 2 else b""
 
 
 def check_party_name(party: str) -> None:
@@ -148,7 +181,7 @@ class PartyCredentials:
         at: int | None = None,
     ) -> PartyCredentials:
         """Credentials with a fresh identity from `attester` (a new key and quote)."""
-        return cls(make_identity(attester, policy), policy, party, job_id, Mode(mode), collateral, at)
+        return cls(make_identity(attester, policy, party=party), policy, party, job_id, Mode(mode), collateral, at)
 
 
 def admission_payload(nonce: bytes, server_cert_sha256: bytes, job_id: str, party: str) -> bytes:
@@ -301,25 +334,73 @@ class NonceStore:
         self._buckets[source] = (tokens - 1, now)
 
 
-class SessionStore:
-    """Session tokens -> Peer, with expiry. Tokens are kept only as their SHA-256."""
+@dataclass
+class _Holder:
+    """The attested key a party name is held by, and how recently it was used."""
 
-    def __init__(self, *, ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+    key: bytes
+    in_flight: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Session:
+    peer: Peer
+    expires: float
+    key: bytes | None  # None: the peer was not attested (mode "server")
+
+
+class SessionStore:
+    """Session tokens -> Peer, with expiry. Tokens are kept only as their SHA-256.
+
+    A party name is held by one attested key at a time: while that key has a live session
+    that has a call in progress or was used within `hold_s`, another key is refused the name
+    (check "party-name-held"). Once the holder is idle (a party that died, or was stopped)
+    another key may take the name, and the old key's sessions end then, so that two processes
+    never act under one name.
+    """
+
+    def __init__(self, *, ttl_s: float = 600.0, hold_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
+        self.hold_s = hold_s
         self._clock = clock
-        self._sessions: dict[bytes, tuple[Peer, float]] = {}
+        self._sessions: dict[bytes, _Session] = {}
+        self._holders: dict[str, _Holder] = {}
         self._admitted: dict[str, Peer] = {}
         self._lock = threading.Lock()
 
-    def issue(self, peer: Peer) -> bytes:
+    def issue(self, peer: Peer, key: bytes | None = None) -> bytes:
+        """A session for `peer`, whose attested key is identified by `key` (see key_id)."""
         token = secrets.token_bytes(TOKEN_SIZE)
-        now = self._clock()
         with self._lock:
-            for key in [k for k, (_, exp) in self._sessions.items() if exp < now]:
-                del self._sessions[key]
-            self._sessions[hashlib.sha256(token).digest()] = (peer, now + self.ttl_s)
+            now = self._clock()
+            for digest in [d for d, session in self._sessions.items() if session.expires < now]:
+                del self._sessions[digest]
+            if key is not None:
+                self._take_name(peer.party, key, now)
+            self._sessions[hashlib.sha256(token).digest()] = _Session(peer, now + self.ttl_s, key)
             self._admitted[peer.party] = peer
         return token
+
+    def _take_name(self, party: str, key: bytes, now: float) -> None:
+        holder = self._holders.get(party)
+        if holder is not None and holder.key != key:
+            live = any(s.peer.party == party and s.key == holder.key for s in self._sessions.values())
+            idle_s = now - holder.last_seen
+            if live and (holder.in_flight > 0 or idle_s < self.hold_s):
+                raise Rejected(
+                    f"party name {party!r} is held by another attested key (a call in progress or one "
+                    f"{idle_s:.1f} s ago); it is free once that party has been idle for {self.hold_s:g} s",
+                    check="party-name-held",
+                )
+            for digest in [d for d, s in self._sessions.items() if s.peer.party == party and s.key != key]:
+                del self._sessions[digest]  # the old holder is gone: its sessions end with it
+            log.warning("party name %r passes to a new attested key (the previous one was idle)", party)
+            holder = None
+        if holder is None:
+            self._holders[party] = _Holder(key, last_seen=now)
+        else:
+            holder.last_seen = now
 
     def admitted(self) -> dict[str, Peer]:
         """Every party admitted so far, as last admitted (sessions may have expired since)."""
@@ -328,15 +409,41 @@ class SessionStore:
 
     def lookup(self, token: bytes) -> Peer:
         """The peer of a live session; raises Rejected(check="session") otherwise."""
-        key = hashlib.sha256(token).digest()
         with self._lock:
-            entry = self._sessions.get(key)
-            if entry is not None and self._clock() > entry[1]:
-                del self._sessions[key]
-                raise Rejected("session expired: attest again", check="session")
-        if entry is None:
+            return self._live(token).peer
+
+    def begin(self, token: bytes) -> Peer:
+        """Like lookup, and counts a call in progress on the session until `end(token)`."""
+        with self._lock:
+            session = self._live(token)
+            holder = self._holder_of(session)
+            if holder is not None:
+                holder.in_flight += 1
+                holder.last_seen = self._clock()
+            return session.peer
+
+    def end(self, token: bytes) -> None:
+        """A call counted by `begin` is over (whatever became of the session meanwhile)."""
+        with self._lock:
+            session = self._sessions.get(hashlib.sha256(token).digest())
+            holder = self._holder_of(session) if session is not None else None
+            if holder is not None and holder.in_flight > 0:
+                holder.in_flight -= 1
+                holder.last_seen = self._clock()
+
+    def _holder_of(self, session: _Session) -> _Holder | None:
+        holder = self._holders.get(session.peer.party)
+        return holder if holder is not None and holder.key == session.key else None
+
+    def _live(self, token: bytes) -> _Session:
+        digest = hashlib.sha256(token).digest()
+        session = self._sessions.get(digest)
+        if session is None:
             raise Rejected("session token unknown: attest again", check="session")
-        return entry[0]
+        if self._clock() > session.expires:
+            del self._sessions[digest]
+            raise Rejected("session expired: attest again", check="session")
+        return session
 
 
 @dataclass(frozen=True)
@@ -400,9 +507,10 @@ class Admitter:
                 "INSECURE: admitted party %s without client attestation (mode %s)", request.party, self._mode.value
             )
         else:
+            check_party_binding(claims, request.party, self._policy, "client")
             log_verified("admitted party", request.party, claims)
         peer = Peer(request.party, claims)
-        return peer, self._sessions.issue(peer)
+        return peer, self._sessions.issue(peer, key_id(claims) if claims is not None else None)
 
     def _verify_client(self, request: AdmissionRequest) -> Claims:
         if not request.certificate_der:

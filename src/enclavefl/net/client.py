@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 
-from enclavefl.errors import UsageError
+from enclavefl.errors import Rejected, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
 from enclavefl.net import enclavefl_pb2_grpc as pb_grpc
 from enclavefl.net import exchange
-from enclavefl.net.admission import PartyCredentials, Peer, build_admission
-from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed, PeerRefused
+from enclavefl.net.admission import PartyCredentials, Peer, build_admission, check_party_binding
+from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed, PartyNameHeld, PeerRefused
 from enclavefl.net.probe import ProbedCertificate, fetch_certificate, verify_server_certificate
 from enclavefl.net.server import SESSION_METADATA_KEY
 from enclavefl.net.tensors import DEFAULT_CHUNK_SIZE, PROTOCOL_VERSION, Limits, Message, TensorSink
@@ -78,6 +78,8 @@ def _transport_error(target: str, step: str, error: grpc.RpcError) -> Exception:
         word in details.lower() for word in ("handshake", "ssl", "certificate")
     ):
         return HandshakeFailed(f"{text} (the server no longer shows the certificate that was verified)")
+    if error.code() is grpc.StatusCode.PERMISSION_DENIED and exchange.rpc_error_check(error) == "party-name-held":
+        return PartyNameHeld(f"{step} with {target}: {details}")
     if error.code() is grpc.StatusCode.PERMISSION_DENIED:
         return PeerRefused(f"{step}: refused by {target}: {details}", check=exchange.rpc_error_check(error))
     if error.code() is grpc.StatusCode.INVALID_ARGUMENT:
@@ -200,6 +202,12 @@ class AttestedClient:
         except BaseException:
             channel.close()
             raise
+        if claims is not None:
+            try:
+                check_party_binding(claims, answer.server_party, self._policy, f"server {self.target}", required=False)
+            except Rejected:
+                channel.close()
+                raise
         server = Peer(answer.server_party, claims)
         if self._last_certificate not in (None, probed.sha256):
             log.info("%s shows a new certificate (restarted?); it was verified and pinned", self.target)

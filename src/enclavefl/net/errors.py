@@ -23,3 +23,8 @@ class CallFailed(TransportError):
 
 class PeerRefused(Rejected):
     """The remote party refused us or our request; `check` is the check it named."""
+
+
+class PartyNameHeld(ConnectFailed):
+    """The server refused our party name for now: another attested key holds it and was
+    active recently. Transient (a restarted party waits out its old session), so retried."""

@@ -124,7 +124,9 @@ class AttestedServer:
 
     The credentials' mode: "two-way" (default) attests clients and is attested by them;
     "server" admits clients without evidence; "client" attests clients only. Sessions
-    last `session_ttl_s`, nonces `nonce_ttl_s`, both measured on `clock`.
+    last `session_ttl_s`, nonces `nonce_ttl_s`, both measured on `clock`; a party name stays
+    with the attested key that holds it while that key was active within `session_hold_s`.
+    Open services (admission, health) are bounded by `open_limits` (see guard.py).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class AttestedServer:
         host: str = "127.0.0.1",
         port: int = 0,
         session_ttl_s: float = 600.0,
+        session_hold_s: float = 10.0,
         nonce_ttl_s: float = 30.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         limits: Limits = Limits(),
@@ -152,7 +155,7 @@ class AttestedServer:
         self._router = Router()
         self._ready = threading.Event()
         self._nonces = NonceStore(ttl_s=nonce_ttl_s, clock=clock)
-        self._sessions = SessionStore(ttl_s=session_ttl_s, clock=clock)
+        self._sessions = SessionStore(ttl_s=session_ttl_s, hold_s=session_hold_s, clock=clock)
         admitter = Admitter(credentials, nonces=self._nonces, sessions=self._sessions)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"enclavefl-{self.party}"),
@@ -249,7 +252,11 @@ class AttestedServer:
         try:
             if token is None:
                 raise Rejected("no session token: attest first (Admission service)", check="session")
-            return self._sessions.lookup(token)
+            peer = self._sessions.begin(token)
         except Rejected as exc:
-            # Expired between the interceptor and here.
+            # Expired (or ended: its name passed to another key) between the interceptor and here.
             abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason, "session")
+        # The call counts as the session's activity (it holds the party name) until it ends.
+        if not context.add_callback(lambda: self._sessions.end(token)):
+            self._sessions.end(token)
+        return peer
