@@ -103,6 +103,22 @@ def test_mutated_certificate_bytes(cert):
     assert isinstance(result, (Claims, EnclaveflError))
 
 
+VERSION_AT = IDENTITY.cert_der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02])) + 4
+
+
+@FUZZ
+@given(version=st.integers(0, 255), length=st.sampled_from([1, 2]))
+def test_any_x509_version_is_refused_or_keeps_the_claims(version: int, length: int) -> None:
+    der = IDENTITY.cert_der
+    if length == 1:
+        cert = der[:VERSION_AT] + bytes([version]) + der[VERSION_AT + 1 :]
+    else:  # a two-byte INTEGER where one belongs: every length below it shifts
+        cert = der[: VERSION_AT - 1] + bytes([2, 0, version]) + der[VERSION_AT + 1 :]
+    result = verify_or_typed_error(cert)  # anything but a typed error escapes and fails
+    if isinstance(result, Claims):
+        assert result == verify_certificate(IDENTITY.cert_der, policy=POLICY)
+
+
 @pytest.fixture(scope="module")
 def sgx():
     return (
