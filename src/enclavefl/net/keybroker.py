@@ -81,7 +81,9 @@ def serve_key_broker(
         raise ConfigError(f"key directory {directory} does not exist")
     if not credentials.mode.verifies_client:
         raise UsageError("a key broker must attest its clients: mode 'server' is not allowed")
-    server = AttestedServer(credentials, host=host, port=port)
+    # Keys go by policy, not by party name, and its clients are short-lived commands (seal,
+    # then unseal): a name is held only while a call under it is in progress.
+    server = AttestedServer(credentials, host=host, port=port, session_hold_s=0)
     server.register(KEY_METHOD, _KeyHandler(directory))
     server.start()
     return server
