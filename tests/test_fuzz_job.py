@@ -79,3 +79,11 @@ def test_random_bytes_as_a_job_file(data: bytes) -> None:
             load_job(path)
         except UsageError as exc:
             assert exc.reason
+
+
+def test_job_mode_that_is_not_a_string_is_a_config_error() -> None:
+    """Found by the fuzz test above: `mode: []` raised TypeError (unhashable list)."""
+    for value in ("[]", "{a: 1}", "[hfl]"):
+        text = _example("vfl_breast.yaml").replace("  mode: vfl", f"  mode: {value}")
+        outcome = _load(text)
+        assert isinstance(outcome, UsageError) and "job.mode" in outcome.reason

@@ -1033,7 +1033,7 @@ def parse_job(data: Any, *, base_dir: Path, source: str = "job") -> JobConfig:
     _check_size(data, source)
     job = data.get("job")
     mode = job.get("mode") if isinstance(job, dict) else None
-    if mode not in _JOB_CLASSES:
+    if not isinstance(mode, str) or mode not in _JOB_CLASSES:  # a list or map is not hashable
         found = "job.mode: required" if mode is None else f"job.mode: got {mode!r}"
         raise ConfigError(f"{source}: invalid job file:\n  {found}, expected 'hfl' or 'vfl'")
     cls = _JOB_CLASSES[mode]
