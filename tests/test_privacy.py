@@ -270,3 +270,50 @@ def test_dp_sgd_rounds_spend_what_was_planned() -> None:
     assert losses[-1] < losses[0]
     report = dp.report()
     assert report["dp_accountant"] == "rdp" and report["dp_steps"] == 24
+
+
+# --- central (worker-level) DP -----------------------------------------------------------------
+
+
+def _central(**kwargs: object) -> object:
+    from enclavefl.privacy.central import CentralDp
+
+    settings = {"fraction": 0.5, "clip": 1.0, "delta": 1e-5, "rounds": 10, "noise_multiplier": 1.2}
+    settings.update(kwargs)
+    return CentralDp(**settings, generator=torch.Generator().manual_seed(7))  # type: ignore[arg-type]
+
+
+def test_central_dp_bounds_every_worker_update() -> None:
+    central = _central(noise_multiplier=0.0)
+    updates = {f"w{i}": {"a": torch.full((10,), float(10**i)), "b": torch.ones(3) * 10**i} for i in range(-2, 4)}
+    mean, metrics = central.aggregate(updates, population=12)
+    expected = 0.5 * 12
+    # Each worker moves the aggregate by at most clip / (fraction * population).
+    for worker, update in updates.items():
+        alone, _ = _central(noise_multiplier=0.0).aggregate({worker: update}, population=12)
+        assert global_norm(alone) <= 1.0 / expected + 1e-6
+    assert metrics["dp_clipped_workers"] == 4  # norms 0.036 and 0.36 pass unclipped
+    assert global_norm(mean) <= len(updates) / expected + 1e-6
+
+
+def test_central_dp_noise_std_and_accounting() -> None:
+    central = _central(noise_multiplier=1.2, clip=0.8)
+    zeros = {"w": {"x": torch.zeros(200_000)}}
+    mean, metrics = central.aggregate(zeros, population=4)
+    # noise std on the sum is sigma * clip; the mean divides by fraction * population = 2
+    assert float(mean["x"].std()) * 2 == pytest.approx(1.2 * 0.8, rel=0.05)
+    theirs = opacus_rdp.RDPAccountant()
+    theirs.step(noise_multiplier=1.2, sample_rate=0.5)
+    assert metrics["dp_epsilon"] == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-12)
+    calibrated = _central(noise_multiplier=None, target_epsilon=2.0, max_epsilon=2.0, rounds=10)
+    for _ in range(10):
+        assert calibrated.fits()
+        calibrated.noise_only({"x": torch.zeros(3)}, population=4)
+    assert 1.99 <= calibrated.epsilon <= 2.0 and not calibrated.fits()
+
+
+def test_central_dp_samples_each_worker_with_the_fraction() -> None:
+    central = _central(fraction=0.3)
+    workers = [f"w{i}" for i in range(100)]
+    picked = [len(central.sample(workers)) for _ in range(200)]
+    assert np.mean(picked) == pytest.approx(30, rel=0.05)
