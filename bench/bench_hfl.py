@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from enclavefl.hfl.server import ParameterServer
-from enclavefl.hfl.strategies import make_strategy
+from enclavefl.hfl.registry import make_strategy
 from enclavefl.hfl.worker import Worker
 from enclavefl.models import mlp, resnet_v2
 from enclavefl.net.admission import PartyCredentials
@@ -67,7 +67,7 @@ def _resnet_worker(port: int, party: str, seed: int, samples: int, batch: int) -
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     client = AttestedClient(f"127.0.0.1:{port}", _credentials(party))
-    Worker(client, resnet_v2(20), _cifar(samples, seed), batch_size=batch, lr=0.05, momentum=0.9, seed=seed).run()
+    Worker.for_model(client, resnet_v2(20), _cifar(samples, seed), batch_size=batch, lr=0.05, momentum=0.9, seed=seed).run()
 
 
 def _federate(strategy_name: str, hyper: dict[str, Any], total: int, samples: int, batch: int) -> list[dict[str, Any]]:
@@ -158,7 +158,7 @@ def _memory(workers: int, mib: int, bounded: bool) -> dict[str, Any]:
             client = AttestedClient(f"127.0.0.1:{port}", _credentials(f"w{i}"))
             g = torch.Generator().manual_seed(i)
             data = (torch.randn(4, width, generator=g), torch.randint(0, 2, (4,), generator=g))
-            Worker(client, mlp(width, (4 * width, 2 * width), 2), data, batch_size=4, lr=0.01).run()
+            Worker.for_model(client, mlp(width, (4 * width, 2 * width), 2), data, batch_size=4, lr=0.01).run()
         except BaseException as exc:
             errors.append(exc)
 

@@ -28,7 +28,8 @@ from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.train.metrics import binary_auc
 from enclavefl.hfl.server import ParameterServer, QuorumLost, UploadGate
-from enclavefl.hfl.strategies import GradContribution, grad_contribution, make_strategy
+from enclavefl.hfl.registry import make_strategy
+from enclavefl.hfl.strategies import GradContribution, grad_contribution
 from enclavefl.hfl.worker import Worker, evaluate
 from enclavefl.models import DLRM, mlp
 from enclavefl.net.admission import PartyCredentials
@@ -137,7 +138,7 @@ def test_sync_sgd_matches_one_process_on_the_union_of_batches() -> None:
     ps = ParameterServer(server, strategy, workers=list(sizes), total=steps, round_timeout_s=30, eval_every=steps)
     fed = Federation(server, ps)
     for party, size in sizes.items():
-        fed.worker(party, lambda c, p=party, s=size: Worker(
+        fed.worker(party, lambda c, p=party, s=size: Worker.for_model(
             c, tiny_model(seed=7), data[p], batch_size=s, shuffle=False, eval_data=held_out[p]))
     summary = fed.run()
     assert not fed.errors, fed.errors
@@ -186,7 +187,7 @@ def test_fedavg_on_default_credit_reaches_the_centralized_auc() -> None:
     )  # fmt: skip
     fed = Federation(server, ps)
     for i, party in enumerate(parties):
-        fed.worker(party, lambda c, p=party, s=i: Worker(
+        fed.worker(party, lambda c, p=party, s=i: Worker.for_model(
             c, mlp(23, (64, 32), 1), train[p], batch_size=64, lr=0.05, momentum=0.9, seed=s))
     summary = fed.run()
     assert not fed.errors, fed.errors
@@ -217,7 +218,7 @@ def test_other_strategies_run_to_the_end(name: str, hyper: dict[str, Any]) -> No
     ps = ParameterServer(server, strategy, workers=["a", "b"], total=total, round_timeout_s=30)
     fed = Federation(server, ps)
     for i, party in enumerate("ab"):
-        fed.worker(party, lambda c, s=i: Worker(c, tiny_model(seed=5), blobs(40, seed=s), batch_size=8, lr=0.1))
+        fed.worker(party, lambda c, s=i: Worker.for_model(c, tiny_model(seed=5), blobs(40, seed=s), batch_size=8, lr=0.1))
     summary = fed.run()
     assert not fed.errors, fed.errors
     assert summary["version"] == total
@@ -241,7 +242,7 @@ def test_batchnorm_buffers_follow_the_strategy_rules(name: str, batches: int) ->
     ps = ParameterServer(server, strategy, workers=["a", "b"], total=3 if name == "sync-sgd" else 1)
     fed = Federation(server, ps)
     for i, party in enumerate("ab"):
-        fed.worker(party, lambda c, s=i: Worker(c, bn_model(), blobs(40, seed=s), batch_size=8, lr=0.1))
+        fed.worker(party, lambda c, s=i: Worker.for_model(c, bn_model(), blobs(40, seed=s), batch_size=8, lr=0.1))
     fed.run()
     assert not fed.errors, fed.errors
     # sync-sgd: one step is one union batch (largest increment); rounds add every worker's.
@@ -257,9 +258,9 @@ def test_worker_with_unknown_measurement_is_refused_and_the_job_goes_on() -> Non
     server = attested_server()
     ps = ParameterServer(server, strategy, workers=["a", "b", "evil"], min_workers=2, total=2, round_timeout_s=30)
     fed = Federation(server, ps)
-    fed.worker("evil", lambda c: Worker(c, tiny_model(), blobs(20, seed=9), batch_size=8), measurement=OTHER)
+    fed.worker("evil", lambda c: Worker.for_model(c, tiny_model(), blobs(20, seed=9), batch_size=8), measurement=OTHER)
     for i, party in enumerate("ab"):
-        fed.worker(party, lambda c, s=i: Worker(c, tiny_model(), blobs(20, seed=s), batch_size=8))
+        fed.worker(party, lambda c, s=i: Worker.for_model(c, tiny_model(), blobs(20, seed=s), batch_size=8))
     summary = fed.run()
     assert set(fed.errors) == {"evil"}
     refusal = fed.errors["evil"]
@@ -276,7 +277,7 @@ def test_party_that_is_not_a_worker_of_the_job_is_refused() -> None:
     port = server.start()
     try:
         with pytest.raises(PeerRefused) as refused:
-            Worker(client(port, "mallory"), tiny_model(), blobs(8, seed=0), batch_size=4).run()
+            Worker.for_model(client(port, "mallory"), tiny_model(), blobs(8, seed=0), batch_size=4).run()
         assert refused.value.check == "party" and "mallory" in refused.value.reason
     finally:
         server.stop(0)
@@ -288,8 +289,8 @@ def test_worker_with_another_model_is_told_what_differs() -> None:
     ParameterServer(server, strategy, workers=["a"], total=1)
     port = server.start()
     try:
-        with pytest.raises(UsageError, match=r"model differs from the server's: updates\[0\]"):
-            Worker(client(port, "a"), mlp(6, (9,), 3), blobs(8, seed=0), batch_size=4).run()
+        with pytest.raises(UsageError, match=r"model differs from the server.s: 0.weight is \[9, 6\], the server has \[8, 6\]"):
+            Worker.for_model(client(port, "a"), mlp(6, (9,), 3), blobs(8, seed=0), batch_size=4).run()
     finally:
         server.stop(0)
 
@@ -301,7 +302,7 @@ def test_no_quorum_ends_the_run_with_quorum_lost() -> None:
         server, strategy, workers=["a", "b"], total=2, round_timeout_s=0.2, quorum_timeout_s=0.3, poll_s=0.2
     )
     fed = Federation(server, ps)
-    fed.worker("a", lambda c: Worker(c, tiny_model(), blobs(8, seed=0), batch_size=4, reconnect_timeout_s=0.5))
+    fed.worker("a", lambda c: Worker.for_model(c, tiny_model(), blobs(8, seed=0), batch_size=4, reconnect_timeout_s=0.5))
     with pytest.raises(QuorumLost, match=r"quorum 2"):
         fed.run()
     assert ps.version == 0
@@ -313,7 +314,7 @@ def test_no_quorum_ends_the_run_with_quorum_lost() -> None:
 def _worker_process(port: int, party: str, seed: int, conn: Any) -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
-    worker = Worker(client(port, party), tiny_model(), blobs(40, seed=seed), batch_size=8, lr=0.1)
+    worker = Worker.for_model(client(port, party), tiny_model(), blobs(40, seed=seed), batch_size=8, lr=0.1)
     conn.send(worker.run())
 
 
@@ -334,7 +335,7 @@ def test_killed_worker_is_dropped_and_rejoins_later() -> None:
     )  # fmt: skip
     fed = Federation(server, ps)
     for i, party in enumerate("ab"):
-        fed.worker(party, lambda c, s=i: Worker(c, tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace))
+        fed.worker(party, lambda c, s=i: Worker.for_model(c, tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace))
     summary: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: summary.update(fed.run()), daemon=True)
     runner.start()
@@ -397,7 +398,7 @@ def test_linger_tells_a_returning_worker_the_run_is_done(caplog: pytest.LogCaptu
         assert silent.call(wire.JOIN, Message({"protocol": wire.PROTOCOL})).meta["done"] is False
         fed_a: dict[str, Any] = {}
         a = threading.Thread(
-            target=lambda: fed_a.update(Worker(client(port, "a"), tiny_model(), blobs(16, seed=0), batch_size=8).run()),
+            target=lambda: fed_a.update(Worker.for_model(client(port, "a"), tiny_model(), blobs(16, seed=0), batch_size=8).run()),
             daemon=True,
         )
         a.start()
@@ -565,7 +566,7 @@ def test_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> No
     threads = []
     for i, party in enumerate("ab"):
         def body(p: str = party, s: int = i) -> None:
-            worker = Worker(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
+            worker = Worker.for_model(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
                             reconnect_timeout_s=60)  # fmt: skip
             results[p] = worker.run()
 
@@ -590,7 +591,7 @@ def test_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> No
 
     assert resumed["resumed_from"] == 4
     for name, value in resumed["params"].items():
-        assert torch.equal(value, saved["strategy"]["model"][name]), name
+        assert torch.equal(value, saved["strategy"]["strategy"]["model"][name]), name
     assert summary["resumed_from"] == 4 and summary["version"] == 8
     # Nothing before the checkpoint is lost: evaluations 1-4 come from the first server.
     assert [e["version"] for e in summary["evaluations"]] == list(range(1, 9))
@@ -648,7 +649,7 @@ def test_dlrm_sends_only_the_rows_each_batch_touches() -> None:
 
     def build(c: AttestedClient, party: str) -> Worker:
         # Worker a discovers its rows by running the model, worker b names them.
-        workers[party] = Worker(c, _dlrm(), data[party], batch_size=batch, shuffle=False,
+        workers[party] = Worker.for_model(c, _dlrm(), data[party], batch_size=batch, shuffle=False,
                                 rows_of=dlrm_rows if party == "b" else None,
                                 eval_data=held_out if party == "a" else None)  # fmt: skip
         return workers[party]

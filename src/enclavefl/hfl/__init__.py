@@ -1,29 +1,44 @@
-"""Horizontal FL: a parameter server and workers that hold different rows of the same columns."""
+"""Horizontal FL: a parameter server and workers that hold different rows of the same columns.
 
-from enclavefl.hfl.checkpoint import CheckpointStore
-from enclavefl.hfl.server import ParameterServer, QuorumLost
-from enclavefl.hfl.strategies import (
-    AsyncSGD,
-    FedAdam,
-    FedAvg,
-    FedProx,
-    Strategy,
-    SyncSGD,
-    make_strategy,
-)
-from enclavefl.hfl.worker import Worker, evaluate
+Names are loaded on first use, so `enclavefl.hfl.registry` (strategy names and their
+parameters, read when a job file is validated) imports without torch.
+"""
 
-__all__ = [
-    "AsyncSGD",
-    "CheckpointStore",
-    "FedAdam",
-    "FedAvg",
-    "FedProx",
-    "ParameterServer",
-    "QuorumLost",
-    "Strategy",
-    "SyncSGD",
-    "Worker",
-    "evaluate",
-    "make_strategy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AsyncSGD": "enclavefl.hfl.strategies",
+    "CheckpointStore": "enclavefl.hfl.checkpoint",
+    "Contribution": "enclavefl.hfl.contract",
+    "CoordinateMedian": "enclavefl.hfl.robust",
+    "FedAdam": "enclavefl.hfl.strategies",
+    "FedAvg": "enclavefl.hfl.strategies",
+    "FedProx": "enclavefl.hfl.strategies",
+    "ParameterServer": "enclavefl.hfl.server",
+    "QuorumLost": "enclavefl.hfl.server",
+    "Strategy": "enclavefl.hfl.contract",
+    "SyncSGD": "enclavefl.hfl.strategies",
+    "TrimmedMean": "enclavefl.hfl.robust",
+    "Worker": "enclavefl.hfl.worker",
+    "builtin_trainer": "enclavefl.hfl.worker",
+    "evaluate": "enclavefl.hfl.worker",
+    "make_strategy": "enclavefl.hfl.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'enclavefl.hfl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

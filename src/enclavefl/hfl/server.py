@@ -49,16 +49,9 @@ from torch import nn
 from enclavefl.errors import FormatError, Rejected, TransportError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore, rng_state, set_rng_state
-from enclavefl.hfl.sparse import SparseRows, pull_rows
-from enclavefl.hfl.strategies import (
-    AsyncSGD,
-    GradContribution,
-    RoundStrategy,
-    StaleContribution,
-    Strategy,
-    SyncSGD,
-    UpdateContribution,
-)
+from enclavefl.hfl.driver import StrategyDriver
+from enclavefl.hfl.sparse import pull_rows
+from enclavefl.hfl.strategies import StaleContribution
 from enclavefl.net.admission import Peer
 from enclavefl.net.exchange import Handler
 from enclavefl.net.server import AttestedServer
@@ -67,7 +60,7 @@ from enclavefl.train.metrics import EvalStats, aggregate_stats
 
 log = logging.getLogger("enclavefl.hfl")
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the driver's state (strategy name, version, the strategy's own state)
 # A connected worker that stays this long silent (and 3x longer than the slowest of the
 # others) while a round waits for it is reported (capped at a quarter of the round timeout).
 _SILENCE_S = 10.0
@@ -167,43 +160,6 @@ class _Places:
 # -- aggregation --------------------------------------------------------------------
 
 
-class _Accumulator:
-    """Weighted sums of one step's or round's contributions, added as they arrive."""
-
-    def __init__(self, layout: wire.Layout) -> None:
-        self._layout = layout
-        self.dense: torch.Tensor | None = None
-        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.ints_sum = torch.zeros(layout.num_ints, dtype=torch.int64)
-        self.ints_max: torch.Tensor | None = None
-        self.weight = 0
-
-    def add(self, unpacked: wire.Unpacked, weight: int) -> None:
-        if self.dense is None:
-            self.dense = torch.zeros(self._layout.num_updates, dtype=self._layout.dtype)
-        self.dense.add_(unpacked.dense, alpha=weight)
-        for name, (index, values) in unpacked.rows.items():
-            old_index, old_values = self.rows.get(name) or self._layout.no_rows(name)
-            merged = SparseRows(
-                torch.cat([old_index, index]), torch.cat([old_values, values * weight]), self._layout.tables[name][0]
-            ).coalesce()
-            self.rows[name] = (merged.indices, merged.values)
-        self.ints_sum += unpacked.ints
-        self.ints_max = unpacked.ints.clone() if self.ints_max is None else torch.maximum(self.ints_max, unpacked.ints)
-        self.weight += weight
-
-    def contribution(self, kind: type[wire.C], version: int, integer_rule: str) -> wire.C:
-        """The weighted mean as one contribution of weight = total weight."""
-        assert self.dense is not None and self.ints_max is not None
-        dense = self.dense.div_(self.weight)
-        rows = {name: (index, values.div_(self.weight)) for name, (index, values) in self.rows.items()}
-        for name in self._layout.tables:
-            rows.setdefault(name, self._layout.no_rows(name))
-        ints = self.ints_max if integer_rule == "max" else self.ints_sum
-        unpacked = wire.Unpacked(dense, rows, ints)
-        return self._layout.contribution(unpacked, kind=kind, worker="aggregate", weight=self.weight, version=version)
-
-
 @dataclass(frozen=True)
 class _Snapshot:
     """The published state of one version (immutable: replies stream from it)."""
@@ -218,7 +174,54 @@ class _PendingEval:
     key: int
     expected: set[str]
     opened_at: float
-    stats: dict[str, EvalStats] = field(default_factory=dict)
+    stats: dict[str, EvalStats | _Reported] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Reported:
+    """A worker's evaluation without sufficient statistics: its loss and metrics, pooled by examples."""
+
+    examples: int
+    loss: float
+    metrics: dict[str, float]
+
+
+def _eval_report(request: Message) -> EvalStats | _Reported:
+    """A worker's evaluation: sufficient statistics (tensors) or loss, examples and metrics (meta)."""
+    if request.tensors:
+        return EvalStats.from_tensors(
+            {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in request.tensors.items()}
+        )
+    examples = wire.meta_int(request.meta, "examples", minimum=1)
+    loss, metrics = request.meta.get("loss"), request.meta.get("metrics")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise UsageError(f"evaluation report: loss must be a finite number, got {loss!r}")
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for k, v in metrics.items()
+    ):
+        raise UsageError("evaluation report: metrics must map names to finite numbers")
+    return _Reported(examples, float(loss), {k: float(v) for k, v in metrics.items()})
+
+
+def _pool(reports: list[EvalStats | _Reported]) -> tuple[dict[str, float], int]:
+    """Pooled summary of several workers' evaluations, and the examples they cover."""
+    if all(isinstance(r, EvalStats) for r in reports):
+        stats = aggregate_stats([r for r in reports if isinstance(r, EvalStats)])
+        return stats.summary(), stats.count
+    pooled: dict[str, float] = {}
+    total = 0
+    sums: dict[str, float] = {}
+    for r in reports:
+        summary = r.summary() if isinstance(r, EvalStats) else {"loss": r.loss, **r.metrics}
+        count = r.count if isinstance(r, EvalStats) else r.examples
+        total += count
+        for key, value in summary.items():
+            if key != "examples":
+                sums[key] = sums.get(key, 0.0) + value * count
+    pooled = {key: value / total for key, value in sums.items()}
+    pooled["examples"] = float(total)
+    return pooled, total
 
 
 @dataclass
@@ -242,8 +245,10 @@ def _finite(value: float) -> float | None:
 class ParameterServer:
     """Runs a horizontal-FL job's server side until the strategy's version reaches `total`.
 
-    `strategy` holds the global model and the server optimizer (see `make_strategy`);
-    `total` is the number of rounds (round strategies) or steps (sgd strategies).
+    `strategy` is any object with the hooks of `enclavefl.hfl.contract` (a built-in from
+    `make_strategy`, or a user's); `model` is the global model, which built-in strategies
+    hold themselves (`strategy.model`, the default). `total` is the number of rounds
+    (round strategies) or steps (sgd strategies).
     `workers` are the party names allowed to contribute; `min_workers` (default: all) is
     the quorum. `evaluate(model) -> EvalStats` evaluates the server's copy every
     `eval_every` versions and after the last; workers that have held-out data report
@@ -259,8 +264,9 @@ class ParameterServer:
     def __init__(
         self,
         server: AttestedServer,
-        strategy: Strategy,
+        strategy: Any,
         *,
+        model: nn.Module | None = None,
         workers: Iterable[str],
         total: int,
         min_workers: int | None = None,
@@ -292,10 +298,15 @@ class ParameterServer:
                 raise UsageError(f"{name} must be > 0, got {duration!r}")
         if resume and checkpoints is None:
             raise UsageError("resume=True needs a checkpoint store")
-        if not isinstance(strategy, (SyncSGD, AsyncSGD, RoundStrategy)):
-            raise UsageError(f"unsupported strategy {type(strategy).__name__}")
+        model = model if model is not None else getattr(strategy, "model", None)
+        if not isinstance(model, nn.Module):
+            raise UsageError(
+                f"strategy {type(strategy).__name__} holds no model: give ParameterServer(..., model=the global model)"
+            )
         self._server = server
-        self._strategy = strategy
+        self._model = model
+        self._layout = wire.Layout(model)
+        self._strategy = StrategyDriver(strategy, model, self._layout)
         self._total = total
         self._min_workers = quorum
         self._round_timeout_s = float(round_timeout_s)
@@ -310,9 +321,8 @@ class ParameterServer:
         self._upload_lease_s = float(upload_lease_s)
         self._leases: dict[str, tuple[str, float]] = {}  # token -> (worker, expiry)
         self._downloads = _Places(max_pending_downloads, "max_pending_downloads")
-        self._layout = wire.Layout(strategy.model)
-        self._async = isinstance(strategy, AsyncSGD)
-        self._unit = "round" if isinstance(strategy, RoundStrategy) else "step"
+        self._async = self._strategy.asynchronous
+        self._unit = self._strategy.unit
         self._incarnation = secrets.token_hex(8)
 
         self._cond = threading.Condition()
@@ -321,7 +331,6 @@ class ParameterServer:
         self._last_seen: dict[str, float] = {}
         self._counts = {w: _WorkerCounts() for w in self._workers}
         self._contributors: dict[str, float] = {}  # worker -> its compute seconds, this version
-        self._accumulator = _Accumulator(self._layout)
         self._pending_evals: dict[int, _PendingEval] = {}
         self._last_eval_key: dict[str, int] = {}
         self._evaluations: list[dict[str, Any]] = []
@@ -331,6 +340,7 @@ class ParameterServer:
         self._quorum_warned = False
         self._reported_missing: tuple[Any, ...] = ()
         self._async_refused = 0
+        self._examples = 0
         self._updates_run = 0
         self._resumed_from: int | None = None
         self._left: dict[str, str] = {}  # worker -> why it left for good (its privacy budget)
@@ -356,7 +366,7 @@ class ParameterServer:
 
     @property
     def model(self) -> nn.Module:
-        return self._strategy.model
+        return self._model
 
     @property
     def version(self) -> int:
@@ -518,10 +528,9 @@ class ParameterServer:
             **self._reply_meta_locked("joined"),
             "protocol": wire.PROTOCOL,
             "strategy": self._strategy.name,
-            "kind": "grad" if self._unit == "step" else "update",
+            "kind": self._strategy.kind,
             "total": self._total,
             "eval_every": self._eval_every,
-            "proximal_mu": self._strategy.proximal_mu if isinstance(self._strategy, RoundStrategy) else 0.0,
             "poll_s": self._poll_s,
             "layout": self._layout.describe(),
         }
@@ -659,9 +668,7 @@ class ParameterServer:
     def _on_eval(self, peer: Peer, request: Message) -> Message:
         worker = self._check_party(peer)
         key = wire.meta_int(request.meta, "key", minimum=1)
-        stats = EvalStats.from_tensors(
-            {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in request.tensors.items()}
-        )
+        stats = _eval_report(request)
         with self._cond:
             self._seen_locked(worker, time.monotonic())
             self._last_eval_key[worker] = max(key, self._last_eval_key.get(worker, 0))
@@ -705,7 +712,9 @@ class ParameterServer:
             return "stale"
         if worker in self._contributors:  # a retried push: already counted
             return "accepted"
-        self._accumulator.add(unpacked, weight)
+        assert self._snapshot is not None
+        self._strategy.add(worker, unpacked, weight, version, self._snapshot.dense)
+        self._examples += weight
         self._contributors[worker] = compute_s
         self._counts[worker].contributions += 1
         return "accepted"
@@ -715,20 +724,21 @@ class ParameterServer:
             self._guarded(self._close_locked, now, "all live workers")
 
     def _apply_async_locked(self, worker: str, unpacked: wire.Unpacked, version: int, batch: int, now: float) -> str:
-        contribution = self._layout.contribution(
-            unpacked, kind=GradContribution, worker=worker, weight=batch, version=version
-        )
-        assert isinstance(self._strategy, AsyncSGD)
+        if version > self._strategy.version:  # from a version this server never reached (it restarted)
+            self._counts[worker].stale += 1
+            log.info("worker %s contributed at version %d, the server is at %d", worker, version,
+                     self._strategy.version)  # fmt: skip
+            return "stale"
         try:
-            result = self._strategy.apply_gradient(contribution)
-        except StaleContribution as exc:  # from a version this server never reached (it restarted)
+            accepted, metrics = self._strategy.apply_async(worker, unpacked, batch, version)
+        except StaleContribution as exc:
             self._counts[worker].stale += 1
             log.info("worker %s: %s", worker, exc.reason)
             return "stale"
-        if not result.accepted:
+        if not accepted:
             self._counts[worker].stale += 1
             self._async_refused += 1
-            log.debug("worker %s: gradient refused (%s)", worker, result.reason)
+            log.debug("worker %s: gradient refused (%s)", worker, metrics)
             return "stale"
         self._counts[worker].contributions += 1
         self._updates_run += 1
@@ -756,16 +766,9 @@ class ParameterServer:
         for worker in dropped:
             self._counts[worker].dropped += 1
             log.warning("worker %s missed %s %d: dropped until it calls again", worker, self._unit, version)
-        examples = self._accumulator.weight
-        # The weighted mean as one contribution: integer buffers (BatchNorm's batch count)
-        # take the largest increment for sync-sgd and the sum for rounds, as documented by
-        # the strategies.
-        if isinstance(self._strategy, SyncSGD):
-            self._strategy.apply_step([self._accumulator.contribution(GradContribution, version, "max")])
-        else:
-            assert isinstance(self._strategy, RoundStrategy)
-            self._strategy.apply_round([self._accumulator.contribution(UpdateContribution, version, "sum")])
-        self._accumulator = _Accumulator(self._layout)
+        examples, self._examples = self._examples, 0
+        assert self._snapshot is not None
+        metrics = self._strategy.close(self._snapshot.dense)
         compute = max(self._contributors.values())
         self._contributors = {}
         self._live = set(contributors)
@@ -779,6 +782,7 @@ class ParameterServer:
             "wall_s": now - self._published_at,
             "max_compute_s": compute,
             "closed_by": reason,
+            **{k: v for k, v in metrics.items() if k not in ("event", "version")},
         }
         self._events.append(record)
         periodic = self._unit == "round" or self._strategy.version % self._eval_every == 0
@@ -795,8 +799,10 @@ class ParameterServer:
         version = self._strategy.version
         # Replies in flight keep their own reference: dropping ours first avoids two copies.
         self._snapshot = None
-        dense, ints = self._layout.pack_state(self._strategy.model)
+        dense, ints = self._layout.pack_state(self._model)
         self._snapshot = _Snapshot(version, dense, ints)
+        if version < self._total:
+            self._strategy.configure()
         self._published_at = now
         self._quorum_warned = False
         if not initial:
@@ -817,20 +823,25 @@ class ParameterServer:
 
     def _evaluate_locked(self, version: int, now: float) -> None:
         if self._evaluate is not None:
-            stats = self._evaluate(self._strategy.model)
-            self._record_eval("server", version, stats, parties=1)
+            stats = self._evaluate(self._model)
+            self._record_eval("server", version, stats.summary(), stats.count, parties=1)
+        elif self._strategy.evaluates:
+            metrics = self._strategy.evaluate()
+            if metrics is not None:
+                count = int(metrics.get("examples", 0))
+                self._record_eval("server", version, metrics, count, parties=1)
         expected = self._evaluators & self._live
         if expected:
             self._pending_evals[version] = _PendingEval(version, set(expected), now)
 
-    def _record_eval(self, where: str, version: int, stats: EvalStats, *, parties: int) -> None:
-        summary = {k: _finite(v) for k, v in stats.summary().items()}
+    def _record_eval(self, where: str, version: int, metrics: Mapping[str, float], count: int, *, parties: int) -> None:
+        summary = {k: _finite(v) for k, v in metrics.items()}
         record = {"event": "eval", "where": where, "version": version, "parties": parties, **summary}
         self._evaluations.append(record)
         self._events.append(record)
         shown = " ".join(f"{k}={v:.4f}" for k, v in summary.items() if v is not None and k != "examples")
         log.info("evaluation at version %d (%s, %d part%s, %d examples): %s",
-                 version, where, parties, "y" if parties == 1 else "ies", stats.count, shown)
+                 version, where, parties, "y" if parties == 1 else "ies", count, shown)
 
     def _save_locked(self, version: int) -> None:
         assert self._checkpoints is not None
@@ -882,6 +893,7 @@ class ParameterServer:
             "version": self._strategy.version,
             "done": self._done,
             "incarnation": self._incarnation,
+            "config": self._strategy.config,
         }
 
     def _state_reply_locked(self, status: str, want: Mapping[str, torch.Tensor]) -> Message:
@@ -895,7 +907,7 @@ class ParameterServer:
         return Message(meta, {wire.DENSE: snapshot.dense, wire.INTS: snapshot.ints, **wire.rows_tensors("rows", rows)})
 
     def _table(self, name: str) -> torch.Tensor:
-        return self._strategy.model.get_parameter(name)
+        return self._model.get_parameter(name)
 
     # -- the run loop's periodic checks ------------------------------------------------
 
@@ -921,8 +933,8 @@ class ParameterServer:
             if settled or now > pending.opened_at + self._round_timeout_s:
                 del self._pending_evals[key]
                 if pending.stats:
-                    self._record_eval("workers", key, aggregate_stats(list(pending.stats.values())),
-                                      parties=len(pending.stats))
+                    pooled, count = _pool(list(pending.stats.values()))
+                    self._record_eval("workers", key, pooled, count, parties=len(pending.stats))
                 else:
                     log.warning("no worker reported its evaluation of version %d", key)
 

@@ -44,11 +44,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from enclavefl.errors import ConfigError, FormatError, UsageError
-from enclavefl.hfl import sparse
+from enclavefl.hfl import contract, sparse
 from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.state import (
     buffer_names,
@@ -195,10 +196,47 @@ def _average(updates: Sequence[Mapping[str, Update]], weights: Sequence[float]) 
     return out
 
 
+def _check_update(what: str, tensor: object, like: torch.Tensor) -> None:
+    """Like check_like, but a floating-point target also takes a float64 update (the server's exact mean)."""
+    if (
+        isinstance(tensor, torch.Tensor)
+        and like.is_floating_point()
+        and tensor.dtype == torch.float64
+        and not tensor.is_sparse
+        and tensor.shape == like.shape
+    ):
+        return
+    check_like(what, tensor, like)
+
+
+def _average_buffers(
+    contributions: Sequence[Contribution], *, integer_rule: Literal["max", "sum"]
+) -> dict[str, torch.Tensor]:
+    """Buffer deltas of several contributions as one: weighted mean (floats), max or sum (integers)."""
+    weights = [c.weight for c in contributions]
+    total = float(sum(weights))
+    out: dict[str, torch.Tensor] = {}
+    for name in contributions[0].buffer_deltas:
+        deltas = [c.buffer_deltas[name] for c in contributions]
+        if deltas[0].is_floating_point():
+            out[name] = sum((d.double() * (w / total) for d, w in zip(deltas, weights)), torch.zeros_like(deltas[0], dtype=torch.float64))
+        elif integer_rule == "max":
+            out[name] = torch.stack(deltas).amax(dim=0)
+        else:
+            out[name] = torch.stack(deltas).sum(dim=0)
+    return out
+
+
 class Strategy(ABC):
-    """Owns the global model, the server optimizer state and the version."""
+    """A built-in strategy: owns the global model, the server optimizer state and the version.
+
+    It has the hooks of `enclavefl.hfl.contract` (so the parameter server drives it like
+    any user strategy) and updates the model it was given in place, so `aggregate`
+    returns no new values; `aggregate_mean` is the parameter server's fast path.
+    """
 
     name: ClassVar[str]
+    kind: ClassVar[str]
     contribution_type: ClassVar[type[GradContribution] | type[UpdateContribution]]
 
     def __init__(self, model: nn.Module) -> None:
@@ -211,6 +249,52 @@ class Strategy(ABC):
     # Subclasses: hyper-parameters a checkpoint must agree with, and optimizer state.
     def hyper(self) -> dict[str, Any]:
         return {}
+
+    # -- the strategy contract (enclavefl.hfl.contract) --
+
+    def configure_round(self, round: int, state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Settings the workers need for `round` (none, unless a subclass says so)."""
+        return {}
+
+    def aggregate(
+        self, round: int, contributions: Sequence[contract.Contribution]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Apply numpy contributions (see `aggregate_mean`); the model changes in place."""
+        internal = [self._internal(c) for c in contributions]
+        if len(internal) == 1:
+            return {}, self.aggregate_mean(round, internal[0])
+        weights = [c.weight for c in internal]
+        mean = self.contribution_type(
+            "aggregate",
+            sum(weights),
+            _average([c.updates for c in internal], weights),
+            internal[0].version,
+            _average_buffers(internal, integer_rule=self._integer_rule),
+        )
+        self._check(internal, allow_stale=False)
+        return {}, self.aggregate_mean(round, mean)
+
+    @abstractmethod
+    def aggregate_mean(self, round: int, mean: Contribution) -> dict[str, float]:
+        """Apply the weighted mean of one aggregation's contributions (asynchronous: the one)."""
+
+    _integer_rule: ClassVar[Literal["max", "sum"]] = "sum"
+
+    def _internal(self, c: contract.Contribution) -> Contribution:
+        """A numpy contribution as torch tensors on the model's device."""
+        device = next((p.device for p in self._params.values()), torch.device("cpu"))
+        updates: dict[str, Update] = {}
+        buffers: dict[str, torch.Tensor] = {}
+        tables = embedding_names(self.model)
+        for name, value in c.update.items():
+            tensor = torch.as_tensor(np.asarray(value)).to(device)
+            if name in self._buffers:
+                buffers[name] = tensor.to(self._buffers[name].dtype)
+            elif name in tables:
+                updates[name] = SparseRows.from_dense(tensor.to(self._params[name].dtype))
+            else:
+                updates[name] = tensor
+        return self.contribution_type(c.worker, c.num_examples, updates, c.version, buffers)
 
     @abstractmethod
     def _optimizer_state(self) -> Any: ...
@@ -311,11 +395,11 @@ class Strategy(ABC):
                         f"{list(value.shape)} table, expected {target.dtype} {list(target.shape)}"
                     )
             else:
-                check_like(f"worker {c.worker!r} parameter {name!r}", value, target)
+                _check_update(f"worker {c.worker!r} parameter {name!r}", value, target)
         for name, value in c.buffer_deltas.items():
             if name not in self._buffers:
                 raise UsageError(f"worker {c.worker!r} sent a delta for unknown buffer {name!r}")
-            check_like(f"worker {c.worker!r} buffer {name!r}", value, self._buffers[name])
+            _check_update(f"worker {c.worker!r} buffer {name!r}", value, self._buffers[name])
 
     def _apply_buffer_deltas(
         self, contributions: Sequence[Contribution], integer_rule: Literal["max", "sum"]
@@ -327,8 +411,11 @@ class Strategy(ABC):
                 target = self._buffers[name]
                 deltas = [c.buffer_deltas[name] for c in contributions]
                 if target.is_floating_point():
+                    if len(deltas) == 1:  # in the delta's precision (the server's mean is float64)
+                        target.copy_(target.to(deltas[0].dtype).add_(deltas[0]))
+                        continue
                     for delta, weight in zip(deltas, weights):
-                        target.add_(delta, alpha=weight / total)
+                        target.add_(delta.to(target.dtype), alpha=weight / total)
                 elif integer_rule == "max":
                     target.add_(torch.stack(deltas).amax(dim=0))
                 else:
@@ -338,6 +425,7 @@ class Strategy(ABC):
 class _GradientStrategy(Strategy):
     """Strategies whose workers send gradients and whose server runs a torch optimizer."""
 
+    kind = "grad"
     contribution_type = GradContribution
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory | None) -> None:
@@ -374,6 +462,8 @@ class _GradientStrategy(Strategy):
         for name, grad in grads.items():
             if scale != 1.0:
                 grad = grad.scaled(scale) if isinstance(grad, SparseRows) else grad * scale
+            if isinstance(grad, torch.Tensor):
+                grad = grad.to(self._params[name].dtype)
             self._params[name].grad = sparse.as_grad(grad, self._grad_form[name])
         for optimizer in self.optimizers:
             optimizer.step()
@@ -412,9 +502,19 @@ class SyncSGD(_GradientStrategy):
     """`sync-sgd`: each step averages every contributing worker's gradient by batch size."""
 
     name = "sync-sgd"
+    _integer_rule = "max"
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory | None = None) -> None:
         super().__init__(model, optimizer_factory)
+
+    @classmethod
+    def from_params(cls, model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> SyncSGD:
+        return cls(model, sgd(lr, momentum, weight_decay))
+
+    def aggregate_mean(self, round: int, mean: Contribution) -> dict[str, float]:
+        assert isinstance(mean, GradContribution)
+        self.apply_step([mean])
+        return {}
 
     def apply_step(self, contributions: Sequence[GradContribution]) -> int:
         """One server step from the contributions of this version; returns the new version."""
@@ -437,6 +537,7 @@ class AsyncSGD(_GradientStrategy):
     """
 
     name = "async-sgd"
+    asynchronous = True
 
     def __init__(
         self,
@@ -459,6 +560,32 @@ class AsyncSGD(_GradientStrategy):
     def hyper(self) -> dict[str, Any]:
         return {"max_staleness": self.max_staleness, "staleness_policy": self.staleness_policy}
 
+    @classmethod
+    def from_params(
+        cls,
+        model: nn.Module,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        max_staleness: int,
+        staleness_policy: StalenessPolicy,
+    ) -> AsyncSGD:
+        return cls(model, sgd(lr, momentum, weight_decay), max_staleness=max_staleness,
+                   staleness_policy=staleness_policy)  # fmt: skip
+
+    def aggregate_mean(self, round: int, mean: Contribution) -> dict[str, float]:
+        assert isinstance(mean, GradContribution)
+        result = self.apply_gradient(mean)
+        return {"accepted": float(result.accepted), "staleness": float(result.staleness), "weight": result.weight}
+
+    def aggregate(
+        self, round: int, contributions: Sequence[contract.Contribution]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        if len(contributions) != 1:
+            raise UsageError(f"async-sgd applies one gradient at a time, got {len(contributions)}")
+        return {}, self.aggregate_mean(round, self._internal(contributions[0]))
+
     def apply_gradient(self, contribution: GradContribution) -> AsyncResult:
         self._check([contribution], allow_stale=True)
         staleness = self.version - contribution.version
@@ -480,10 +607,17 @@ class AsyncSGD(_GradientStrategy):
 class RoundStrategy(Strategy):
     """Round-based strategies: workers train locally and send deltas + num_examples."""
 
+    kind = "update"
     contribution_type = UpdateContribution
 
-    # The worker adds fedprox_penalty(model, global_params, proximal_mu) when > 0.
-    proximal_mu: float = 0.0
+    @classmethod
+    def from_params(cls, model: nn.Module, **params: Any) -> RoundStrategy:
+        return cls(model, **params)
+
+    def aggregate_mean(self, round: int, mean: Contribution) -> dict[str, float]:
+        assert isinstance(mean, UpdateContribution)
+        self.apply_round([mean])
+        return {}
 
     def apply_round(self, contributions: Sequence[UpdateContribution]) -> int:
         """Aggregate this round's contributions; returns the new version (rounds done)."""
@@ -506,10 +640,15 @@ class FedAvg(RoundStrategy):
 
     def _apply_delta(self, delta: Mapping[str, Update]) -> None:
         for name, value in delta.items():
+            param = self._params[name]
             if isinstance(value, SparseRows):
-                sparse.add_rows(self._params[name], value)
+                sparse.add_rows(param, value)
+            elif value.dtype != param.dtype:
+                # The server's mean comes in float64: adding there and rounding once gives a
+                # single worker's weights back bit for bit.
+                param.copy_(param.to(value.dtype).add_(value))
             else:
-                self._params[name].add_(value)
+                param.add_(value)
 
     def _optimizer_state(self) -> dict[str, Any]:
         return {}
@@ -531,10 +670,14 @@ class FedProx(FedAvg):
 
     def __init__(self, model: nn.Module, mu: float) -> None:
         super().__init__(model)
-        self.proximal_mu = _non_negative("mu", mu)
+        self.mu = _non_negative("mu", mu)
 
     def hyper(self) -> dict[str, Any]:
-        return {"mu": self.proximal_mu}
+        return {"mu": self.mu}
+
+    def configure_round(self, round: int, state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Workers add the proximal term (mu / 2) ||w - w_global||^2 to their loss."""
+        return {"mu": self.mu}
 
 
 class FedAdam(RoundStrategy):
@@ -558,12 +701,18 @@ class FedAdam(RoundStrategy):
         self._m = {n: torch.zeros_like(p, requires_grad=False) for n, p in self._params.items()}
         self._v = {n: torch.full_like(p, self.tau**2, requires_grad=False) for n, p in self._params.items()}
 
+    @classmethod
+    def from_params(cls, model: nn.Module, **params: Any) -> FedAdam:
+        server_lr = params.pop("server_lr")
+        return cls(model, lr=server_lr, **params)
+
     def hyper(self) -> dict[str, Any]:
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
 
     def _apply_delta(self, delta: Mapping[str, Update]) -> None:
         for name, value in delta.items():
             d = value.to_dense() if isinstance(value, SparseRows) else value
+            d = d.to(self._params[name].dtype)
             m, v = self._m[name], self._v[name]
             m.mul_(self.beta1).add_(d, alpha=1 - self.beta1)
             v.mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
@@ -587,43 +736,6 @@ class FedAdam(RoundStrategy):
         for key, mine in (("m", self._m), ("v", self._v)):
             for name, tensor in mine.items():
                 tensor.copy_(state[key][name])
-
-
-# -- the factory ----------------------------------------------------------------------
-
-_HYPER: dict[str, tuple[str, ...]] = {
-    "sync-sgd": ("lr", "momentum", "weight_decay"),
-    "async-sgd": ("lr", "momentum", "weight_decay", "max_staleness", "staleness_policy"),
-    "fedavg": (),
-    "fedprox": ("mu",),
-    "fedadam": ("lr", "beta1", "beta2", "tau"),
-}
-STRATEGIES: tuple[str, ...] = tuple(_HYPER)
-
-
-def make_strategy(name: str, model: nn.Module, **hyper: Any) -> Strategy:
-    """Build a strategy by its job-file name; sgd strategies get a momentum SGD server optimizer."""
-    if name not in _HYPER:
-        raise UsageError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")
-    unknown = sorted(set(hyper) - set(_HYPER[name]))
-    if unknown:
-        raise UsageError(
-            f"strategy {name!r} has no hyper-parameter(s) {unknown}; it takes {list(_HYPER[name])}"
-        )
-    if name in ("sync-sgd", "async-sgd"):
-        factory = sgd(**{k: hyper.pop(k) for k in ("lr", "momentum", "weight_decay") if k in hyper})
-        if name == "sync-sgd":
-            return SyncSGD(model, factory)
-        if "max_staleness" not in hyper:
-            raise UsageError("strategy 'async-sgd' needs hyper-parameter max_staleness")
-        return AsyncSGD(model, factory, **hyper)
-    if name == "fedavg":
-        return FedAvg(model)
-    if name == "fedprox":
-        if "mu" not in hyper:
-            raise UsageError("strategy 'fedprox' needs hyper-parameter mu")
-        return FedProx(model, **hyper)
-    return FedAdam(model, **hyper)
 
 
 # -- worker side ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.state import buffer_names, embedding_names
 from enclavefl.hfl.strategies import GradContribution, UpdateContribution
 
-PROTOCOL = 1
+PROTOCOL = 2
 JOIN = "hfl.join"
 SLOT = "hfl.slot"
 PUSH = "hfl.push"
@@ -64,11 +64,12 @@ class Entry:
         return self.offset + self.numel
 
 
-def _entries(named: Sequence[tuple[str, torch.Tensor]], start: int = 0) -> list[Entry]:
+def _entries(named: Sequence[tuple[str, tuple[int, ...]]], start: int = 0) -> list[Entry]:
     out, offset = [], start
-    for name, tensor in named:
-        out.append(Entry(name, tuple(tensor.shape), offset))
-        offset += tensor.numel()
+    for name, shape in named:
+        entry = Entry(name, shape, offset)
+        out.append(entry)
+        offset = entry.end
     return out
 
 
@@ -79,32 +80,79 @@ class Layout:
         params = dict(model.named_parameters())
         all_buffers = dict(model.named_buffers())
         tables = embedding_names(model)
-        trainable = [(n, p) for n, p in params.items() if p.requires_grad and n not in tables]
-        frozen = [(n, p) for n, p in params.items() if not p.requires_grad]
+        trainable = [(n, tuple(p.shape)) for n, p in params.items() if p.requires_grad and n not in tables]
+        frozen = [(n, tuple(p.shape)) for n, p in params.items() if not p.requires_grad]
         buffers = [(n, all_buffers[n]) for n in buffer_names(model)]
-        float_buffers = [(n, b) for n, b in buffers if b.is_floating_point()]
-        int_buffers = [(n, b) for n, b in buffers if not b.is_floating_point()]
-        floats = [*trainable, *float_buffers, *frozen, *((n, params[n]) for n in sorted(tables))]
-        dtypes = {t.dtype for _, t in floats}
+        float_buffers = [(n, tuple(b.shape)) for n, b in buffers if b.is_floating_point()]
+        int_buffers = {n: b for n, b in buffers if not b.is_floating_point()}
+        floats = [*params.values(), *(b for _, b in buffers if b.is_floating_point())]
+        dtypes = {t.dtype for t in floats}
         if len(dtypes) > 1:
             raise UsageError(
                 f"hfl needs one floating-point dtype across the model, got {sorted(str(d) for d in dtypes)}"
             )
-        self.dtype: torch.dtype = dtypes.pop() if dtypes else torch.float32
+        for name in sorted(tables):
+            if params[name].dim() != 2:
+                raise UsageError(f"embedding table {name!r} must be 2-D, got {list(params[name].shape)}")
+        self._fill(
+            dtype=dtypes.pop() if dtypes else torch.float32,
+            trainable=trainable,
+            float_buffers=float_buffers,
+            frozen=frozen,
+            ints=[(n, tuple(b.shape)) for n, b in int_buffers.items()],
+            int_dtypes={n: b.dtype for n, b in int_buffers.items()},
+            tables={name: (int(params[name].shape[0]), int(params[name].shape[1])) for name in sorted(tables)},
+        )
+
+    @classmethod
+    def from_description(cls, described: Any) -> Layout:
+        """The layout the server described at join (a worker needs no model of its own)."""
+        if not isinstance(described, dict):
+            raise UsageError(f"the server sent no model layout (got {type(described).__name__})")
+        try:
+            dtype = getattr(torch, str(described["dtype"]))
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise TypeError(described["dtype"])
+            float_names = set(described["float_buffers"])
+            updates = [(str(n), tuple(int(d) for d in shape)) for n, shape in described["updates"]]
+            int_dtypes = {str(n): getattr(torch, str(d)) for n, d in described["int_dtypes"].items()}
+            layout = cls.__new__(cls)
+            layout._fill(
+                dtype=dtype,
+                trainable=[(n, s) for n, s in updates if n not in float_names],
+                float_buffers=[(n, s) for n, s in updates if n in float_names],
+                frozen=[(str(n), tuple(int(d) for d in shape)) for n, shape in described["frozen"]],
+                ints=[(str(n), tuple(int(d) for d in shape)) for n, shape in described["ints"]],
+                int_dtypes=int_dtypes,
+                tables={str(n): (int(r), int(c)) for n, (r, c) in described["tables"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UsageError(f"the server sent a malformed model layout ({type(exc).__name__}: {exc})") from exc
+        if layout.describe() != described:
+            raise UsageError("the server sent a malformed model layout (it does not describe itself the same way)")
+        return layout
+
+    def _fill(
+        self,
+        *,
+        dtype: torch.dtype,
+        trainable: list[tuple[str, tuple[int, ...]]],
+        float_buffers: list[tuple[str, tuple[int, ...]]],
+        frozen: list[tuple[str, tuple[int, ...]]],
+        ints: list[tuple[str, tuple[int, ...]]],
+        int_dtypes: dict[str, torch.dtype],
+        tables: dict[str, tuple[int, int]],
+    ) -> None:
+        self.dtype = dtype
         self.updates = _entries([*trainable, *float_buffers])
         self.num_updates = self.updates[-1].end if self.updates else 0
         self.frozen = _entries(frozen, self.num_updates)
         self.num_dense = self.frozen[-1].end if self.frozen else self.num_updates
-        self.ints = _entries(int_buffers)
+        self.ints = _entries(ints)
         self.num_ints = self.ints[-1].end if self.ints else 0
         self.float_buffers = [n for n, _ in float_buffers]
-        self.int_dtypes = {n: b.dtype for n, b in int_buffers}
-        self.tables: dict[str, tuple[int, int]] = {}
-        for name in sorted(tables):
-            table = params[name]
-            if table.dim() != 2:
-                raise UsageError(f"embedding table {name!r} must be 2-D, got {list(table.shape)}")
-            self.tables[name] = (int(table.shape[0]), int(table.shape[1]))
+        self.int_dtypes = dict(int_dtypes)
+        self.tables = dict(tables)
 
     def describe(self) -> dict[str, Any]:
         """JSON description, compared by the worker against its own model."""
@@ -114,6 +162,8 @@ class Layout:
             "frozen": [[e.name, list(e.shape)] for e in self.frozen],
             "ints": [[e.name, list(e.shape)] for e in self.ints],
             "tables": {name: list(shape) for name, shape in self.tables.items()},
+            "float_buffers": list(self.float_buffers),
+            "int_dtypes": {name: str(d).removeprefix("torch.") for name, d in self.int_dtypes.items()},
         }
 
     def check_matches(self, described: Any) -> None:

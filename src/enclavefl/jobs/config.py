@@ -43,8 +43,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from enclavefl.errors import ConfigError, UsageError
+from enclavefl.hfl.registry import BUILTIN as STRATEGY_REGISTRY
 from enclavefl.jobs.quick import apply_quick_caps
 from enclavefl.jobs.refs import JobCode, is_ref
+from enclavefl.train.device import DEVICE_PATTERN
 
 __all__ = [
     "Address",
@@ -62,6 +64,7 @@ __all__ = [
     "PartitionSpec",
     "PartyConfig",
     "PrivacyConfig",
+    "PythonData",
     "SklearnData",
     "StorageConfig",
     "StrategyConfig",
@@ -82,11 +85,11 @@ Metric = Literal["accuracy", "auc", "logloss"]
 # (coordinator, member) role of each mode; the coordinator is the one that listens.
 ROLES: dict[str, tuple[str, str]] = {"hfl": ("server", "worker"), "vfl": ("leader", "follower")}
 DATA_KINDS: dict[str, tuple[str, ...]] = {
-    "hfl": ("csv", "cifar10", "criteo", "sklearn"),
+    "hfl": ("csv", "cifar10", "criteo", "sklearn", "python"),
     "vfl": ("csv", "wide-deep"),
 }
-ROUND_STRATEGIES = ("fedavg", "fedprox", "fedadam")
-STEP_STRATEGIES = ("sync-sgd", "async-sgd")
+ROUND_STRATEGIES = tuple(name for name, entry in STRATEGY_REGISTRY.items() if entry.kind == "update")
+STEP_STRATEGIES = tuple(name for name, entry in STRATEGY_REGISTRY.items() if entry.kind == "grad")
 KEY_SCHEMES = ("file", "sgx-seal", "broker")
 CRITEO_SPARSE_FIELDS = 26
 
@@ -376,6 +379,30 @@ class SklearnData(_Section):
     partition: PartitionSpec | None = None
 
 
+def _user_ref(value: str, info: ValidationInfo) -> str:
+    """A `module:function` reference (no built-in names), remembered for measurement."""
+    if not is_ref(value):
+        raise _invalid(f"{value!r} is not a 'package.module:function' reference")
+    if info.context is not None:
+        info.context.setdefault("code_refs", []).append(value)
+    return value
+
+
+UserRef = Annotated[str, AfterValidator(_user_ref)]
+
+
+class PythonData(_Section):
+    """Rows made by the user's own code: `factory(**args)` returns (inputs..., labels) arrays or a
+    torch Dataset of (inputs..., labels) items."""
+
+    kind: Literal["python"]
+    factory: UserRef
+    """'package.module:function' that loads this party's rows (it runs inside the party)."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the factory."""
+    partition: PartitionSpec | None = None
+
+
 class WideDeepGenerate(_Section):
     """How the synthetic wide&deep files are made when missing (Fedlearner's make_data.py sizes)."""
 
@@ -394,7 +421,7 @@ class WideDeepData(_Section):
 
 
 DataSpec = Annotated[
-    Union[CsvData, Cifar10Data, CriteoData, SklearnData, WideDeepData],
+    Union[CsvData, Cifar10Data, CriteoData, SklearnData, WideDeepData, PythonData],
     Field(discriminator="kind"),
 ]
 
@@ -418,6 +445,8 @@ class PartyConfig(_Section):
     """host:port: where the server/leader listens (required there); workers/followers only dial out."""
     data: DataSpec | None = None
     """This party's own data (none for the hfl server)."""
+    device: Annotated[str, Field(pattern=f"^({DEVICE_PATTERN})$")] = "auto"
+    """Where this party computes: auto (the first GPU when torch sees one, else the CPU), cpu, cuda, cuda:N."""
 
 
 class TeeConfig(_Section):
@@ -526,20 +555,28 @@ class VflModelConfig(_Section):
 
 
 _REQUIRED = object()
-# parameter -> (strategies that use it, default for those); any other strategy rejects it.
-_STRATEGY_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {
-    "rounds": (ROUND_STRATEGIES, _REQUIRED),
-    "local_epochs": (ROUND_STRATEGIES, 1),
-    "steps": (STEP_STRATEGIES, _REQUIRED),
-    "mu": (("fedprox",), _REQUIRED),
-    # FedAdam defaults as in Reddi et al. 2021 and enclavefl.hfl.strategies.FedAdam.
-    "server_lr": (("fedadam",), 1e-2),
-    "beta1": (("fedadam",), 0.9),
-    "beta2": (("fedadam",), 0.99),
-    "tau": (("fedadam",), 1e-3),
-    "max_staleness": (("async-sgd",), 4),
-    "staleness_policy": (("async-sgd",), "refuse"),
-}
+# Fields of the strategy section every strategy shares; the others are parameters of the
+# strategies in the registry that declare them (enclavefl.hfl.registry).
+_SHARED_STRATEGY_FIELDS = ("lr", "momentum", "weight_decay")
+
+
+def _strategy_params() -> dict[str, tuple[tuple[str, ...], Any]]:
+    """parameter -> (strategies that use it, default for those); any other strategy rejects it."""
+    table: dict[str, tuple[tuple[str, ...], Any]] = {
+        "rounds": (ROUND_STRATEGIES, _REQUIRED),
+        "local_epochs": (ROUND_STRATEGIES, 1),
+        "steps": (STEP_STRATEGIES, _REQUIRED),
+    }
+    for entry in STRATEGY_REGISTRY.values():
+        for field, info in entry.params.model_fields.items():
+            if field in _SHARED_STRATEGY_FIELDS:
+                continue
+            users, _ = table.get(field, ((), None))
+            table[field] = ((*users, entry.name), _REQUIRED if info.is_required() else info.default)
+    return table
+
+
+_STRATEGY_PARAMS = _strategy_params()
 
 Fraction = Annotated[Real, Field(ge=0, lt=1)]
 
@@ -547,7 +584,8 @@ Fraction = Annotated[Real, Field(ge=0, lt=1)]
 class StrategyConfig(_Section):
     """How the server combines the workers' work. Parameters a strategy does not use are errors."""
 
-    name: Literal["sync-sgd", "async-sgd", "fedavg", "fedprox", "fedadam"]
+    name: str
+    """A built-in strategy (see the table) or a user's class as 'package.module:Class'."""
     batch_size: Int = Field(ge=1)
     lr: Real = Field(gt=0)
     """Of the server SGD that applies averaged gradients (sgd strategies) or of the workers' local SGD (rounds)."""
@@ -567,12 +605,40 @@ class StrategyConfig(_Section):
     """async-sgd: a gradient computed on a model more than this many versions old is dropped."""
     staleness_policy: Literal["refuse", "down-weight"] | None = Field(None, validate_default=True)
     """async-sgd, within max_staleness: refuse: full weight; down-weight: scaled by 1/(1 + staleness)."""
+    trim_fraction: Real | None = Field(None, ge=0, lt=0.5, validate_default=True)
+    """trimmed-mean: the fraction of workers' values cut from each end, per coordinate."""
+    params: dict[str, Any] | None = Field(None, validate_default=True)
+    """Parameters of a 'package.module:Class' strategy, checked by its `Params` model when it has one."""
     min_workers: Int | None = Field(None, ge=1)
     """Quorum: a round/step closes at its timeout once this many workers reported. None: every worker."""
     round_timeout_s: Seconds = Field(300.0, gt=0)
     done_grace_s: Seconds = Field(30.0, ge=0)
     """After the last round/step, how long the server waits for workers that joined but have
     not yet heard the run is done (a worker cut off near the end); 0: stop at once."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_strategy(cls, name: str, info: ValidationInfo) -> str:
+        if name in STRATEGY_REGISTRY:
+            return name
+        if not is_ref(name):
+            known = ", ".join(repr(n) for n in STRATEGY_REGISTRY)
+            raise _invalid(f"got {name!r}, expected one of {known} or 'package.module:Class'")
+        if info.context is not None:  # user code: measured with the job, imported when the server starts
+            info.context.setdefault("code_refs", []).append(name)
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _params_of_user_strategy(cls, params: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        name = info.data.get("name")
+        if name is None:
+            return params
+        if name in STRATEGY_REGISTRY:
+            if params is not None:
+                raise _invalid(f"only for 'package.module:Class' strategies; {name} takes its parameters as fields")
+            return None
+        return params or {}
 
     @field_validator(*_STRATEGY_PARAMS)
     @classmethod
@@ -581,6 +647,12 @@ class StrategyConfig(_Section):
         if name is None:  # the name itself is invalid and already reported
             return value
         users, default = _STRATEGY_PARAMS[str(info.field_name)]
+        if name not in STRATEGY_REGISTRY and info.field_name in ("rounds", "local_epochs", "steps"):
+            # A user's strategy runs rounds or steps as its `kind` says (checked when the
+            # server imports it); the file gives one of the two.
+            if info.field_name == "local_epochs" and value is None and info.data.get("rounds") is not None:
+                return 1
+            return value
         if name not in users:
             if value is not None:
                 raise _invalid(f"not a parameter of {name}; used only by {', '.join(users)}")
@@ -590,6 +662,16 @@ class StrategyConfig(_Section):
                 raise _invalid(f"required by {name}")
             return default
         return value
+
+
+def _user_strategy_units(strategy: StrategyConfig) -> list[tuple[str, str]]:
+    if strategy.name in STRATEGY_REGISTRY or not is_ref(strategy.name):
+        return []
+    if (strategy.rounds is None) == (strategy.steps is None):
+        return [("strategy.rounds", f"a 'package.module:Class' strategy needs exactly one of rounds (kind update) or steps (kind grad)")]
+    if strategy.steps is not None and strategy.local_epochs is not None:
+        return [("strategy.local_epochs", "only with rounds")]
+    return []
 
 
 class HflEvaluationConfig(_Section):
@@ -867,6 +949,8 @@ def _rows_source(data: Any) -> tuple[str, ...]:
         return ("cifar10", str(data.root), data.split)
     if isinstance(data, SklearnData):
         return ("sklearn", data.name)
+    if isinstance(data, PythonData):
+        return ("python", data.factory, repr(sorted(data.args.items())))
     return (data.kind, str(data.path))
 
 
@@ -878,6 +962,10 @@ class HflJobConfig(JobConfig):
     model: ModelSpec
     strategy: StrategyConfig
     evaluation: HflEvaluationConfig = Field(default_factory=HflEvaluationConfig)
+    trainer: UserRef | None = None
+    """A worker's own training: 'package.module:function' called as function(data_spec, model,
+    device=...) in each worker, returning a trainer (enclavefl.train.Trainer); default: the
+    built-in local SGD over the party's data."""
 
     def server(self) -> PartyConfig:
         return self.coordinator()
@@ -906,6 +994,7 @@ class HflJobConfig(JobConfig):
                 issues.append(("evaluation.data.label", "required: evaluation needs labels"))
         issues.extend(self._shared_rows_issues())
         issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics, self.model.args, "model.args"))
+        issues.extend(_user_strategy_units(self.strategy))
         workers = len(self.members())
         if self.strategy.min_workers is not None and workers and self.strategy.min_workers > workers:
             issues.append(("strategy.min_workers", f"{self.strategy.min_workers} is more than the {workers} worker(s) in parties"))

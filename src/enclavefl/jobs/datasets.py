@@ -23,9 +23,11 @@ from enclavefl.jobs.config import (
     CriteoData,
     CsvData,
     PartitionSpec,
+    PythonData,
     SklearnData,
     WideDeepData,
 )
+from enclavefl.jobs.refs import JobCode, resolve_ref
 
 log = logging.getLogger("enclavefl.jobs")
 
@@ -74,19 +76,44 @@ def _labels(y: np.ndarray | None) -> np.ndarray | None:
 _preloaded: dict[tuple[object, int], PartyData] = {}
 
 
-def preload_party_data(spec: object, *, seed: int) -> None:
+def preload_party_data(spec: object, *, seed: int, code: JobCode | None = None) -> None:
     """Load `spec` now, so that a missing label column or an unreadable file fails before the
     party attests or connects; the next `load_party_data` of the same spec returns it."""
-    _preloaded[(spec, seed)] = _load(spec, seed)
+    _preloaded[(spec, seed)] = _load(spec, seed, code)
 
 
-def load_party_data(spec: object, *, seed: int) -> PartyData:
-    """Load a data spec of the job file (csv, sklearn, cifar10, criteo, wide-deep)."""
+def load_party_data(spec: object, *, seed: int, code: JobCode | None = None) -> PartyData:
+    """Load a data spec of the job file (csv, sklearn, cifar10, criteo, wide-deep, python).
+
+    `code` (the job's `JobCode`) says where a python factory may be imported from.
+    """
     preloaded = _preloaded.pop((spec, seed), None)
-    return preloaded if preloaded is not None else _load(spec, seed)
+    return preloaded if preloaded is not None else _load(spec, seed, code)
 
 
-def _load(spec: object, seed: int) -> PartyData:
+def _python_data(spec: PythonData, code: JobCode | None) -> PartyData:
+    """Rows from the user's factory: (inputs..., labels) arrays, or a Dataset of such items."""
+    made = resolve_ref(spec.factory, what="data.factory", code=code)(**spec.args)
+    if hasattr(made, "__getitem__") and hasattr(made, "__len__") and not isinstance(made, (tuple, list)):
+        items = [made[i] for i in range(len(made))]
+        if not items or not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
+            raise UsageError(f"data.factory {spec.factory}: a dataset's items must be (inputs..., labels) tuples")
+        made = tuple(np.stack([np.asarray(item[k]) for item in items]) for k in range(len(items[0])))
+    if not isinstance(made, (tuple, list)) or len(made) < 2:
+        raise UsageError(
+            f"data.factory {spec.factory} returned {type(made).__name__}: expected (inputs..., labels) arrays "
+            "or a dataset of (inputs..., labels) items"
+        )
+    arrays = [np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in made]
+    rows = {a.shape[0] if a.ndim else -1 for a in arrays}
+    if len(rows) != 1 or -1 in rows or 0 in rows:
+        raise UsageError(f"data.factory {spec.factory}: arrays must have the same number of rows >= 1, got {sorted(rows)}")
+    inputs = tuple(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a for a in arrays[:-1])
+    count = rows.pop()
+    return PartyData(inputs, _labels(arrays[-1]), np.array([str(i) for i in range(count)]))
+
+
+def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
     if isinstance(spec, CsvData):
         table = load_fate_csv(spec.path, id_column=spec.id_column, label_column=spec.label or "",
                               require_label=spec.label is not None)
@@ -123,6 +150,8 @@ def _load(spec: object, seed: int) -> PartyData:
                                 vocab_size=spec.generate.vocab_size, seed=seed)
         party = load_wide_deep_party(path)
         data = PartyData((party.x,), _labels(party.y), party.ids)
+    elif isinstance(spec, PythonData):
+        data = _python_data(spec, code)
     else:
         raise UsageError(f"unsupported data spec {type(spec).__name__}")
     partition_spec = getattr(spec, "partition", None)

@@ -9,32 +9,37 @@ import numpy as np
 import torch
 
 from enclavefl.errors import ConfigError
+from enclavefl.hfl import registry
 from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.hfl.server import ParameterServer
-from enclavefl.hfl.strategies import make_strategy
-from enclavefl.hfl.worker import Worker, evaluate
-from enclavefl.jobs.config import HflJobConfig, StrategyConfig
+from enclavefl.hfl.worker import Worker, builtin_trainer, evaluate
+from enclavefl.jobs.config import HflJobConfig
 from enclavefl.jobs.datasets import PartyData, load_party_data
 from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.jobs.models import build_job_model
+from enclavefl.jobs.refs import resolve_ref
+from enclavefl.train.device import resolve_device
 
 log = logging.getLogger("enclavefl.jobs")
 
-# What each strategy takes from the job's strategy section (job field -> strategy argument).
-_SERVER_HYPER: dict[str, dict[str, str]] = {
-    "sync-sgd": {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"},
-    "async-sgd": {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-                  "max_staleness": "max_staleness", "staleness_policy": "staleness_policy"},
-    "fedavg": {},
-    "fedprox": {"mu": "mu"},
-    "fedadam": {"server_lr": "lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"},
-}
 
-
-def server_hyper(strategy: StrategyConfig) -> dict[str, Any]:
-    mapping = _SERVER_HYPER[strategy.name]
-    return {arg: getattr(strategy, field) for field, arg in mapping.items() if getattr(strategy, field) is not None}
+def make_job_strategy(job: HflJobConfig, model: torch.nn.Module) -> Any:
+    """The job's strategy: a registry name with its fields from the strategy section, or a user's class."""
+    strategy = job.strategy
+    if strategy.name in registry.BUILTIN:
+        entry = registry.BUILTIN[strategy.name]
+        fields = entry.params.model_fields
+        params = {name: getattr(strategy, name) for name in fields if getattr(strategy, name, None) is not None}
+        return registry.build_strategy(entry, registry.strategy_class(entry), model, params)
+    cls = resolve_ref(strategy.name, what="strategy.name", code=job.job_code())
+    if not isinstance(cls, type):
+        raise ConfigError(f"strategy.name: {strategy.name!r} is not a class")
+    entry = registry.entry_for_class(strategy.name, cls)
+    unit = "rounds" if entry.kind == "update" else "steps"
+    if getattr(strategy, unit) is None:
+        raise ConfigError(f"strategy.{unit}: required: {strategy.name} is of kind {entry.kind!r}")
+    return registry.build_strategy(entry, cls, model, dict(strategy.params or {}))
 
 
 def build_global_model(job: HflJobConfig) -> torch.nn.Module:
@@ -78,14 +83,61 @@ def _record(runtime: PartyRuntime, event: dict[str, Any]) -> None:
     append_metrics(runtime.out_dir, record)
 
 
+def job_trainer(runtime: PartyRuntime, job: HflJobConfig, device: torch.device) -> tuple[Any, Any]:
+    """The worker's trainer: the job's `trainer:` function, or local SGD over the party's data
+    (DP-SGD when the job has record-level privacy); and the DP-SGD state, if any."""
+    private = job.privacy is not None and runtime.privacy is not None
+    if job.trainer is not None:
+        if private:
+            raise ConfigError("trainer: record-level DP-SGD (privacy:) is enforced by the built-in trainer; "
+                              "a job with its own trainer cannot promise it")
+        make = resolve_ref(job.trainer, what="trainer", code=job.job_code())
+        trainer = make(runtime.party.data, build_global_model(job), device=device)
+        if not (callable(getattr(trainer, "fit", None)) and callable(getattr(trainer, "evaluate", None))):
+            raise ConfigError(f"trainer: {job.trainer} returned {type(trainer).__name__}, not a trainer "
+                              "(an object with fit() and evaluate(); see enclavefl.train.Trainer)")
+        return trainer, None
+    data = load_party_data(runtime.party.data, seed=job.job.seed, code=job.job_code())
+    eval_data = None
+    if job.evaluation.where == "workers":
+        rng = np.random.default_rng(job.job.seed)
+        order = rng.permutation(len(data))
+        held = int(round(len(data) * (job.evaluation.holdout_fraction or 0.2)))
+        eval_data = _tensors(data.take(np.sort(order[:held])))
+        data = data.take(np.sort(order[held:]))
+    strategy = job.strategy
+    model, train = build_global_model(job), _tensors(data)
+    privacy = None
+    if private:
+        from enclavefl.jobs.privacy import plan_dp_sgd
+
+        # Refused here, before connecting, when the planned steps exceed the budget.
+        privacy = plan_dp_sgd(job, runtime.privacy, model, train, seed=job.job.seed)
+    trainer = builtin_trainer(
+        model,
+        train,
+        batch_size=strategy.batch_size,
+        lr=strategy.lr,
+        momentum=strategy.momentum,
+        weight_decay=strategy.weight_decay,
+        local_epochs=strategy.local_epochs or 1,
+        eval_data=eval_data,
+        seed=job.job.seed,
+        device=device,
+        privacy=privacy,
+    )
+    return trainer, privacy
+
+
 def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dict[str, Any]:
     strategy_cfg = job.strategy
-    model = build_global_model(job)
-    strategy = make_strategy(strategy_cfg.name, model, **server_hyper(strategy_cfg))
+    device = resolve_device(runtime.party.device)
+    model = build_global_model(job).to(device)
+    strategy = make_job_strategy(job, model)
     evaluation = job.evaluation
     evaluate_fn = None
     if evaluation.where == "server":
-        eval_tensors = _tensors(load_party_data(evaluation.data, seed=job.job.seed))
+        eval_tensors = _tensors(load_party_data(evaluation.data, seed=job.job.seed, code=job.job_code()))
         evaluate_fn = lambda m: evaluate(m, eval_tensors)  # noqa: E731 - the server's held-out set
     checkpoints = None
     key = runtime.key_source()
@@ -96,6 +148,7 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dic
     ps = ParameterServer(
         server,
         strategy,
+        model=model,
         workers=[w.name for w in job.workers()],
         total=strategy_cfg.rounds or strategy_cfg.steps or 1,
         min_workers=strategy_cfg.min_workers,
@@ -130,42 +183,14 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dic
 
 
 def run_worker(runtime: PartyRuntime, job: HflJobConfig) -> None:
-    data = load_party_data(runtime.party.data, seed=job.job.seed)
-    eval_data = None
-    if job.evaluation.where == "workers":
-        rng = np.random.default_rng(job.job.seed)
-        order = rng.permutation(len(data))
-        held = int(round(len(data) * (job.evaluation.holdout_fraction or 0.2)))
-        eval_data = _tensors(data.take(np.sort(order[:held])))
-        data = data.take(np.sort(order[held:]))
-    strategy_cfg = job.strategy
-    model = build_global_model(job)
-    train = _tensors(data)
-    privacy = None
-    if job.privacy is not None and runtime.privacy is not None:
-        from enclavefl.jobs.privacy import plan_dp_sgd
-
-        # Refused here, before connecting, when the planned steps exceed the budget.
-        privacy = plan_dp_sgd(job, runtime.privacy, model, train, seed=job.job.seed)
+    device = resolve_device(runtime.party.device)
+    trainer, privacy = job_trainer(runtime, job, device)
     client = runtime.client()
     runtime.connected(client)
-    worker = Worker(
-        client,
-        model,
-        train,
-        batch_size=strategy_cfg.batch_size,
-        lr=strategy_cfg.lr,
-        momentum=strategy_cfg.momentum,
-        weight_decay=strategy_cfg.weight_decay,
-        local_epochs=strategy_cfg.local_epochs or 1,
-        eval_data=eval_data,
-        seed=job.job.seed,
-        privacy=privacy,
-        on_metrics=(lambda event: _record(runtime, event)) if privacy is not None else None,
-    )
+    worker = Worker(client, trainer, on_metrics=(lambda event: _record(runtime, event)) if privacy is not None else None)
     try:
         summary = worker.run()
     finally:
         client.close()
     if privacy is not None:
-        runtime.write_party_record(privacy=summary["privacy"], **({"stopped": summary["stopped"]} if "stopped" in summary else {}))
+        runtime.write_party_record(privacy=privacy.report(), **({"stopped": summary["stopped"]} if "stopped" in summary else {}))

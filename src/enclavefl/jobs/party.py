@@ -12,6 +12,7 @@ from enclavefl.errors import UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import HflJobConfig, JobConfig, load_job
 from enclavefl.jobs.datasets import preload_party_data
+from enclavefl.train.device import resolve_device
 from enclavefl.jobs.launcher import result_file
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.net import bound_allocator, tune_allocator
@@ -35,11 +36,14 @@ def _preflight(job: JobConfig, name: str, task: str) -> None:
     evaluation data) load, with the configured label column; the hfl model builds from its
     arguments. A bad file or argument is then an exit-2 error before any peer is contacted."""
     party = job.party(name)
+    resolve_device(party.device)  # device: cuda on a machine without one fails here, not in round 1
     specs = [party.data] if party.data is not None and task != "predict" else []
+    if isinstance(job, HflJobConfig) and job.trainer is not None and party.role == "worker":
+        specs = []  # the job's trainer: function loads this party's data itself
     if isinstance(job, HflJobConfig) and party.role == "server" and job.evaluation.data is not None:
         specs.append(job.evaluation.data)
     for spec in specs:
-        preload_party_data(spec, seed=job.job.seed)
+        preload_party_data(spec, seed=job.job.seed, code=job.job_code())
     if isinstance(job, HflJobConfig):
         from enclavefl.jobs.hfl_job import build_global_model
 

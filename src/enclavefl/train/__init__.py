@@ -3,9 +3,53 @@
 A leaf package: it knows nothing of the network, the TEE or the parameter server.
 Metrics (`train.metrics`) and losses (`train.losses`) live here so that horizontal
 workers, the parameter server and the vertical leader share one implementation.
+
+The contract imports only numpy; `TorchTrainer` (and torch) load on first use, so a
+trainer for another framework never pulls torch in.
 """
 
-from enclavefl.train.contract import Config, EvalResult, FitResult, GradientTrainer, GradResult, Trainer, Weights
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from enclavefl.train.contract import (
+    Config,
+    EvalResult,
+    FitResult,
+    GradientTrainer,
+    GradResult,
+    Rows,
+    StopTraining,
+    TableTrainer,
+    Trainer,
+    Weights,
+)
 from enclavefl.train.device import resolve_device
 
-__all__ = ["Config", "EvalResult", "FitResult", "GradResult", "GradientTrainer", "Trainer", "Weights", "resolve_device"]
+_LAZY = {"TorchTrainer": "enclavefl.train.torch", "TensorBatches": "enclavefl.train.torch"}
+
+__all__ = [
+    "Config",
+    "EvalResult",
+    "FitResult",
+    "GradResult",
+    "GradientTrainer",
+    "Rows",
+    "StopTraining",
+    "TableTrainer",
+    "TensorBatches",
+    "TorchTrainer",
+    "Trainer",
+    "Weights",
+    "resolve_device",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'enclavefl.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
