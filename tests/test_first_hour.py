@@ -19,7 +19,7 @@ from enclavefl.jobs.demo import SIMULATED_POLICY, write_vfl_demo
 from enclavefl.jobs.launcher import open_fresh_log
 from enclavefl.jobs.quick import apply_quick_caps
 from enclavefl.jobs.runtime import storage_key
-from enclavefl.seal import FileKeySource
+from enclavefl.seal.keys import FileKeySource
 
 
 def _vfl_job(tmp_path: Path, *, simulated: bool, key: str = "keys/deep/job.key") -> Path:

@@ -439,7 +439,7 @@ def test_async_run_tells_every_worker_including_late_joiners() -> None:
         def body() -> None:
             try:
                 extra = {"loss_fn": loss_fn} if loss_fn is not None else {}
-                worker = Worker(client(port, party), tiny_model(), blobs(40, seed=ord(party)), batch_size=8,
+                worker = Worker.for_model(client(port, party), tiny_model(), blobs(40, seed=ord(party)), batch_size=8,
                                 lr=0.1, reconnect_timeout_s=2.0, **extra)
                 results[party] = worker.run()
             except BaseException as exc:  # asserted below
@@ -476,7 +476,7 @@ def test_linger_gives_up_on_a_worker_that_never_joins() -> None:
     server = attested_server()
     ps = ParameterServer(server, strategy, workers=["a", "b"], min_workers=1, total=1, round_timeout_s=30)
     fed = Federation(server, ps)
-    fed.worker("a", lambda c: Worker(c, tiny_model(), blobs(16, seed=0), batch_size=8))
+    fed.worker("a", lambda c: Worker.for_model(c, tiny_model(), blobs(16, seed=0), batch_size=8))
     summary = ps.run()
     assert summary["version"] == 1
     assert ps.linger(0.3) == ["b"]  # never joined, so never told
@@ -509,13 +509,13 @@ def test_missing_workers_are_named_at_once_with_the_time_the_server_waits(
         runner.start()
         # c never starts: the server says at once whom it waits for and for how long.
         _wait_for(lambda: "waiting for worker(s) ['a', 'b', 'c'] to join" in caplog.text)
-        fed.worker("a", lambda c: Worker(c, tiny_model(), blobs(16, seed=0), batch_size=8))
-        fed.worker("b", lambda c: Worker(c, tiny_model(), blobs(16, seed=1), batch_size=8, on_metrics=stall))
+        fed.worker("a", lambda c: Worker.for_model(c, tiny_model(), blobs(16, seed=0), batch_size=8))
+        fed.worker("b", lambda c: Worker.for_model(c, tiny_model(), blobs(16, seed=1), batch_size=8, on_metrics=stall))
         _wait_for(lambda: "waiting for worker(s) ['c'] to join (2 of 3 joined)" in caplog.text)
         assert "quorum 3 of 3 (strategy.min_workers, default: every worker)" in caplog.text
         assert "the server gives up in 3" in caplog.text  # 300 s round + 3000 s quorum timeout
         assert ps.version == 0
-        fed.worker("c", lambda c: Worker(c, tiny_model(), blobs(16, seed=2), batch_size=8))
+        fed.worker("c", lambda c: Worker.for_model(c, tiny_model(), blobs(16, seed=2), batch_size=8))
         # Round 2: a and c contribute, b is silent: named well before the 300 s round timeout.
         _wait_for(lambda: "round 2: waiting for worker(s) ['b'] (silent for over" in caplog.text)
         assert "it cannot close without them" in caplog.text

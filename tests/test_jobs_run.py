@@ -95,7 +95,7 @@ def test_gramine_party_provisions_the_checkpoint_mount_key(tmp_path: Path) -> No
     from enclavefl.jobs.demo import DEMO_KEY, write_vfl_demo
     from enclavefl.jobs.gramine import CHECKPOINT_KEY_NAME
     from enclavefl.jobs.runtime import PartyRuntime
-    from enclavefl.seal import create_key_file
+    from enclavefl.seal.keys import create_key_file
 
     (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
     create_key_file(tmp_path / DEMO_KEY)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from enclavefl.jobs.demo import DEMO_KEY, SIMULATED_POLICY, write_hfl_demo, write_vfl_demo
-from enclavefl.seal import create_key_file
+from enclavefl.seal.keys import create_key_file
 
 
 def enclavefl(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ import yaml
 from netns import NetnsUnavailable, Network, Process, network, probe
 
 from enclavefl.jobs.demo import DEMO_KEY, SIMULATED_POLICY, write_hfl_demo, write_vfl_demo
-from enclavefl.seal import create_key_file
+from enclavefl.seal.keys import create_key_file
 
 # Generous limits for waits that only guard against a hung job (never timing assertions).
 WAIT_S = 180.0

@@ -1,11 +1,75 @@
-"""enclavefl: confidential federated learning between mutually attested TEEs."""
+"""enclavefl: confidential federated learning between mutually attested TEEs.
 
+The user API, loaded on first use so that `import enclavefl` (and `enclavefl verify`)
+imports neither torch nor the network stack:
+
+* training: `Trainer`, `GradientTrainer`, `FitResult`, `EvalResult`, `GradResult`, `Rows`,
+  `TorchTrainer` (extra `[ml]`), `resolve_device`;
+* strategies: `Strategy` (the contract), `Contribution`, `make_strategy`, the built-ins
+  `FedAvg`, `FedProx`, `FedAdam`, `SyncSGD`, `AsyncSGD`, `CoordinateMedian`, `TrimmedMean`;
+* running: `run_worker(trainer, job=..., party=...)`, `serve(strategy, job=..., party=...)`;
+* errors: `EnclaveflError`, `UsageError`, `ConfigError`, `Rejected`, `TransportError`, `JobFailed`.
+
+What must never be used unknowingly (simulated attestation, `file:` keys, one-way
+attestation) lives in `enclavefl.insecure`.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-__all__ = ["__version__"]
+from typing import Any
 
 try:
     # One source of truth: the version pyproject.toml gives the installed distribution.
     __version__ = version("enclavefl")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
+
+_EXPORTS = {
+    # training (enclavefl.train: numpy only, torch for TorchTrainer)
+    "Trainer": "enclavefl.train.contract",
+    "GradientTrainer": "enclavefl.train.contract",
+    "FitResult": "enclavefl.train.contract",
+    "EvalResult": "enclavefl.train.contract",
+    "GradResult": "enclavefl.train.contract",
+    "Rows": "enclavefl.train.contract",
+    "TorchTrainer": "enclavefl.train.torch",
+    "resolve_device": "enclavefl.train.device",
+    # strategies
+    "Strategy": "enclavefl.hfl.contract",
+    "Contribution": "enclavefl.hfl.contract",
+    "make_strategy": "enclavefl.hfl.registry",
+    "FedAvg": "enclavefl.hfl.strategies",
+    "FedProx": "enclavefl.hfl.strategies",
+    "FedAdam": "enclavefl.hfl.strategies",
+    "SyncSGD": "enclavefl.hfl.strategies",
+    "AsyncSGD": "enclavefl.hfl.strategies",
+    "CoordinateMedian": "enclavefl.hfl.robust",
+    "TrimmedMean": "enclavefl.hfl.robust",
+    # running a party
+    "run_worker": "enclavefl.jobs.api",
+    "serve": "enclavefl.jobs.api",
+    # errors
+    "EnclaveflError": "enclavefl.errors",
+    "UsageError": "enclavefl.errors",
+    "ConfigError": "enclavefl.errors",
+    "Rejected": "enclavefl.errors",
+    "TransportError": "enclavefl.errors",
+    "JobFailed": "enclavefl.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'enclavefl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

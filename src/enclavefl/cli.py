@@ -468,7 +468,7 @@ def unseal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact
 @typed_errors
 def keygen(path: Path) -> None:
     """Create a random key file for `--key file:PATH` (development only: the key sits on the host)."""
-    from enclavefl.seal import create_key_file
+    from enclavefl.seal.keys import create_key_file
 
     create_key_file(path)
     click.echo(f"wrote key file {path} (mode 0600); use --key file:{path}")

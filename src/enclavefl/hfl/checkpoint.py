@@ -30,6 +30,12 @@ from enclavefl.errors import FormatError, SealError, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
 
+__all__ = [
+    "CheckpointStore",
+    "rng_state",
+    "set_rng_state",
+]
+
 log = logging.getLogger("enclavefl.hfl")
 
 SERVER_ARTIFACT = "hfl-server-checkpoint"

@@ -58,6 +58,14 @@ from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import ArraySink, Message, TensorSpec, TensorWriter
 from enclavefl.train.metrics import EvalStats, aggregate_stats
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "GatedPayload",
+    "ParameterServer",
+    "QuorumLost",
+    "UploadGate",
+]
+
 log = logging.getLogger("enclavefl.hfl")
 
 CHECKPOINT_FORMAT = 2  # 2: the driver's state (strategy name, version, the strategy's own state)

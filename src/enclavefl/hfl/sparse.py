@@ -33,6 +33,17 @@ import torch
 
 from enclavefl.errors import UsageError
 
+__all__ = [
+    "GradForm",
+    "SparseRows",
+    "add_rows",
+    "as_grad",
+    "grad_form",
+    "pull_rows",
+    "weighted_average",
+    "write_rows",
+]
+
 GradForm = Literal["dense", "sparse-ok", "sparse-only"]
 
 

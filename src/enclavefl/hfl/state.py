@@ -16,6 +16,16 @@ from torch import nn
 from enclavefl.errors import UsageError
 from enclavefl.models.embeddings import embedding_parameter_names
 
+__all__ = [
+    "buffer_names",
+    "check_like",
+    "check_state",
+    "embedding_names",
+    "load_state",
+    "model_state",
+    "parameter_names",
+]
+
 
 def parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters the strategies train (those with requires_grad)."""

@@ -60,6 +60,28 @@ from enclavefl.hfl.state import (
     model_state,
 )
 
+__all__ = [
+    "AsyncResult",
+    "AsyncSGD",
+    "Contribution",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "GradContribution",
+    "NoContributions",
+    "OptimizerFactory",
+    "RoundStrategy",
+    "StaleContribution",
+    "Strategy",
+    "SyncSGD",
+    "Update",
+    "UpdateContribution",
+    "fedprox_penalty",
+    "grad_contribution",
+    "sgd",
+    "update_contribution",
+]
+
 Update = torch.Tensor | SparseRows
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer | Sequence[torch.optim.Optimizer]]
 StalenessPolicy = Literal["refuse", "down-weight"]

@@ -31,6 +31,26 @@ from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.state import buffer_names, embedding_names
 from enclavefl.hfl.strategies import GradContribution, UpdateContribution
 
+__all__ = [
+    "DENSE",
+    "EVAL",
+    "INTS",
+    "JOIN",
+    "PAYLOAD",
+    "PROTOCOL",
+    "PUSH",
+    "SLOT",
+    "WAIT",
+    "Entry",
+    "Layout",
+    "Unpacked",
+    "message_bytes",
+    "meta_int",
+    "parse_want",
+    "rows_tensors",
+    "want_tensors",
+]
+
 PROTOCOL = 2
 JOIN = "hfl.join"
 SLOT = "hfl.slot"

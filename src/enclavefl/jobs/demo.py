@@ -15,7 +15,7 @@ import yaml
 from enclavefl.data.tabular import load_sklearn
 from enclavefl.jobs.launcher import RunResult
 from enclavefl.jobs.progress import run_with_progress
-from enclavefl.seal import create_key_file
+from enclavefl.seal.keys import create_key_file
 
 DEMO_KEY = "demo.key"  # INSECURE file key: the demo has no TEE to seal with
 

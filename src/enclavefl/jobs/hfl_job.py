@@ -11,6 +11,7 @@ import torch
 from enclavefl.errors import ConfigError
 from enclavefl.hfl import registry
 from enclavefl.hfl.checkpoint import CheckpointStore
+from enclavefl.hfl.contract import check_strategy
 from enclavefl.hfl.server import ParameterServer
 from enclavefl.hfl.worker import Worker, builtin_trainer, evaluate
 from enclavefl.jobs.config import HflJobConfig
@@ -129,11 +130,18 @@ def job_trainer(runtime: PartyRuntime, job: HflJobConfig, device: torch.device) 
     return trainer, privacy
 
 
-def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dict[str, Any]:
+def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strategy: Any = None) -> dict[str, Any]:
+    """The parameter server of the job; `strategy` (an object with the strategy hooks) replaces
+    the job's strategy section's name and parameters (rounds, quorum and timeouts stay the job's)."""
     strategy_cfg = job.strategy
     device = resolve_device(runtime.party.device)
-    model = build_global_model(job).to(device)
-    strategy = make_job_strategy(job, model)
+    if strategy is None:
+        model = build_global_model(job).to(device)
+        strategy = make_job_strategy(job, model)
+    else:
+        check_strategy(strategy)
+        held = getattr(strategy, "model", None)
+        model = held if isinstance(held, torch.nn.Module) else build_global_model(job).to(device)
     evaluation = job.evaluation
     evaluate_fn = None
     if evaluation.where == "server":
@@ -173,7 +181,7 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dic
     return {
         "metrics": {k: v for k, v in metrics.items() if k in wanted or k.endswith("_error")},
         "extra": {
-            "strategy": strategy_cfg.name,
+            "strategy": summary.get("strategy", strategy_cfg.name),
             "rounds": summary.get("version"),
             "resumed_from": summary.get("resumed_from"),
             "workers": summary.get("workers"),
@@ -182,9 +190,14 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool) -> dic
     }
 
 
-def run_worker(runtime: PartyRuntime, job: HflJobConfig) -> None:
-    device = resolve_device(runtime.party.device)
-    trainer, privacy = job_trainer(runtime, job, device)
+def run_worker(runtime: PartyRuntime, job: HflJobConfig, *, trainer: Any = None) -> dict[str, Any]:
+    """A worker of the job with `trainer` (default: the job's `trainer:` or the built-in one); its summary."""
+    privacy = None
+    if trainer is None:
+        trainer, privacy = job_trainer(runtime, job, resolve_device(runtime.party.device))
+    elif job.privacy is not None and runtime.privacy is not None:
+        raise ConfigError("record-level DP-SGD (privacy:) is enforced by the built-in trainer; "
+                          "a worker with its own trainer cannot promise it")
     client = runtime.client()
     runtime.connected(client)
     worker = Worker(client, trainer, on_metrics=(lambda event: _record(runtime, event)) if privacy is not None else None)
@@ -194,3 +207,4 @@ def run_worker(runtime: PartyRuntime, job: HflJobConfig) -> None:
         client.close()
     if privacy is not None:
         runtime.write_party_record(privacy=privacy.report(), **({"stopped": summary["stopped"]} if "stopped" in summary else {}))
+    return summary

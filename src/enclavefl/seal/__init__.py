@@ -1,10 +1,11 @@
 """Data at rest: sealed (encrypted, authenticated) files and the key sources behind them."""
 
+import warnings
+from typing import Any
+
 from enclavefl.seal.keys import (
-    FileKeySource,
     KeySource,
     SgxSealKeySource,
-    create_key_file,
     ensure_development_key,
     known_key_schemes,
     parse_key_spec,
@@ -20,11 +21,9 @@ from enclavefl.seal.sealed import (
 )
 
 __all__ = [
-    "FileKeySource",
     "KeySource",
     "SealedHeader",
     "SgxSealKeySource",
-    "create_key_file",
     "ensure_development_key",
     "known_key_schemes",
     "parse_key_spec",
@@ -35,3 +34,19 @@ __all__ = [
     "unseal_file",
     "write_sealed",
 ]
+
+_MOVED = {"FileKeySource", "create_key_file"}
+
+
+def __getattr__(name: str) -> Any:
+    # Insecure development keys moved to enclavefl.insecure; the old names work for one release.
+    if name in _MOVED:
+        warnings.warn(
+            f"enclavefl.seal.{name} is deprecated: import it from enclavefl.insecure (file: keys are insecure)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from enclavefl.seal import keys
+
+        return getattr(keys, name)
+    raise AttributeError(f"module 'enclavefl.seal' has no attribute {name!r}")
