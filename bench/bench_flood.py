@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from flood import StalledFlood  # noqa: E402  (tests/flood.py: the same flood the tests use)
 
 from enclavefl.hfl.server import ParameterServer  # noqa: E402
-from enclavefl.hfl.strategies import make_strategy  # noqa: E402
+from enclavefl.hfl.registry import make_strategy  # noqa: E402
 from enclavefl.hfl.worker import Worker  # noqa: E402
 from enclavefl.models import mlp  # noqa: E402
 from enclavefl.net.admission import PartyCredentials  # noqa: E402
@@ -66,7 +66,7 @@ def _worker(port: int, party: str, seed: int, rows: int, width: int) -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     client = AttestedClient(f"127.0.0.1:{port}", _credentials(party))
-    Worker(client, _model(width), _data(rows, width, seed), batch_size=64, lr=0.05, seed=seed).run()
+    Worker.for_model(client, _model(width), _data(rows, width, seed), batch_size=64, lr=0.05, seed=seed).run()
 
 
 def _flood(port: int, calls: int, ready: Any, stop: Any, out: Any) -> None:

@@ -24,7 +24,7 @@ from flood import StalledFlood
 
 from enclavefl.errors import FormatError, Rejected, UsageError
 from enclavefl.hfl.server import ParameterServer
-from enclavefl.hfl.strategies import make_strategy
+from enclavefl.hfl.registry import make_strategy
 from enclavefl.hfl.worker import Worker
 from enclavefl.models import mlp
 from enclavefl.net import enclavefl_pb2 as pb
@@ -120,7 +120,7 @@ def test_job_completes_and_good_peer_is_admitted_under_1000_stalled_calls(server
 
     def work(party: str, seed: int) -> None:
         try:
-            Worker(client(server.port, party), copy.deepcopy(model), _blobs(32, seed), batch_size=8, lr=0.1).run()
+            Worker.for_model(client(server.port, party), copy.deepcopy(model), _blobs(32, seed), batch_size=8, lr=0.1).run()
         except BaseException as exc:  # reported below
             errors[party] = exc
 
