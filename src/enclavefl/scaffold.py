@@ -100,6 +100,7 @@ TEMPLATES: dict[str, ProjectTemplate] = {
                         _hfl_tabular_data),
         ProjectTemplate("vfl-tabular", "vertical FL: a leader with labels and a follower with other columns (split model)",
                         _vfl_tabular_data),
+        ProjectTemplate("vfl-keras", "vertical FL with Keras 3 models (needs the [tf] extra)", _vfl_tabular_data),
     )
 }
 
