@@ -3,11 +3,13 @@
 The same fedavg job (3 worker processes, an MLP on random data) runs twice against a
 parameter server in this process: once unloaded, once while a separate process holds
 `--calls` stalled unauthenticated calls open (Health/Check calls whose request never
-comes, re-opened whenever the server ends one; over 10 connections from ::1, the workers
-connecting from 127.0.0.1). Per round it reports wall time loaded / unloaded; the target is
+comes, re-opened whenever the server ends one, and `--reopen-s` after the server refused it;
+over 10 connections from ::1, the workers connecting from 127.0.0.1; the flood process runs
+at nice 19, as an attacker's CPU is not the job's). Per round after the first (which also
+waits for the workers to start) it reports wall time loaded / unloaded; the target is
 every round within 1.2x. It also times one fresh admission while the flood is held.
 
-    python bench/bench_flood.py [--calls 1000] [--rounds 6] [--rows 4096] [--width 256]
+    python bench/bench_flood.py [--calls 1000] [--rounds 6] [--rows 4096] [--width 256] [--reopen-s 1]
 
 Prints one JSON object.
 """
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -69,18 +72,22 @@ def _worker(port: int, party: str, seed: int, rows: int, width: int) -> None:
     Worker.for_model(client, _model(width), _data(rows, width, seed), batch_size=64, lr=0.05, seed=seed).run()
 
 
-def _flood(port: int, calls: int, ready: Any, stop: Any, out: Any) -> None:
+def _flood(port: int, calls: int, reopen_s: float, ready: Any, stop: Any, out: Any) -> None:
     logging.disable(logging.WARNING)
-    flood = StalledFlood(f"[::1]:{port}", calls=calls, connections=10).start()
+    # An attacker's own CPU is on its own machines: here it yields to the job's processes.
+    os.nice(19)
+    flood = StalledFlood(f"[::1]:{port}", calls=calls, connections=10, reopen_delay_s=reopen_s).start()
     deadline = time.monotonic() + 60
     while flood.opened < calls and time.monotonic() < deadline:
         time.sleep(0.05)
     ready.set()
-    stop.wait()
-    out.send({**flood.stop(), "held_at_stop": flood.held})
+    held = []
+    while not stop.wait(0.5):
+        held.append(flood.held)
+    out.send({**flood.stop(), "open_at_attacker_median": statistics.median(held) if held else None})
 
 
-def _job(rounds: int, rows: int, width: int, calls: int) -> dict[str, Any]:
+def _job(rounds: int, rows: int, width: int, calls: int, reopen_s: float) -> dict[str, Any]:
     server = AttestedServer(_credentials("server"), host="[::]")
     records: list[dict[str, Any]] = []
     ps = ParameterServer(
@@ -93,7 +100,7 @@ def _job(rounds: int, rows: int, width: int, calls: int) -> dict[str, Any]:
     if calls:
         ready, stop = SPAWN.Event(), SPAWN.Event()
         ours, theirs = SPAWN.Pipe()
-        flood = SPAWN.Process(target=_flood, args=(port, calls, ready, stop, theirs), daemon=True)
+        flood = SPAWN.Process(target=_flood, args=(port, calls, reopen_s, ready, stop, theirs), daemon=True)
         flood.start()
         if not ready.wait(90):
             raise RuntimeError("the flood did not open its calls")
@@ -129,21 +136,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--reopen-s", type=float, default=1.0, help="a refused stalled call is opened again after this")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
-    unloaded = _job(args.rounds, args.rows, args.width, calls=0)
-    loaded = _job(args.rounds, args.rows, args.width, calls=args.calls)
-    ratios = [b / a for a, b in zip(unloaded["round_wall_s"], loaded["round_wall_s"], strict=True)]
+    unloaded = _job(args.rounds, args.rows, args.width, 0, args.reopen_s)
+    loaded = _job(args.rounds, args.rows, args.width, args.calls, args.reopen_s)
+    # Round 1 also waits for the worker processes to start (import torch, attest): warm-up.
+    ratios = [b / a for a, b in zip(unloaded["round_wall_s"][1:], loaded["round_wall_s"][1:], strict=True)]
     print(json.dumps({
         "benchmark": "hfl fedavg under a flood of stalled unauthenticated calls",
         "command": "python bench/bench_flood.py " + " ".join(sys.argv[1:]),
         "workers": WORKERS, "rounds": args.rounds, "stalled_calls": args.calls,
         "unloaded": unloaded, "loaded": loaded,
-        "round_ratio": [round(x, 4) for x in ratios],
+        "round_ratio_after_warm_up": [round(x, 4) for x in ratios],
         "max_round_ratio": round(max(ratios), 4),
         "median_round_ratio": round(statistics.median(ratios), 4),
-        "total_ratio": round(sum(loaded["round_wall_s"]) / sum(unloaded["round_wall_s"]), 4),
+        "total_ratio_after_warm_up": round(sum(loaded["round_wall_s"][1:]) / sum(unloaded["round_wall_s"][1:]), 4),
         "target_max_round_ratio": 1.2,
     }))  # fmt: skip
 
