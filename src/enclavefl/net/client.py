@@ -28,6 +28,13 @@ from enclavefl.net.probe import ProbedCertificate, fetch_certificate, verify_ser
 from enclavefl.net.server import SESSION_METADATA_KEY
 from enclavefl.net.tensors import DEFAULT_CHUNK_SIZE, PROTOCOL_VERSION, Limits, Message, TensorSink
 
+__all__ = [
+    "AttestedClient",
+    "RetryPolicy",
+    "pinned_channel",
+    "split_target",
+]
+
 log = logging.getLogger("enclavefl.net")
 
 # Refresh a session a little before the server would refuse it.

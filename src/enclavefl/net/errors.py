@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from enclavefl.errors import Rejected, TransportError
 
+__all__ = [
+    "CallFailed",
+    "ConnectFailed",
+    "HandshakeFailed",
+    "PartyNameHeld",
+    "PeerRefused",
+]
+
 
 class ConnectFailed(TransportError):
     """The peer could not be reached (refused, timed out, reset) after the allowed retries."""

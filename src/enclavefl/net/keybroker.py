@@ -25,6 +25,15 @@ from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import KEK_SIZE, FileKeySource, KeySource, register_key_scheme, write_random_key
 
+__all__ = [
+    "BROKER_SCHEME",
+    "KEY_METHOD",
+    "BrokerKeySource",
+    "configure_broker_access",
+    "create_broker_key",
+    "serve_key_broker",
+]
+
 log = logging.getLogger("enclavefl.net")
 
 KEY_METHOD = "keybroker.get-key"

@@ -22,6 +22,12 @@ from enclavefl.net.guard import OpenCallGuard, OpenLimits, source_of
 from enclavefl.net.exchange import ExchangeServicer, Handler, Router, abort, channel_options
 from enclavefl.net.tensors import DEFAULT_CHUNK_SIZE, PROTOCOL_VERSION, Limits, TensorSink
 
+__all__ = [
+    "SESSION_METADATA_KEY",
+    "AttestedServer",
+    "session_token",
+]
+
 log = logging.getLogger("enclavefl.net")
 
 SESSION_METADATA_KEY = "enclavefl-session-bin"

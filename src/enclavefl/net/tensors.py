@@ -25,6 +25,30 @@ from google.protobuf.message import DecodeError
 from enclavefl.errors import FormatError, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
 
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DTYPES",
+    "KINDS",
+    "PROTOCOL_VERSION",
+    "ArraySink",
+    "Chunk",
+    "DigestSink",
+    "Frame",
+    "LazyTensor",
+    "Limits",
+    "Malformed",
+    "MemmapSink",
+    "Message",
+    "TensorDigest",
+    "TensorSink",
+    "TensorSpec",
+    "TensorWriter",
+    "decode_message",
+    "encode_message",
+    "parse_frame",
+    "serialize_frame",
+]
+
 PROTOCOL_VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 << 20
 

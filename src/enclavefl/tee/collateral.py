@@ -28,6 +28,27 @@ from cryptography import x509
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.errors import CollateralError, ConfigError, FormatError, UsageError
 
+__all__ = [
+    "ALIYUN_PCCS_URL",
+    "AZURE_PCCS_URL",
+    "BYTEDANCE_PCCS_URL",
+    "DEFAULT_PCCS_URL",
+    "DEFAULT_QCNL_CONF",
+    "TENCENT_PCCS_URL",
+    "CollateralKey",
+    "CollateralSource",
+    "CollateralValidity",
+    "OfflineCollateral",
+    "PccsCollateral",
+    "collateral_key",
+    "collateral_source",
+    "collateral_validity",
+    "default_cache_dir",
+    "isotime",
+    "normalize_pccs_url",
+    "pccs_url_from_qcnl",
+]
+
 log = logging.getLogger(__name__)
 
 # Intel's Provisioning Certification Service: the authoritative source, no API key needed
