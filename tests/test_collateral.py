@@ -244,10 +244,11 @@ def test_pccs_tdx_quote_uses_tdx_paths(
     assert (tmp_path / "tdx-B0C06F000000-platform.json").exists()
 
 
+@pytest.mark.parametrize("corrupt", ["{ half a file", '{"collateral": ' + "[" * 100_000 + "]" * 100_000 + "}"])
 def test_pccs_corrupt_cache_entry_is_refetched(
-    sgx_pccs: LoopbackPccs, sgx_quote: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    sgx_pccs: LoopbackPccs, sgx_quote: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture, corrupt: str
 ) -> None:
-    (tmp_path / "sgx-00A067110000-processor.json").write_text("{ half a file")
+    (tmp_path / "sgx-00A067110000-processor.json").write_text(corrupt)
     source = PccsCollateral(sgx_pccs.url, cache_dir=tmp_path)
     source.get(sgx_quote, at=PINNED_TIME)
     assert sgx_pccs.requests
@@ -365,7 +366,8 @@ def test_qcnl_missing_file_is_none(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, problem",
     [('{"pccs_url": ', "not valid JSON"), ('{"retry_times": 6}', "sets neither"),
-     ('{"pccs_url": 8081}', "must be a string"), ("[1]", "JSON object")],
+     ('{"pccs_url": 8081}', "must be a string"), ("[1]", "JSON object"),
+     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply")],
 )  # fmt: skip
 def test_qcnl_invalid(tmp_path: Path, text: str, problem: str) -> None:
     conf = tmp_path / "qcnl.conf"

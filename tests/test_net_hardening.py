@@ -485,3 +485,13 @@ def test_policy_pins_a_measurement_per_party_name() -> None:
         assert named_client(server.port, "leader", policy=policy).connect().party == "server"
     finally:
         server.stop(0)
+
+
+def test_unreadable_privacy_claim_of_a_peer_is_named_not_raised() -> None:
+    from enclavefl.net.admission import check_policy_hash
+    from enclavefl.tee.claims import Claims, TeeType
+
+    nested = b'{"unit": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    claims = Claims(TeeType.SIMULATED, bytes(64), "SimulatedInsecure", bound={"privacy-budget": nested})
+    with pytest.raises(Rejected, match="unreadable privacy budget"):
+        check_policy_hash(claims, POLICY, "peer")

@@ -220,7 +220,7 @@ def _budget_text(claim: object) -> str:
     try:
         budget = json.loads(claim)
         return f"{budget['unit']}-level epsilon <= {budget['max_epsilon']:g}, delta = {budget['delta']:g}"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return f"an unreadable privacy budget {claim[:80]!r}"
 
 

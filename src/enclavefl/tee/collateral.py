@@ -251,7 +251,7 @@ class PccsCollateral:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("ignoring unreadable collateral cache %s: %s", path, exc)
             return None
         try:
@@ -323,6 +323,8 @@ def _parse_qcnl_json(conf: Path, text: str) -> dict[str, Any]:
         values = json.loads(stripped)
     except ValueError as exc:
         raise ConfigError(f"{conf} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{conf} is not valid JSON: nested too deeply") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{conf} must hold a JSON object")
     return values
