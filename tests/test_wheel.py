@@ -28,7 +28,7 @@ from packaging.utils import canonicalize_name
 from conftest import PINNED_TIME, REPO, SHARED_DATA
 
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "src")
-TEMPLATES = ("hfl-tabular", "vfl-tabular", "vfl-keras")
+TEMPLATES = ("hfl-tabular", "hfl-custom-loop", "vfl-tabular", "vfl-keras")
 KERAS_TEMPLATES = ("vfl-keras",)  # need the [tf] extra
 HAVE_TF = all(importlib.util.find_spec(m) is not None for m in ("keras", "tensorflow"))
 ML_HINT = "pip install 'enclavefl[ml]'"
@@ -228,6 +228,9 @@ def _run_projects(venv: Path, tmp_path: Path, templates: tuple[str, ...]) -> Non
         parties = summary["parties"]
         assert parties and all(p["attested"] and p["exit_code"] == 0 for p in parties.values()), (template, parties)
         assert summary["metrics"]["auc"] > 0.8, (template, summary["metrics"])
+        if (projects / template / "trainer.py").exists():  # the workers ran the project's own loop
+            log = (projects / template / "runs" / "logs" / "worker-1.log").read_text()
+            assert "INFO trainer: custom loop: 2 epochs of Adam over 600 rows" in log
     assert not any(elsewhere.iterdir()), "a run wrote into its working directory"
 
 

@@ -98,6 +98,8 @@ TEMPLATES: dict[str, ProjectTemplate] = {
     for t in (
         ProjectTemplate("hfl-tabular", "horizontal FL: a server and two workers with their own rows (FedAvg, own model.py)",
                         _hfl_tabular_data),
+        ProjectTemplate("hfl-custom-loop", "horizontal FL with your own PyTorch loop (trainer.py: a TorchTrainer)",
+                        _hfl_tabular_data),
         ProjectTemplate("vfl-tabular", "vertical FL: a leader with labels and a follower with other columns (split model)",
                         _vfl_tabular_data),
         ProjectTemplate("vfl-keras", "vertical FL with Keras 3 models (needs the [tf] extra)", _vfl_tabular_data),
