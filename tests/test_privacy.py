@@ -245,9 +245,9 @@ def test_planned_steps_over_budget_are_refused_before_training(tmp_path: Path) -
     job = _job(tmp_path, privacy={"mechanism": "dp-sgd", "noise_multiplier": 0.8}, budget=RECORD_3, rounds=50)
     assert planned_dp_sgd_steps(job, rows) == 50 * 4
     with pytest.raises(PrivacyBudgetExceeded, match=r"200 planned DP-SGD steps .* spend epsilon .* more than the policy's budget"):
-        plan_dp_sgd(job, Policy.load(job.policy).privacy, model, train, seed=0)
+        plan_dp_sgd(job, Policy.load(job.policy).privacy, model, train)
     job = _job(tmp_path, privacy={"mechanism": "dp-sgd"}, budget=RECORD_3, rounds=50)
-    dp = plan_dp_sgd(job, Policy.load(job.policy).privacy, model, train, seed=0)
+    dp = plan_dp_sgd(job, Policy.load(job.policy).privacy, model, train)
     assert 2.99 <= dp.planned_epsilon() <= 3.0
     assert dp.fits(200) and not dp.fits(260)
 

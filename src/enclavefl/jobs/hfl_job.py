@@ -113,7 +113,7 @@ def job_trainer(runtime: PartyRuntime, job: HflJobConfig, device: torch.device) 
         from enclavefl.jobs.privacy import plan_dp_sgd
 
         # Refused here, before connecting, when the planned steps exceed the budget.
-        privacy = plan_dp_sgd(job, runtime.privacy, model, train, seed=job.job.seed)
+        privacy = plan_dp_sgd(job, runtime.privacy, model, train)
     trainer = builtin_trainer(
         model,
         train,

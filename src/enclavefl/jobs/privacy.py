@@ -64,8 +64,10 @@ def planned_dp_sgd_steps(job: HflJobConfig, rows: int) -> int:
     return strategy.rounds * (strategy.local_epochs or 1) * math.ceil(rows / strategy.batch_size)
 
 
-def plan_dp_sgd(job: HflJobConfig, budget: PrivacyBudget, model: Any, train: Sequence[Any], *, seed: int) -> Any:
-    """A `DpSgd` for this worker, refused when its planned steps exceed the budget."""
+def plan_dp_sgd(job: HflJobConfig, budget: PrivacyBudget, model: Any, train: Sequence[Any]) -> Any:
+    """A `DpSgd` for this worker, refused when its planned steps exceed the budget.
+
+    Its sampling and noise come from secret randomness, never from the job's seed."""
     from enclavefl.privacy.dpsgd import DpSgd
 
     settings = job.privacy
@@ -81,7 +83,6 @@ def plan_dp_sgd(job: HflJobConfig, budget: PrivacyBudget, model: Any, train: Seq
         target_epsilon=None if settings.noise_multiplier is not None else target_epsilon(settings, budget),
         noise_multiplier=settings.noise_multiplier,
         max_epsilon=budget.max_epsilon,
-        seed=seed,
     )
     planned = dp.planned_epsilon()
     if planned > budget.max_epsilon:

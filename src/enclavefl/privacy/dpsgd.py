@@ -22,6 +22,7 @@ so a per-sample gradient does not exist) are refused, naming the layers.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ def make_private(
 
     Give `target_epsilon` (the noise multiplier is calibrated to it) or `noise_multiplier`
     (used as is). `accountant` carries steps already spent (a resumed job). `on_step` runs
-    after every private step, e.g. to stop at the budget.
+    after every private step, e.g. to stop at the budget. Sampling and noise use
+    `generator`, by default one seeded from the OS's secret randomness.
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise UsageError("give exactly one of target_epsilon and noise_multiplier")
@@ -139,6 +141,8 @@ def make_private(
     if batches < 1:
         raise UsageError("DP-SGD needs a data loader with at least one batch")
     check_model(model)
+    if generator is None:  # not torch's global generator, which user code seeds predictably
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
     sample_rate = 1.0 / batches
     if noise_multiplier is None:
         assert target_epsilon is not None
@@ -189,7 +193,8 @@ class DpSgd:
     Built once per job (the per-sample hooks are attached once); every round calls
     `train` with a fresh optimizer. The noise multiplier is calibrated to spend
     `target_epsilon` over `planned_steps` (or `noise_multiplier` is given); `fits(steps)`
-    says whether `steps` more stay within `max_epsilon` (the policy's budget).
+    says whether `steps` more stay within `max_epsilon` (the policy's budget). Sampling and
+    noise draw from the OS's secret randomness; `seed` fixes them for tests and benchmarks only.
     """
 
     def __init__(
@@ -204,7 +209,7 @@ class DpSgd:
         target_epsilon: float | None = None,
         noise_multiplier: float | None = None,
         max_epsilon: float | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
             raise UsageError("give exactly one of target_epsilon and noise_multiplier")
@@ -230,7 +235,9 @@ class DpSgd:
         self.noise_multiplier = float(noise_multiplier)
         self.max_epsilon = max_epsilon
         self.accountant = RdpAccountant()
-        self._generator = torch.Generator().manual_seed(seed)
+        # The batches and the noise must be unpredictable to anyone but this enclave: a seed
+        # from the job file would let whoever reads it recompute and subtract the noise.
+        self._generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         self._model = model
         self._module: GradSampleModule | None = None  # hooks attached at the first round, not before the checks
 
