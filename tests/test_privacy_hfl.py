@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from pathlib import Path
@@ -37,7 +38,9 @@ POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True,
 JOB = "dp-test"
 
 
+@functools.cache
 def credentials(party: str) -> PartyCredentials:
+    # One identity per party name: the server holds a name for the key that used it last.
     return PartyCredentials.create(SimulatedAttester(GOOD), POLICY, party=party, job_id=JOB)
 
 
