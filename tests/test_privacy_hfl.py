@@ -16,8 +16,8 @@ from enclavefl.errors import Rejected
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.hfl.server import ParameterServer
-from enclavefl.hfl.strategies import make_strategy
-from enclavefl.hfl.worker import Worker
+from enclavefl.hfl.registry import make_strategy
+from enclavefl.hfl.worker import Worker, builtin_trainer
 from enclavefl.models import mlp
 from enclavefl.net.admission import PartyCredentials
 from enclavefl.net.client import AttestedClient, RetryPolicy
@@ -64,6 +64,7 @@ def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp
                          min_workers=1, checkpoints=store, round_timeout_s=60)
     port = server.start()
     results: dict[str, Any] = {}
+    spent: dict[str, DpSgd] = {}
     events: list[dict[str, Any]] = []
 
     def body(party: str, seed: int) -> None:
@@ -73,7 +74,9 @@ def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp
         # Planned for 2 rounds of 4 steps at epsilon 1; the server plans 6 rounds.
         dp = DpSgd(model, train, batch_size=64, delta=1e-5, planned_steps=8, max_grad_norm=1.0,
                    target_epsilon=1.0, max_epsilon=1.0, seed=seed)
-        worker = Worker(client(port, party), model, train, batch_size=64, lr=0.5, privacy=dp, on_metrics=events.append)
+        spent[party] = dp
+        trainer = builtin_trainer(model, train, batch_size=64, lr=0.5, privacy=dp)
+        worker = Worker(client(port, party), trainer, on_metrics=events.append)
         results[party] = worker.run()
 
     threads = [threading.Thread(target=body, args=(p, i), daemon=True) for i, p in enumerate("ab")]
@@ -88,8 +91,8 @@ def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp
     assert summary["version"] == 2 and summary["left"] == {"a": "privacy budget", "b": "privacy budget"}
     for party in "ab":
         assert results[party]["stopped"] == "privacy budget"
-        assert results[party]["privacy"]["dp_steps"] == 8
-        assert results[party]["privacy"]["dp_epsilon"] <= 1.0
+        assert spent[party].report()["dp_steps"] == 8
+        assert spent[party].epsilon <= 1.0
     trained = [e for e in events if e["event"] == "train"]
     assert len(trained) == 4 and all(e["dp_accountant"] == "rdp" and e["dp_epsilon"] <= 1.0 for e in trained)
     assert [e["reason"] for e in events if e["event"] == "stopped"] == ["privacy budget"] * 2
