@@ -179,3 +179,11 @@ def test_every_template_folder_is_a_template() -> None:
     folders = {entry.name for entry in files("enclavefl").joinpath("share", "templates").iterdir()
                if entry.is_dir() and not entry.name.startswith("_")}
     assert folders == set(TEMPLATES)
+
+
+def test_the_image_installs_the_extras_the_job_needs(project: Path) -> None:
+    from enclavefl.extras import extras_for_job
+
+    needed = set(extras_for_job(load_job(project / "job.yaml")))
+    spec = re.search(r'^ARG ENCLAVEFL_SPEC="enclavefl\[([a-z,]+)\]==', (project / "Dockerfile").read_text(), re.M)
+    assert spec is not None and set(spec.group(1).split(",")) == needed

@@ -45,6 +45,8 @@ class ProjectTemplate:
     summary: str
     write_data: Callable[[Path, np.random.Generator], None]
     """Write the project's data files under the given data/ folder."""
+    extras: tuple[str, ...] = ("ml",)
+    """The optional extras its job needs (the container image installs them)."""
 
     def folder(self) -> Traversable:
         return files("enclavefl").joinpath("share", "templates", self.name)
@@ -102,7 +104,8 @@ TEMPLATES: dict[str, ProjectTemplate] = {
                         _hfl_tabular_data),
         ProjectTemplate("vfl-tabular", "vertical FL: a leader with labels and a follower with other columns (split model)",
                         _vfl_tabular_data),
-        ProjectTemplate("vfl-keras", "vertical FL with Keras 3 models (needs the [tf] extra)", _vfl_tabular_data),
+        ProjectTemplate("vfl-keras", "vertical FL with Keras 3 models (needs the [tf] extra)", _vfl_tabular_data,
+                        extras=("ml", "tf")),
     )
 }
 
@@ -160,6 +163,7 @@ def create_project(directory: Path, template: str, *, seed: int = 0) -> Path:
         "port": str(_free_port()),
         "version": __version__,
         "template": template,
+        "extras": ",".join(chosen.extras),
     }
     directory.mkdir(parents=True, exist_ok=True)
     _copy_tree(files("enclavefl").joinpath("share", "templates", _COMMON), directory, values)
