@@ -822,7 +822,7 @@ def gramine_build(job_file: Path, party: str, signing_key: Path | None, out_dir:
         click.echo(
             f"note: Gramine not installed ({', '.join(result.missing_tools)} not found): the manifest is "
             "rendered but not signed, so there is no measurement yet. Install Gramine and run this again, "
-            "or build deploy/docker/Dockerfile.gramine.",
+            "or build the Gramine party image (docs/deploy.md).",
             err=True,
         )
         return
