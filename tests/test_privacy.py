@@ -344,3 +344,19 @@ def test_linear_fast_clipping_equals_opacus() -> None:
         assert torch.allclose(ours.grad, theirs.grad, atol=1e-6, rtol=1e-4), name
     # Models it cannot handle are left to Opacus.
     assert _LinearClipping.for_model(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))) is None
+
+
+def test_label_privacy_is_secret_and_reproducible_from_its_sealed_seed() -> None:
+    from enclavefl.vfl.leader import LabelPrivacy
+
+    labels = torch.from_numpy(np.random.default_rng(9).integers(0, 2, 5000).astype(np.float32))
+    first, second = LabelPrivacy(2.0, 2), LabelPrivacy(2.0, 2)
+    assert first.seed_hex != second.seed_hex  # from the OS, not the job seed
+    assert "seed" not in repr(first)
+    noisy = first.randomize(labels)
+    # A resumed leader restores the seed from its sealed checkpoint: the same labels.
+    assert torch.equal(first.with_seed(first.seed_hex).randomize(labels), noisy)
+    assert not torch.equal(second.randomize(labels), noisy)
+    assert float((noisy == labels).float().mean()) == pytest.approx(keep_probability(2.0, 2), abs=0.02)
+    assert first.report() == {"label_epsilon": 2.0, "label_delta": 0.0, "label_mechanism": "randomized-response",
+                              "label_keep_probability": keep_probability(2.0, 2)}
