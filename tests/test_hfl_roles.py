@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enclavefl.data import load_fate_csv
-from enclavefl.errors import SealError, UsageError
+from enclavefl.errors import Rejected, SealError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.train.metrics import binary_auc
@@ -593,11 +593,65 @@ def test_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> No
     for name, value in resumed["params"].items():
         assert torch.equal(value, saved["strategy"]["strategy"]["model"][name]), name
     assert summary["resumed_from"] == 4 and summary["version"] == 8
+    assert summary["rollback_protection"] == "peer-based"  # a file: key, no broker
     # Nothing before the checkpoint is lost: evaluations 1-4 come from the first server.
     assert [e["version"] for e in summary["evaluations"]] == list(range(1, 9))
     assert summary["evaluations"][:4] == saved["evaluations"]
     assert all(r["done"] and r["version"] == 8 and r["rejoins"] >= 1 for r in results.values())
     assert store.versions() == [2, 4, 6, 8]
+
+
+def test_workers_refuse_a_server_resumed_from_older_state_than_it_had_sealed(tmp_path: Path) -> None:
+    """Without a key broker: the host deleted the newest checkpoint, the server resumed from
+    the one before; the workers were told version 4 was sealed and refuse (issue 12, item 3)."""
+    key = create_key_file(tmp_path / "job.key")
+    directory = tmp_path / "checkpoints"
+    gate = threading.Event()
+    blocked = threading.Semaphore(0)
+
+    def pace(event: dict[str, Any]) -> None:
+        if event["event"] == "train" and event["version"] == 4 and not gate.is_set():
+            blocked.release()
+            assert gate.wait(timeout=60)
+
+    ours, theirs = SPAWN.Pipe()
+    first = SPAWN.Process(target=_server_process, args=(0, str(directory), str(key.path), theirs), daemon=True)
+    first.start()
+    port = ours.recv()["port"]
+    errors: dict[str, BaseException] = {}
+    threads = []
+    for i, party in enumerate("ab"):
+        def body(p: str = party, s: int = i) -> None:
+            try:
+                Worker(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
+                       reconnect_timeout_s=60).run()
+            except BaseException as exc:  # asserted below
+                errors[p] = exc
+
+        threads.append(threading.Thread(target=body, daemon=True))
+        threads[-1].start()
+    assert blocked.acquire(timeout=60) and blocked.acquire(timeout=60)
+    os.kill(first.pid, signal.SIGKILL)
+    first.join()
+    store = CheckpointStore(directory, key=key, job_id=JOB)
+    assert store.versions() == [2, 4]
+    store.path(4).unlink()  # the host deletes the newest checkpoint
+
+    second = SPAWN.Process(target=_server_process, args=(port, str(directory), str(key.path), theirs), daemon=True)
+    second.start()
+    try:
+        assert ours.recv()["resumed_from"] == 2
+        gate.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        second.kill()
+        second.join()
+    assert set(errors) == {"a", "b"}
+    for error in errors.values():
+        assert isinstance(error, Rejected) and error.check == "freshness"
+        assert "came back at version 2, but it had sealed a checkpoint of version 4" in error.reason
+        assert "peer-based rollback protection" in error.reason
 
 
 def test_resume_refuses_a_tampered_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

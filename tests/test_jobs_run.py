@@ -35,6 +35,7 @@ def test_run_writes_metrics_summary_plot_and_logs(hfl_job: Path, tmp_path: Path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["job"] == "demo-hfl-digits" and summary["mode"] == "hfl"
     assert summary["strategy"] == "fedavg" and summary["rounds"] == 3
+    assert summary["rollback_protection"] == "none"  # no storage
     assert summary["metrics"]["accuracy"] > 0.8
     assert "logloss" in summary["metrics"] and summary["wall_s"] > 0
     assert set(summary["parties"]) == {"server", "worker-a", "worker-b"}

@@ -131,3 +131,58 @@ def test_broker_keys_do_not_carry_the_file_key_warning(tmp_path: Path, caplog: p
     assert any("created broker key 'fresh'" in r.getMessage() for r in caplog.records)
     with pytest.raises(UsageError, match="already exists"):
         create_broker_key(tmp_path, "fresh")
+
+
+# -- the version register: rollback by deletion (issue 12, item 3) -----------------------
+
+
+def test_broker_version_register_is_monotonic_per_party_and_survives_a_restart(
+    broker: AttestedServer, keys_dir: Path
+) -> None:
+    from enclavefl.errors import Rejected
+    from enclavefl.net.keybroker import BrokerKeySource
+
+    target = f"127.0.0.1:{broker.port}"
+    server_versions = BrokerKeySource(target, "model-key", access(TRUSTED, "server")).versions()
+    other_versions = BrokerKeySource(target, "model-key", access(TRUSTED, "worker-1")).versions()
+    assert server_versions.recorded("hfl-server-checkpoint") is None
+    server_versions.record("hfl-server-checkpoint", 3)
+    server_versions.record("hfl-server-checkpoint", 5)
+    server_versions.record("hfl-server-checkpoint", 5)  # the same version again: fine
+    with pytest.raises(Rejected, match="version 4 is older than version 5 this key broker recorded") as caught:
+        server_versions.record("hfl-server-checkpoint", 4)
+    assert caught.value.check == "freshness"
+    assert server_versions.recorded("hfl-server-checkpoint") == 5
+    assert other_versions.recorded("hfl-server-checkpoint") is None  # each party has its own entries
+    broker.stop(0)
+    restarted = serve_key_broker(keys_dir, access(TRUSTED, "keybroker"))
+    try:
+        again = BrokerKeySource(f"127.0.0.1:{restarted.port}", "model-key", access(TRUSTED, "server")).versions()
+        assert again.recorded("hfl-server-checkpoint") == 5
+    finally:
+        restarted.stop(0)
+
+
+def test_checkpoints_deleted_on_the_host_are_not_resumed_from_silently(
+    broker: AttestedServer, tmp_path: Path
+) -> None:
+    from enclavefl.errors import Rejected
+    from enclavefl.hfl.checkpoint import CheckpointStore
+    from enclavefl.net.keybroker import BrokerKeySource
+
+    source = BrokerKeySource(f"127.0.0.1:{broker.port}", "model-key", access(TRUSTED, "server"))
+    store = CheckpointStore(tmp_path / "ckpt", key=source, job_id=JOB, keep_last=3, freshness=source.versions())
+    for version in range(1, 5):
+        store.save(version, {"version": version})
+    assert store.load_latest() == (4, {"version": 4})
+    store.path(4).unlink()
+    store.path(3).unlink()
+    with pytest.raises(Rejected, match=r"newest checkpoint in .* is version 2, but version 4 was sealed and recorded "
+                                       r"with key broker 127\.0\.0\.1:\d+") as caught:
+        store.load_latest()
+    assert caught.value.check == "freshness"
+    store.path(2).unlink()
+    with pytest.raises(Rejected, match="there is no checkpoint in .*, but version 4 was sealed"):
+        store.load_latest()
+    with pytest.raises(Rejected, match="version 1 is older than version 4"):
+        store.save(1, {"version": 1})  # a fresh run under the same job id would roll back too

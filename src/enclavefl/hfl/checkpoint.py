@@ -21,12 +21,12 @@ import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from enclavefl.errors import FormatError, SealError, UsageError
+from enclavefl.errors import FormatError, Rejected, SealError, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
 
@@ -38,12 +38,30 @@ __all__ = [
 
 log = logging.getLogger("enclavefl.hfl")
 
+__all__ = ["SERVER_ARTIFACT", "CheckpointStore", "VersionRegister", "rng_state", "set_rng_state"]
+
 SERVER_ARTIFACT = "hfl-server-checkpoint"
 _SUFFIX = ".sealed"
 
 
+class VersionRegister(Protocol):
+    """A record of sealed versions the host cannot roll back (a key broker's register)."""
+
+    @property
+    def where(self) -> str: ...
+
+    def recorded(self, artifact: str) -> int | None: ...
+
+    def record(self, artifact: str, version: int) -> None: ...
+
+
 class CheckpointStore:
-    """Sealed checkpoints of one artifact in `directory` (created, mode 0700, if missing)."""
+    """Sealed checkpoints of one artifact in `directory` (created, mode 0700, if missing).
+
+    With `freshness` (a key broker's version register), every saved version is recorded
+    there, and `load_latest` refuses a newest checkpoint older than the recorded one, or
+    none at all: deleting the newest files no longer makes a resume go back silently.
+    """
 
     def __init__(
         self,
@@ -53,6 +71,7 @@ class CheckpointStore:
         job_id: str,
         artifact: str = SERVER_ARTIFACT,
         keep_last: int = 3,
+        freshness: VersionRegister | None = None,
     ) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise UsageError(f"keep_last must be an int >= 1, got {keep_last!r}")
@@ -63,6 +82,7 @@ class CheckpointStore:
         self.job_id = job_id
         self.artifact = artifact
         self.keep_last = keep_last
+        self.freshness = freshness
         self._pattern = re.compile(rf"{re.escape(artifact)}-v(\d{{10}}){re.escape(_SUFFIX)}")
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -86,6 +106,10 @@ class CheckpointStore:
         path = self.path(version)
         with write_sealed(path, key=self.key, job_id=self.job_id, name=self.artifact, version=version) as stream:
             torch.save(dict(state), stream)
+        if self.freshness is not None:
+            # After the file is complete: a crash in between leaves the register one behind
+            # (harmless), never ahead of what can be resumed.
+            self.freshness.record(self.artifact, version)
         for old in self.versions()[: -self.keep_last]:
             self.path(old).unlink(missing_ok=True)
         return path
@@ -114,9 +138,18 @@ class CheckpointStore:
         in favour of an older one.
         """
         versions = self.versions()
-        if not versions:
+        recorded = self.freshness.recorded(self.artifact) if self.freshness is not None else None
+        newest = versions[-1] if versions else None
+        if recorded is not None and (newest is None or newest < recorded):
+            assert self.freshness is not None
+            found = f"the newest checkpoint in {self.directory} is version {newest}" if newest is not None else (
+                f"there is no checkpoint in {self.directory}")
+            raise Rejected(
+                f"refusing to resume {self.artifact}: {found}, but version {recorded} was sealed and recorded "
+                f"with {self.freshness.where}: newer checkpoints were deleted or rolled back", check="freshness",
+            )
+        if newest is None:
             return None
-        newest = versions[-1]
         try:
             return newest, self.load(newest)
         except SealError as exc:

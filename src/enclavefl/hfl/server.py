@@ -356,6 +356,9 @@ class ParameterServer:
         self._started = time.monotonic()
         if resume:
             self._restore()
+        # The newest version sealed to storage, told to every worker: a server that comes
+        # back at an older one lost checkpoints, and the workers that saw it refuse to go on.
+        self._durable = -1 if self._resumed_from is None else self._resumed_from
         self._done = False
         self._published_at = self._started
         self._snapshot: _Snapshot | None = None
@@ -380,6 +383,15 @@ class ParameterServer:
     def version(self) -> int:
         with self._cond:
             return self._strategy.version
+
+    @property
+    def rollback_protection(self) -> str:
+        """What stops a restarted server from resuming older state than it had sealed:
+        "key-broker" (a version register the host cannot roll back), "peer-based" (only
+        workers that saw a newer checkpoint refuse) or "none" (no checkpoints)."""
+        if self._checkpoints is None:
+            return "none"
+        return "key-broker" if self._checkpoints.freshness is not None else "peer-based"
 
     def status(self) -> dict[str, Any]:
         """Where the run stands (version, live workers, this version's contributors)."""
@@ -410,6 +422,9 @@ class ParameterServer:
             self._strategy.name, self._strategy.version, self._total, list(self._workers),
             self._min_workers, self._round_timeout_s,
         )
+        if self.rollback_protection == "peer-based":
+            log.warning("checkpoints without a key broker: rollback protection is peer-based only (workers that "
+                        "saw a newer checkpoint refuse an older resume; see docs/deploy.md)")
         while True:
             with self._cond:
                 self._tick_locked(time.monotonic())
@@ -464,6 +479,7 @@ class ParameterServer:
                 "version": self._strategy.version,
                 "total": self._total,
                 "resumed_from": self._resumed_from,
+                "rollback_protection": self.rollback_protection,
                 "updates_run": self._updates_run,
                 "async_refused": self._async_refused,
                 "workers": {w: c.to_json() for w, c in self._counts.items()},
@@ -861,6 +877,7 @@ class ParameterServer:
             "rng": rng_state(),
         }
         path = self._checkpoints.save(version, state)
+        self._durable = version
         log.info("checkpoint of version %d sealed to %s", version, path)
 
     def _restore(self) -> None:
@@ -902,6 +919,7 @@ class ParameterServer:
             "done": self._done,
             "incarnation": self._incarnation,
             "config": self._strategy.config,
+            "durable": self._durable,
         }
 
     def _state_reply_locked(self, status: str, want: Mapping[str, torch.Tensor]) -> Message:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from enclavefl.errors import TransportError, UsageError
+from enclavefl.errors import Rejected, TransportError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.strategies import GradContribution, UpdateContribution
@@ -199,6 +199,7 @@ class Worker:
         # What the server told us at join.
         self._layout: wire.Layout | None = None
         self._incarnation: str | None = None
+        self._durable_seen = -1  # the newest version the server said it sealed
         self._kind = "grad"
         self._strategy = ""
         self._total = 0
@@ -531,6 +532,15 @@ class Worker:
         if kind not in ("grad", "update"):
             raise UsageError(f"the parameter server names an unknown contribution kind {kind!r}")
         self._layout = layout
+        durable = wire.meta_int(meta, "durable", minimum=-1)
+        version = wire.meta_int(meta, "version", minimum=0)
+        if version < self._durable_seen:
+            raise Rejected(
+                f"party {self.party}: the parameter server came back at version {version}, but it had sealed a "
+                f"checkpoint of version {self._durable_seen} before (this worker was told so): its newer checkpoints "
+                "were deleted or rolled back; refusing to continue (peer-based rollback protection)", check="freshness",
+            )
+        self._durable_seen = max(self._durable_seen, durable)
         self._kind = kind
         self._strategy = str(meta.get("strategy"))
         self._total = wire.meta_int(meta, "total", minimum=1)
@@ -565,6 +575,9 @@ class Worker:
             self._config = dict(config)
         self._version = wire.meta_int(reply.meta, "version")
         self._done = reply.meta.get("done") is True
+        durable = reply.meta.get("durable")
+        if isinstance(durable, int) and not isinstance(durable, bool):
+            self._durable_seen = max(self._durable_seen, durable)
 
     def _apply_rows(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         index = tensors.get(f"rows/{name}/index")

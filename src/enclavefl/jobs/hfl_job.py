@@ -18,6 +18,7 @@ from enclavefl.jobs.config import HflJobConfig
 from enclavefl.jobs.datasets import PartyData, load_party_data
 from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
+from enclavefl.net.keybroker import BrokerKeySource
 from enclavefl.jobs.models import build_job_model
 from enclavefl.jobs.refs import resolve_ref
 from enclavefl.train.device import resolve_device
@@ -150,8 +151,10 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
     checkpoints = None
     key = runtime.key_source()
     if job.storage is not None and key is not None:
+        # A broker: key also keeps the versions sealed with it, which the host cannot roll back.
+        freshness = key.versions() if isinstance(key, BrokerKeySource) else None
         checkpoints = CheckpointStore(job.storage.party_dir(runtime.party.name), key=key, job_id=job.job.id,
-                                      keep_last=job.storage.keep_last)
+                                      keep_last=job.storage.keep_last, freshness=freshness)
     server = runtime.server(max_workers=max(16, 4 * len(job.workers())))
     ps = ParameterServer(
         server,
@@ -184,6 +187,7 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
             "strategy": summary.get("strategy", strategy_cfg.name),
             "rounds": summary.get("version"),
             "resumed_from": summary.get("resumed_from"),
+            "rollback_protection": summary.get("rollback_protection"),
             "workers": summary.get("workers"),
         },
         **({"stopped": summary["stopped"]} if "stopped" in summary else {}),

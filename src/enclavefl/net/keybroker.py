@@ -9,6 +9,7 @@ through the ``broker:HOST:PORT/KEYNAME`` key spec, which this module registers w
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from enclavefl.errors import ConfigError, FormatError, Rejected, UsageError
+from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.net.admission import PartyCredentials, Peer
 from enclavefl.net.client import AttestedClient, split_target
 from enclavefl.net.server import AttestedServer
@@ -36,7 +38,22 @@ __all__ = [
 
 log = logging.getLogger("enclavefl.net")
 
+__all__ = [
+    "BROKER_SCHEME",
+    "KEY_METHOD",
+    "VERSIONS_FILE",
+    "VERSION_METHOD",
+    "BrokerKeySource",
+    "BrokerVersions",
+    "VersionRegister",
+    "configure_broker_access",
+    "create_broker_key",
+    "serve_key_broker",
+]
+
 KEY_METHOD = "keybroker.get-key"
+VERSION_METHOD = "keybroker.version"
+VERSIONS_FILE = ".versions.json"  # beside the keys; no key name starts with "."
 BROKER_SCHEME = "broker"
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -78,6 +95,55 @@ class _KeyHandler:
         return Message(meta={"key": name}, tensors={"key": np.frombuffer(key, dtype=np.uint8)})
 
 
+class VersionRegister:
+    """The broker's monotonic register of sealed-artifact versions, per (party, artifact).
+
+    A party records each checkpoint version it sealed and, before resuming, asks for the
+    newest: the host of a party can delete its newest checkpoints, but cannot make the
+    broker forget them. Entries are keyed by the attested session's party name (the job is
+    the broker's own), so no party moves another's register. Kept in VERSIONS_FILE in the
+    key directory, written atomically; whoever controls the broker's host can still roll
+    that file back (see docs/deploy.md).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._versions: dict[str, int] = {}
+        if path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise FormatError(f"{path}: version register does not load: {exc}") from None
+            if not isinstance(loaded, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in loaded.items()
+            ):
+                raise FormatError(f"{path}: version register must map names to integers")
+            self._versions = loaded
+
+    def __call__(self, peer: Peer, request: Message) -> Message:
+        if peer.claims is None:
+            raise Rejected(f"party {peer.party} is not attested: versions go only to attested peers", check="attestation")
+        artifact = _check_key_name(request.meta.get("artifact"))
+        entry = f"{peer.party}/{artifact}"
+        record = request.meta.get("record")
+        with self._lock:
+            current = self._versions.get(entry)
+            if record is not None:
+                if isinstance(record, bool) or not isinstance(record, int) or record < 0:
+                    raise UsageError(f"a recorded version must be an int >= 0, got {record!r}")
+                if current is not None and record < current:
+                    raise Rejected(
+                        f"{artifact} of party {peer.party}: version {record} is older than version {current} "
+                        "this key broker recorded: the party's state would roll back", check="freshness",
+                    )
+                if record != current:
+                    self._versions[entry] = record
+                    atomic_write_bytes(self._path, json.dumps(self._versions, sort_keys=True).encode(), mode=0o600)
+                current = record
+        return Message(meta={"artifact": artifact, "version": -1 if current is None else current})
+
+
 def serve_key_broker(
     keys_dir: str | Path, credentials: PartyCredentials, *, host: str = "127.0.0.1", port: int = 0
 ) -> AttestedServer:
@@ -94,6 +160,7 @@ def serve_key_broker(
     # then unseal): a name is held only while a call under it is in progress.
     server = AttestedServer(credentials, host=host, port=port, session_hold_s=0)
     server.register(KEY_METHOD, _KeyHandler(directory))
+    server.register(VERSION_METHOD, VersionRegister(directory / VERSIONS_FILE))
     server.start()
     return server
 
@@ -114,6 +181,10 @@ class BrokerKeySource:
     def spec(self) -> str:
         return f"{BROKER_SCHEME}:{self.target}/{self.key_name}"
 
+    def versions(self) -> BrokerVersions:
+        """The broker's version register, for rollback protection of what this key seals."""
+        return BrokerVersions(self.target, self.credentials)
+
     def kek(self) -> bytes:
         with AttestedClient(self.target, self.credentials) as client:
             answer = client.call(KEY_METHOD, Message(meta={"key": self.key_name}))
@@ -121,6 +192,35 @@ class BrokerKeySource:
         if not isinstance(key, np.ndarray) or key.dtype != np.uint8 or key.shape != (KEK_SIZE,):
             raise FormatError(f"key broker {self.target} answered without a {KEK_SIZE}-byte key")
         return key.tobytes()
+
+
+@dataclass(frozen=True)
+class BrokerVersions:
+    """This party's entries in a key broker's version register (over the attested channel)."""
+
+    target: str
+    credentials: PartyCredentials
+
+    @property
+    def where(self) -> str:
+        return f"key broker {self.target}"
+
+    def recorded(self, artifact: str) -> int | None:
+        """The newest version of `artifact` this party recorded, or None."""
+        version = self._call({"artifact": artifact})
+        return None if version < 0 else version
+
+    def record(self, artifact: str, version: int) -> None:
+        """Record that `version` of `artifact` is sealed; an older one than recorded is Rejected."""
+        self._call({"artifact": artifact, "record": version})
+
+    def _call(self, meta: dict[str, Any]) -> int:
+        with AttestedClient(self.target, self.credentials) as client:
+            answer = client.call(VERSION_METHOD, Message(meta=meta))
+        version = answer.meta.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise FormatError(f"key broker {self.target} answered without a version")
+        return version
 
 
 _credentials: PartyCredentials | None = None
