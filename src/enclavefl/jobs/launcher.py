@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -248,9 +249,17 @@ def run_job(
         for p in everyone
     ]
     follower = MetricsFollower(out / METRICS_FILE, from_end=task != "train")
+    warm_up = _PlottingWarmUp() if task == "train" and job.output.plot else None
+
+    def forward(record: dict[str, Any]) -> None:
+        if warm_up is not None:
+            warm_up.start()
+        if on_metrics is not None:
+            on_metrics(record)
+
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _supervise(procs, follower, on_metrics, deadline=None if timeout_s is None else started + timeout_s)
+        _supervise(procs, follower, forward, deadline=None if timeout_s is None else started + timeout_s)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for proc in procs:
@@ -277,6 +286,29 @@ def _left_behind(proc: PartyProcess, procs: list[PartyProcess]) -> bool:
     """A member the launcher stopped after the coordinator had finished the job without it
     (a quorum let the rounds close without a late or slow member): not a failure."""
     return proc is not procs[0] and proc.stopped and procs[0].exit_code == 0
+
+
+class _PlottingWarmUp:
+    """Imports matplotlib in the background once the parties train (the launcher only
+    waits then), so that the plot at the end does not add that second or more to the job."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._import, name="plot-warm-up", daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _import() -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except ImportError as exc:  # the plot at the end reports it (with the extra to install)
+            log.debug("matplotlib not importable yet: %s", exc)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -319,7 +351,7 @@ def _supervise(
             return
         if deadline is not None and now > deadline:
             raise UsageError(f"job did not finish within its time limit; logs in {procs[0].log_path.parent}")
-        time.sleep(0.2)
+        time.sleep(0.05)  # cheap: a few polls; a party that exits is noticed at once
 
 
 def _stop(proc: PartyProcess) -> None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import special
 
 from enclavefl.errors import UsageError
 
@@ -57,10 +56,14 @@ def _log_sub(logx: float, logy: float) -> float:
 
 
 def _log_erfc(x: float) -> float:
+    from scipy import special  # here, not at import: every vfl party imports this module
+
     return math.log(2) + float(special.log_ndtr(-x * 2**0.5))
 
 
 def _log_a_int(q: float, sigma: float, alpha: int) -> float:
+    from scipy import special  # here, not at import: every vfl party imports this module
+
     log_a = -np.inf
     for i in range(alpha + 1):
         log_coef = math.log(special.binom(alpha, i)) + i * math.log(q) + (alpha - i) * math.log(1 - q)
@@ -69,6 +72,8 @@ def _log_a_int(q: float, sigma: float, alpha: int) -> float:
 
 
 def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
+    from scipy import special  # here, not at import: every vfl party imports this module
+
     log_a0, log_a1 = -np.inf, -np.inf
     i = 0
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5

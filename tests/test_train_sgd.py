@@ -1,0 +1,102 @@
+"""PlainSGD: torch.optim.SGD's update without importing torch._dynamo (issue 10, bench_floor)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from enclavefl.models import mlp
+from enclavefl.train.sgd import PlainSGD
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3), (0.0, 1e-2)])
+def test_plain_sgd_is_bit_identical_to_torch_sgd(momentum: float, weight_decay: float) -> None:
+    torch.manual_seed(0)
+    ours = mlp(6, (8, 4), 3)
+    reference = copy.deepcopy(ours)
+    plain = PlainSGD(ours.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        for model, optimizer in ((ours, plain), (reference, torch_sgd)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sparse_gradients_match_torch_sgd() -> None:
+    torch.manual_seed(0)
+    ours = torch.nn.Embedding(20, 3, sparse=True)
+    reference = copy.deepcopy(ours)
+    plain = PlainSGD(ours.parameters(), lr=0.1, momentum=0.9)
+    torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for step in range(5):
+        index = torch.tensor([step, step + 3, 7])
+        for model, optimizer in ((ours, plain), (reference, torch_sgd)):
+            optimizer.zero_grad()
+            model(index).pow(2).sum().backward()
+            optimizer.step()
+    assert torch.equal(ours.weight, reference.weight)
+
+
+def test_a_worker_round_does_not_import_torch_dynamo() -> None:
+    """Building a torch optimizer imports torch._dynamo (seconds): the built-in round must not."""
+    code = """
+import sys
+import torch
+from enclavefl.hfl.worker import Worker
+from enclavefl.hfl.state import model_state
+from enclavefl.models import mlp
+class Client:
+    party = "w"
+model = mlp(4, (8,), 1)
+data = (torch.randn(32, 4), torch.randint(0, 2, (32,)).float())
+worker = Worker(Client(), model, data, batch_size=8, lr=0.1, momentum=0.9)
+worker._version = 0
+worker._train_round(model_state(model))
+assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_party_does_not_import_sklearn_or_scipy() -> None:
+    """scikit-learn pulls scipy.stats: seconds on every party's start for one AUC function."""
+    code = """
+import sys
+import enclavefl.jobs.party, enclavefl.jobs.hfl_job, enclavefl.jobs.vfl_job, enclavefl.train.metrics
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sklearn", "scipy", "torch._dynamo", "matplotlib"})
+assert not heavy and "torch._dynamo" not in sys.modules, heavy
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_binary_auc_equals_the_mann_whitney_statistic_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from enclavefl.train.metrics import binary_auc
+
+    g = torch.Generator().manual_seed(3)
+    for rows in (7, 300, 5000):
+        labels = torch.randint(0, 2, (rows,), generator=g)
+        scores = torch.round((torch.randn(rows, generator=g) + labels) * 4) / 4  # many ties
+        assert binary_auc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
+
+
+def test_python_m_enclavefl_keeps_exit_codes() -> None:
+    ok = subprocess.run([sys.executable, "-m", "enclavefl", "--help"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "Usage" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "enclavefl", "party", "/nonexistent/job.yaml", "--name", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "cannot read job file" in bad.stderr
