@@ -52,16 +52,12 @@ def test_a_worker_round_does_not_import_torch_dynamo() -> None:
     code = """
 import sys
 import torch
-from enclavefl.hfl.worker import Worker
-from enclavefl.hfl.state import model_state
+from enclavefl.hfl.worker import builtin_trainer
 from enclavefl.models import mlp
-class Client:
-    party = "w"
 model = mlp(4, (8,), 1)
 data = (torch.randn(32, 4), torch.randint(0, 2, (32,)).float())
-worker = Worker(Client(), model, data, batch_size=8, lr=0.1, momentum=0.9)
-worker._version = 0
-worker._train_round(model_state(model))
+trainer = builtin_trainer(model, data, batch_size=8, lr=0.1, momentum=0.9)
+trainer.train_one_round({})
 assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
 print("ok")
 """

@@ -55,6 +55,7 @@ from enclavefl.net.tensors import Message
 from enclavefl.train.contract import FitResult, GradResult, Rows, StopTraining, Trainer
 from enclavefl.train.losses import default_loss
 from enclavefl.train.metrics import AUC_BINS, EvalStats, eval_stats
+from enclavefl.train.sgd import plain_sgd_factory
 from enclavefl.train.torch import (
     LossFn,
     RowsOf,
@@ -127,7 +128,9 @@ def builtin_trainer(
     trainer = cls(
         model,
         loss_fn or default_loss,
-        sgd_factory(lr, momentum, weight_decay),
+        # torch.optim.SGD's arithmetic without torch.optim, whose first optimizer imports
+        # torch._dynamo (seconds, in every worker's first round); DP-SGD wraps a torch one.
+        plain_sgd_factory(lr, momentum, weight_decay) if privacy is None else sgd_factory(lr, momentum, weight_decay),
         TensorBatches(train, batch_size, shuffle=shuffle, seed=seed),
         TensorBatches(eval_data, eval_batch_size, shuffle=False) if eval_data is not None else None,
         device=device,

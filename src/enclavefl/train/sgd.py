@@ -10,11 +10,14 @@ bit-identical, without that import. User training loops may use any optimizer th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
-__all__ = ["PlainSGD"]
+from enclavefl.errors import UsageError
+
+__all__ = ["PlainSGD", "plain_sgd_factory"]
 
 
 class PlainSGD:
@@ -25,13 +28,14 @@ class PlainSGD:
         self, params: Iterable[torch.Tensor], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:
         if not lr > 0 or not 0 <= momentum < 1 or not weight_decay >= 0:
-            raise ValueError(f"PlainSGD needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; "
+            raise UsageError(f"local SGD needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; "
                              f"got {lr}, {momentum}, {weight_decay}")
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self._buffers: list[torch.Tensor | None] = [None] * len(self.params)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (always set to None, as torch's default)."""
         for param in self.params:
             param.grad = None
 
@@ -51,3 +55,14 @@ class PlainSGD:
                     buffer.mul_(self.momentum).add_(grad)
                 grad = buffer
             param.add_(grad, alpha=-self.lr)
+
+
+def plain_sgd_factory(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Callable[[nn.Module], PlainSGD]:
+    """A fresh `PlainSGD` over a model's trainable parameters: the built-in worker's
+    optimizer factory (`enclavefl.train.torch.sgd_factory` is the torch.optim one)."""
+    PlainSGD([], lr=lr, momentum=momentum, weight_decay=weight_decay)  # check the values once, now
+
+    def make(model: nn.Module) -> PlainSGD:
+        return PlainSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    return make
