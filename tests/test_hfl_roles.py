@@ -623,8 +623,8 @@ def test_workers_refuse_a_server_resumed_from_older_state_than_it_had_sealed(tmp
     for i, party in enumerate("ab"):
         def body(p: str = party, s: int = i) -> None:
             try:
-                Worker(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
-                       reconnect_timeout_s=60).run()
+                Worker.for_model(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
+                                 reconnect_timeout_s=60).run()
             except BaseException as exc:  # asserted below
                 errors[p] = exc
 
