@@ -157,13 +157,15 @@ def test_download_from_file_url_checks_md5_and_extracts(tmp_path: Path) -> None:
     archive = tmp_path / "cifar.tar.gz"
     md5 = make_archive(archive, cifar_members(tmp_path))
     root = tmp_path / "data"
-    folder = download_cifar10(root, url=archive.as_uri(), md5=md5, progress=True)
+    seen: list[tuple[int, int | None]] = []
+    folder = download_cifar10(root, url=archive.as_uri(), md5=md5, on_progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == archive.stat().st_size  # every byte reported, the last call at the end
     assert folder == root / CIFAR10_DIR
     images, labels = load_cifar10(root)
     assert images.shape == (15, 3, 32, 32)
     assert [p.name for p in root.iterdir()] == [CIFAR10_DIR]  # the temporary archive is gone
     # Already present: nothing is fetched (this URL would fail).
-    assert download_cifar10(root, url=(tmp_path / "gone.tgz").as_uri(), progress=False) == folder
+    assert download_cifar10(root, url=(tmp_path / "gone.tgz").as_uri()) == folder
 
 
 def test_download_md5_mismatch_extracts_nothing(tmp_path: Path) -> None:
@@ -171,7 +173,7 @@ def test_download_md5_mismatch_extracts_nothing(tmp_path: Path) -> None:
     make_archive(archive, cifar_members(tmp_path))
     root = tmp_path / "data"
     with pytest.raises(FormatError, match="MD5 mismatch: got [0-9a-f]{32}, expected c58f3010"):
-        download_cifar10(root, url=archive.as_uri(), progress=False)
+        download_cifar10(root, url=archive.as_uri())
     assert list(root.iterdir()) == []
 
 
@@ -192,7 +194,7 @@ def test_download_refuses_unsafe_archives(tmp_path: Path, members, link, message
     md5 = make_archive(archive, members, link)
     root = tmp_path / "data" / "inner"
     with pytest.raises(FormatError, match=message):
-        download_cifar10(root, url=archive.as_uri(), md5=md5, progress=False)
+        download_cifar10(root, url=archive.as_uri(), md5=md5)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "data" / "escaped.txt").exists()
     assert not (root / CIFAR10_DIR).exists()  # checked before anything is written
 
@@ -200,7 +202,7 @@ def test_download_refuses_unsafe_archives(tmp_path: Path, members, link, message
 def test_download_without_network_is_a_usage_error(tmp_path: Path) -> None:
     missing = (tmp_path / "no-such-archive.tar.gz").as_uri()
     with pytest.raises(UsageError, match="cannot download CIFAR-10 .* download it on a machine"):
-        download_cifar10(tmp_path / "data", url=missing, progress=False)
+        download_cifar10(tmp_path / "data", url=missing)
 
 
 # --- Criteo ----------------------------------------------------------------------------

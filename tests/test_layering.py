@@ -1,40 +1,130 @@
-"""Dependencies point down: leaf packages import no network, TEE or FL code."""
+"""Dependencies point down: leaf packages import no network, TEE or FL code.
+
+ARCHITECTURE.md: `cli -> jobs -> hfl|vfl -> net -> tee|seal`; models, data, train and privacy
+are leaves that know nothing of the network or the TEE; hfl and vfl never touch certificates
+or quotes (no tee). Skipping a layer downward is fine; upward or sideways is not.
+"""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "enclavefl"
 
+# Small shared modules every layer may use: typed errors, atomic writes, optional-extra lookup.
+SHARED = frozenset({"errors", "fsutil", "extras"})
+FL = frozenset({"net", "seal", "models", "data", "train", "privacy"})
 
-def _enclavefl_imports(path: Path) -> set[str]:
+# unit (a subpackage or a top-level module of enclavefl) -> the units it may import besides SHARED.
+LAYERS: dict[str, frozenset[str]] = {
+    "errors": frozenset(),
+    "fsutil": frozenset(),
+    "extras": frozenset(),
+    # The terminal (rich): presentation, for the CLI and the launcher's progress only.
+    "console": frozenset(),
+    "privacy": frozenset(),
+    "models": frozenset(),
+    "data": frozenset(),
+    "train": frozenset(),
+    "tee": frozenset(),
+    "seal": frozenset(),
+    "net": frozenset({"tee", "seal"}),
+    "hfl": FL,
+    "vfl": FL,
+    # The deliberately insecure namespace re-exports simulation pieces of tee, seal and net.
+    "insecure": frozenset({"tee", "seal", "net"}),
+    "jobs": FL | {"hfl", "vfl", "tee", "console"},
+    # `enclavefl new`: writes a project from templates; the version pins the image it names.
+    "scaffold": frozenset({"__init__"}),
+    "cli": FL | {"hfl", "vfl", "tee", "jobs", "console", "scaffold", "insecure", "__init__"},
+    "__main__": frozenset({"cli"}),
+    # The user API: names loaded lazily from every public package.
+    "__init__": FL | {"hfl", "vfl", "tee", "jobs"},
+}
+
+# A dotted enclavefl module name written as a string: the lazy export tables (importlib).
+_MODULE_STRING = re.compile(r"^enclavefl(\.[a-z_][a-z0-9_]*)+$")
+
+
+def _is_module_name(text: str) -> bool:
+    if not _MODULE_STRING.match(text):
+        return False
+    path = PACKAGE.joinpath(*text.split(".")[1:])
+    return path.is_dir() or path.with_suffix(".py").exists()
+
+
+def _unit_of(path: Path) -> str:
+    first = path.relative_to(PACKAGE).parts[0]
+    return first.removesuffix(".py")
+
+
+def _target_unit(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "enclavefl" or len(parts) == 1:
+        return None  # bare `import enclavefl`: the package is loaded before any module of it anyway
+    name = parts[1]
+    return name if (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").exists() else "__init__"
+
+
+def _imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Every enclavefl module `path` imports: absolute, relative, and by name in a lazy table."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+    package_parts = ["enclavefl", *path.relative_to(PACKAGE).parts[:-1]]
+    text = path.read_text(encoding="utf-8") if source is None else source
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package_parts[: len(package_parts) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from enclavefl import jobs` imports the jobs package; `from enclavefl import X` the API.
+            found.update(f"{base}.{alias.name}" if base == "enclavefl" else base for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _is_module_name(node.value):
+            found.add(node.value)
     return {name for name in found if name == "enclavefl" or name.startswith("enclavefl.")}
 
 
-@pytest.mark.parametrize(
-    ("package", "allowed"),
-    [
-        # enclavefl.extras (which depends on errors only) names the pip install line of an optional extra.
-        ("train", ("enclavefl.train", "enclavefl.errors", "enclavefl.extras")),
-        ("vfl", ("enclavefl.vfl", "enclavefl.train", "enclavefl.errors", "enclavefl.extras", "enclavefl.net",
-                 "enclavefl.seal", "enclavefl.fsutil", "enclavefl.models", "enclavefl.data", "enclavefl.privacy")),
-        ("privacy", ("enclavefl.privacy", "enclavefl.errors")),
-    ],
-)
-def test_package_imports_only_below_it(package: str, allowed: tuple[str, ...]) -> None:
-    wrong = {
-        f"{path.relative_to(PACKAGE)}: {name}"
-        for path in sorted((PACKAGE / package).rglob("*.py"))
-        for name in _enclavefl_imports(path)
-        if not any(name == a or name.startswith(a + ".") for a in allowed)
+def _sources() -> list[Path]:
+    # share/ holds project templates: user code that imports the public API like any user.
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if "share" not in p.relative_to(PACKAGE).parts]
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {_unit_of(path) for path in _sources()}
+    assert units - set(LAYERS) == set(), "place new modules in LAYERS (tests/test_layering.py)"
+
+
+def test_imports_follow_the_layers() -> None:
+    wrong = []
+    for path in _sources():
+        unit = _unit_of(path)
+        allowed = LAYERS[unit] | SHARED | {unit}
+        for module in sorted(_imported_modules(path)):
+            target = _target_unit(module)
+            if target is not None and target not in allowed:
+                wrong.append(f"{path.relative_to(PACKAGE)} ({unit}) imports {module} ({target})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_walk_sees_imports() -> None:
+    # The checker itself: an upward import in a leaf must be found, in every form it can take.
+    leaf = PACKAGE / "models" / "_layering_probe.py"  # parsed as if it lived there; never written
+    sources = {
+        "import enclavefl.net.client\n": "enclavefl.net.client",
+        "from enclavefl.jobs import launcher\n": "enclavefl.jobs",
+        "from enclavefl import vfl\n": "enclavefl.vfl",
+        "from ..tee import quote\n": "enclavefl.tee",
+        "def f():\n    from enclavefl.hfl.server import X\n": "enclavefl.hfl.server",
+        "_EXPORTS = {'A': 'enclavefl.net.client'}\n": "enclavefl.net.client",
     }
-    assert not wrong, sorted(wrong)
+    for text, module in sources.items():
+        found = _imported_modules(leaf, text)
+        assert module in found, (text, found)
+        assert _target_unit(module) not in LAYERS["models"] | SHARED
+

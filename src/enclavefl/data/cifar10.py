@@ -14,16 +14,31 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from enclavefl.console import stderr_console
 from enclavefl.errors import FormatError, UsageError
+
+__all__ = [
+    "CIFAR10_DIR",
+    "CIFAR10_MD5",
+    "CIFAR10_URL",
+    "CLASSES",
+    "MEAN",
+    "STD",
+    "TEST_FILES",
+    "TRAIN_FILES",
+    "DownloadProgress",
+    "augment",
+    "download_cifar10",
+    "load_cifar10",
+    "load_label_names",
+    "normalize",
+]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -33,6 +48,9 @@ TEST_FILES = ("test_batch",)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+
+DownloadProgress = Callable[[int, int | None], None]
+"""Called as (bytes received so far, total bytes or None) while the archive downloads."""
 
 _IMAGE_VALUES = 3 * 32 * 32
 _ALLOWED_GLOBALS = {
@@ -144,12 +162,14 @@ def download_cifar10(
     *,
     url: str = CIFAR10_URL,
     md5: str = CIFAR10_MD5,
-    progress: bool = True,
+    on_progress: DownloadProgress | None = None,
     timeout_s: float = 60.0,
 ) -> Path:
     """Download, MD5-check and safely extract CIFAR-10 under `root`; returns the batch folder.
 
-    Does nothing when the batches are already there. Without network it raises a
+    `on_progress(done, total)` is called after every chunk with the bytes received and the
+    announced size (None when the server sends none): the caller draws the bar, data/ stays
+    free of any terminal code. Does nothing when the batches are already there. Without network it raises a
     UsageError that tells the user to fetch the archive by hand and pass its folder.
     """
     root = Path(root)
@@ -158,7 +178,7 @@ def download_cifar10(
         return target
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=root, prefix=".cifar10-", suffix=".tar.gz") as archive:
-        digest = _fetch(url, archive, timeout_s=timeout_s, progress=progress)
+        digest = _fetch(url, archive, timeout_s=timeout_s, on_progress=on_progress)
         if digest != md5:
             raise FormatError(f"CIFAR-10 archive from {url}: MD5 mismatch: got {digest}, expected {md5}")
         archive.flush()
@@ -168,25 +188,18 @@ def download_cifar10(
     return target
 
 
-def _fetch(url: str, out: Any, *, timeout_s: float, progress: bool) -> str:
+def _fetch(url: str, out: Any, *, timeout_s: float, on_progress: DownloadProgress | None) -> str:
     md5 = hashlib.md5(usedforsecurity=False)
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with Progress(
-                TextColumn("CIFAR-10"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                console=stderr_console,
-                disable=not progress,
-                transient=True,
-            ) as bar:
-                task = bar.add_task("download", total=total)
-                while chunk := response.read(1 << 20):
-                    md5.update(chunk)
-                    out.write(chunk)
-                    bar.advance(task, len(chunk))
+            done = 0
+            while chunk := response.read(1 << 20):
+                md5.update(chunk)
+                out.write(chunk)
+                done += len(chunk)
+                if on_progress is not None:
+                    on_progress(done, total)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise UsageError(
             f"cannot download CIFAR-10 from {url} ({getattr(exc, 'reason', exc)}): download "

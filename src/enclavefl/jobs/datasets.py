@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from enclavefl.console import download_bar
 from enclavefl.data.cifar10 import download_cifar10, load_cifar10, normalize
 from enclavefl.data.criteo import load_criteo
 from enclavefl.data.partition import partition
@@ -132,7 +133,8 @@ def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
     elif isinstance(spec, Cifar10Data):
         root = Path(spec.root)
         if spec.download:
-            download_cifar10(root)
+            with download_bar("CIFAR-10") as on_progress:
+                download_cifar10(root, on_progress=on_progress)
         images, labels = load_cifar10(root, train=spec.split == "train")
         ids = np.array([f"{spec.split}-{i}" for i in range(len(labels))])
         data = PartyData((normalize(images).numpy(),), labels.astype(np.int64), ids)
