@@ -29,7 +29,7 @@ keras = pytest.importorskip("keras")  # the [tf] extra is installed by `make tes
 from enclavefl import extras  # noqa: E402
 from enclavefl.errors import UsageError  # noqa: E402
 from enclavefl.models import KERAS_BUILTINS, BottomMLP, mlp  # noqa: E402
-from enclavefl.seal import create_key_file  # noqa: E402
+from enclavefl.insecure import create_key_file  # noqa: E402
 from enclavefl.train.keras import KerasTrainer, check_weights, get_weights, variable_names  # noqa: E402
 from enclavefl.train.metrics import eval_stats  # noqa: E402
 from enclavefl.vfl.keras_half import KerasHalf, KerasOptimizer, export_keras, load_keras  # noqa: E402
@@ -158,6 +158,70 @@ def test_fedprox_round_stays_closer_to_the_global_weights() -> None:
     assert np.isfinite(held.metrics["loss"]) and distance(held.weights) < 0.5 * distance(free.weights)
 
 
+# -- under the parameter server ----------------------------------------------------------------
+
+
+def test_fedavg_one_worker_one_round_equals_local_model_fit() -> None:
+    from enclavefl.hfl.registry import make_strategy
+    from enclavefl.hfl.server import ParameterServer
+    from enclavefl.hfl.worker import Worker
+    from enclavefl.train.keras import TorchMirror
+    from test_hfl_roles import Federation, attested_server
+
+    x, y = data(120)
+    keras.utils.set_random_seed(11)
+    initial = build_keras_model("mlp", in_features=5, hidden=[8])
+    start = get_weights(initial)
+    local = build_keras_model("mlp", in_features=5, hidden=[8])
+    local.set_weights([start[n] for n in variable_names(local)])
+    local.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=BCE)
+    keras.utils.set_random_seed(0 + 1)  # the trainer's seed + round
+    local.fit(x, y, batch_size=16, epochs=2, shuffle=True, verbose=0)
+
+    server = attested_server()
+    ps = ParameterServer(server, make_strategy("fedavg", TorchMirror(initial)), workers=["a"], total=1, round_timeout_s=60)
+    fed = Federation(server, ps)
+    # The worker's model starts from other weights: the server's state is what it trains.
+    worker_model = build_keras_model("mlp", in_features=5, hidden=[8])
+    fed.worker("a", lambda c: Worker(c, KerasTrainer(worker_model, BCE, keras.optimizers.SGD(0.05, momentum=0.9),
+                                                     (x, y), batch_size=16, local_epochs=2)))
+    summary = fed.run()
+    assert not fed.errors, fed.errors
+    assert summary["version"] == 1
+    got = {name: t.detach().numpy() for name, t in ps.model.state_dict().items()}
+    for name, want in get_weights(local).items():
+        np.testing.assert_allclose(got[name], want, atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_sync_sgd_steps_with_the_gradient_tape_gradients() -> None:
+    from enclavefl.hfl.registry import make_strategy
+    from enclavefl.hfl.server import ParameterServer
+    from enclavefl.hfl.worker import Worker
+    from enclavefl.train.keras import TorchMirror
+    from test_hfl_roles import Federation, attested_server
+
+    x, y = data(32)
+    keras.utils.set_random_seed(5)
+    initial = build_keras_model("mlp", in_features=5, hidden=[8])
+    start = get_weights(initial)
+    reference = KerasTrainer(build_keras_model("mlp", in_features=5, hidden=[8]), BCE, keras.optimizers.SGD(0.1),
+                             (x, y), batch_size=32, shuffle=False)
+    grads = reference.gradients(start, {"round": 1}).gradients
+
+    server = attested_server()
+    ps = ParameterServer(server, make_strategy("sync-sgd", TorchMirror(initial), lr=0.5), workers=["a"], total=1,
+                         round_timeout_s=60)  # fmt: skip
+    fed = Federation(server, ps)
+    trainer = KerasTrainer(build_keras_model("mlp", in_features=5, hidden=[8]), BCE, keras.optimizers.SGD(0.1),
+                           (x, y), batch_size=32, shuffle=False)
+    fed.worker("a", lambda c: Worker(c, trainer))
+    fed.run()
+    assert not fed.errors, fed.errors
+    got = {name: t.detach().numpy() for name, t in ps.model.state_dict().items()}
+    for name, value in start.items():
+        np.testing.assert_allclose(got[name], value - 0.5 * grads[name], atol=1e-6, rtol=0, err_msg=name)
+
+
 # -- vfl halves ----------------------------------------------------------------------------------
 
 
@@ -268,6 +332,46 @@ def test_without_the_extra_a_keras_job_names_the_pip_command(monkeypatch: pytest
         extras.import_from_extra("keras", "tf", needed_for="Keras trainers")
 
 
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def _job_copy(example: str, tmp_path: Path, tabular_dir: Path) -> Path:
+    """The example on a free port, reading the shared data, writing under tmp_path."""
+    job = yaml.safe_load((EXAMPLES / example).read_text())
+    coordinator = job["parties"][0]
+    coordinator["address"] = f"localhost:{_free_port()}"
+    for spec in [p.get("data") for p in job["parties"]] + [job.get("evaluation", {}).get("data")]:
+        if spec:
+            spec["path"] = str(tabular_dir / Path(spec["path"]).name)
+    job["policy"] = str(EXAMPLES / "policy-sim.json")
+    job["storage"] = {"checkpoint_dir": "ckpt", "key": "file:job.key", "checkpoint_every": 1000}
+    job["output"] = {"dir": "out", "plot": False}
+    create_key_file(tmp_path / "job.key")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "enclavefl", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, check=False, env={**os.environ, **(env or {})})
+
+
+def test_keras_hfl_fedavg_reaches_the_auc_of_the_torch_example(tmp_path: Path, tabular_dir: Path) -> None:
+    quick = {"ENCLAVEFL_MAX_ROUNDS": "3"}  # both jobs: 3 rounds of the same MLP, data and hyper-parameters
+    auc = {}
+    for example in ("hfl_default_credit.yaml", "hfl_default_credit_keras.yaml"):
+        where = tmp_path / example.removesuffix(".yaml")
+        where.mkdir()
+        done = _run(where, "run", str(_job_copy(example, where, tabular_dir)), env=quick)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((where / "out" / "summary.json").read_text())
+        assert summary["rounds"] == 3
+        auc[example] = summary["metrics"]["auc"]
+    assert auc["hfl_default_credit_keras.yaml"] > 0.7
+    assert abs(auc["hfl_default_credit_keras.yaml"] - auc["hfl_default_credit.yaml"]) <= 0.01, auc
+
+
 # -- a mixed vertical job ------------------------------------------------------------------------
 
 
@@ -331,3 +435,14 @@ def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(t
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     scores = json.loads((tmp_path / "out" / "summary-predict.json").read_text())["metrics"]
     assert scores["auc"] == pytest.approx(summary["metrics"]["auc"], abs=1e-4)
+
+
+@pytest.mark.slow  # a fourth multi-process Keras job; the path it adds (trainer: and a Keras factory) is its own
+def test_api_hfl_keras_example_runs_a_three_worker_fedavg_job(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(EXAMPLES / "api_hfl_keras.py"), "--out", str(tmp_path), "--rounds", "2"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == "fedavg" and summary["rounds"] == 2
+    assert all(p["attested"] and p["exit_code"] == 0 for p in summary["parties"].values()), summary["parties"]
+    assert summary["metrics"]["auc"] > 0.9

@@ -44,15 +44,63 @@ def make_job_strategy(job: HflJobConfig, model: torch.nn.Module) -> Any:
     return registry.build_strategy(entry, cls, model, dict(strategy.params or {}))
 
 
-def build_global_model(job: HflJobConfig) -> torch.nn.Module:
-    # Every party builds the same initial model from the job seed; the server's copy wins at join.
+def build_global_model(job: HflJobConfig) -> Any:
+    """The job's model (a torch module, or a keras.Model for `framework: keras`). Every party
+    builds the same initial model from the job seed; the server's copy wins at join."""
     if job.model.uses_keras():
-        # KerasTrainer plugs into the worker once the worker drives a trainer (issue 10);
-        # until then say so before anything starts, instead of failing mid-job.
-        raise ConfigError("model.framework: keras models run in vertical jobs and through KerasTrainer; "
-                          "horizontal jobs built from a job file take torch models for now")
-    torch.manual_seed(job.job.seed)
+        from enclavefl.train.keras import keras  # the [tf] extra, for Keras jobs only
+
+        keras.utils.set_random_seed(job.job.seed)
+    else:
+        torch.manual_seed(job.job.seed)
     return build_job_model(job.model, job, what="model.name")
+
+
+def _server_model(job: HflJobConfig) -> tuple[torch.nn.Module, Any]:
+    """What the parameter server aggregates (torch tensors) and the Keras model it evaluates, if any:
+    a Keras job's global state is a TorchMirror of the Keras weights, under the same names."""
+    model = build_global_model(job)
+    if not job.model.uses_keras():
+        return model, None
+    from enclavefl.train.keras import TorchMirror  # the [tf] extra, for Keras jobs only
+
+    return TorchMirror(model), model
+
+
+def _keras_evaluate(keras_model: Any, data: PartyData) -> Any:
+    """The server's evaluation of a Keras job: the mirrored global state loaded into the Keras model."""
+    from enclavefl.train.keras import keras_eval_stats  # the [tf] extra, for Keras jobs only
+
+    if data.labels is None:
+        raise ConfigError("evaluation.data needs labels (set `label:`)")
+    inputs = [np.ascontiguousarray(x) for x in data.inputs]
+    x, y = (inputs[0] if len(inputs) == 1 else inputs), data.labels
+
+    def evaluate_keras(mirror: Any) -> Any:
+        mirror.load_into(keras_model)
+        return keras_eval_stats(keras_model, x, y)
+
+    return evaluate_keras
+
+
+def _keras_trainer(job: HflJobConfig, model: Any, data: PartyData, eval_data: PartyData | None) -> Any:
+    """The built-in trainer of a Keras job: `model.fit` with the strategy's local SGD settings."""
+    from enclavefl.train.keras import KerasTrainer, keras  # the [tf] extra, for Keras jobs only
+
+    def arrays(part: PartyData) -> tuple[Any, np.ndarray]:
+        if part.labels is None:
+            raise ConfigError("hfl training data needs labels (set `label:` in the party's data)")
+        inputs = [np.ascontiguousarray(x) for x in part.inputs]
+        return (inputs[0] if len(inputs) == 1 else inputs), part.labels
+
+    strategy = job.strategy
+    binary = model.outputs[0].shape[-1] == 1
+    loss = (keras.losses.BinaryCrossentropy(from_logits=True) if binary
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    optimizer = keras.optimizers.SGD(strategy.lr, momentum=strategy.momentum,
+                                     weight_decay=strategy.weight_decay or None)
+    return KerasTrainer(model, loss, optimizer, arrays(data), arrays(eval_data) if eval_data is not None else None,
+                        batch_size=strategy.batch_size, local_epochs=strategy.local_epochs or 1, seed=job.job.seed)
 
 
 def _tensors(data: PartyData) -> tuple[torch.Tensor, ...]:
@@ -100,13 +148,18 @@ def job_trainer(runtime: PartyRuntime, job: HflJobConfig, device: torch.device) 
                               "(an object with fit() and evaluate(); see enclavefl.train.Trainer)")
         return trainer, None
     data = load_party_data(runtime.party.data, seed=job.job.seed, code=job.job_code())
-    eval_data = None
+    held_out = None
     if job.evaluation.where == "workers":
         rng = np.random.default_rng(job.job.seed)
         order = rng.permutation(len(data))
         held = int(round(len(data) * (job.evaluation.holdout_fraction or 0.2)))
-        eval_data = _tensors(data.take(np.sort(order[:held])))
+        held_out = data.take(np.sort(order[:held]))
         data = data.take(np.sort(order[held:]))
+    if job.model.uses_keras():
+        if private:
+            raise ConfigError("privacy: record-level DP-SGD is built for torch models; a Keras job cannot promise it")
+        return _keras_trainer(job, build_global_model(job), data, held_out), None
+    eval_data = _tensors(held_out) if held_out is not None else None
     strategy = job.strategy
     model, train = build_global_model(job), _tensors(data)
     privacy = None
@@ -136,18 +189,23 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
     the job's strategy section's name and parameters (rounds, quorum and timeouts stay the job's)."""
     strategy_cfg = job.strategy
     device = resolve_device(runtime.party.device)
+    model, keras_model = _server_model(job)
     if strategy is None:
-        model = build_global_model(job).to(device)
+        model = model.to(device)
         strategy = make_job_strategy(job, model)
     else:
         check_strategy(strategy)
         held = getattr(strategy, "model", None)
-        model = held if isinstance(held, torch.nn.Module) else build_global_model(job).to(device)
+        model = held if isinstance(held, torch.nn.Module) else model.to(device)
     evaluation = job.evaluation
     evaluate_fn = None
     if evaluation.where == "server":
-        eval_tensors = _tensors(load_party_data(evaluation.data, seed=job.job.seed, code=job.job_code()))
-        evaluate_fn = lambda m: evaluate(m, eval_tensors)  # noqa: E731 - the server's held-out set
+        eval_data = load_party_data(evaluation.data, seed=job.job.seed, code=job.job_code())
+        if keras_model is not None:
+            evaluate_fn = _keras_evaluate(keras_model, eval_data)
+        else:
+            eval_tensors = _tensors(eval_data)
+            evaluate_fn = lambda m: evaluate(m, eval_tensors)  # noqa: E731 - the server's held-out set
     checkpoints = None
     key = runtime.key_source()
     if job.storage is not None and key is not None:

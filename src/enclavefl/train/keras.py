@@ -36,8 +36,11 @@ keras = import_from_extra("keras", "tf", needed_for="Keras trainers")
 
 __all__ = [
     "KerasTrainer",
+    "TorchMirror",
     "check_weights",
     "get_weights",
+    "keras_eval_stats",
+    "predict_logits",
     "set_weights",
     "value_and_grad",
     "variable_names",
@@ -119,6 +122,34 @@ def set_weights(model: Any, weights: Weights) -> None:
     check_weights(model, weights)
     for name, variable in zip(variable_names(model), model.weights, strict=True):
         variable.assign(weights[name])
+
+
+class TorchMirror(torch.nn.Module):
+    """A torch module that holds a copy of a Keras model's weights under their stable names:
+    trainable variables as parameters, the others (BatchNorm statistics) as buffers.
+
+    The parameter server keeps and aggregates the global state as torch tensors; with this
+    mirror it does so for a Keras job, and its names and shapes are exactly the weights a
+    KerasTrainer exchanges (Keras' kernel layout: [in, out]). It has no forward: evaluate
+    with `load_into` and the Keras model.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        trainable = set(variable_names(model, trainable_only=True))
+        for name, value in get_weights(model).items():
+            tensor = torch.from_numpy(value)
+            if name in trainable:
+                self.register_parameter(name, torch.nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: t.detach().cpu().numpy() for name, t in self.state_dict().items()}
+
+    def load_into(self, model: Any) -> None:
+        """Assign the mirrored weights to the Keras model (checked by name first)."""
+        set_weights(model, self.weights())
 
 
 # -- gradients -----------------------------------------------------------------------------
@@ -253,6 +284,12 @@ class KerasTrainer:
         model.compile(optimizer=self.optimizer, loss=self.loss)
         self._batches: Iterator[np.ndarray] | None = None
 
+    @property
+    def eval_loader(self) -> ArrayData | None:
+        """The evaluation rows under TorchTrainer's name, which the hfl worker reads to know
+        whether this trainer evaluates."""
+        return self.eval_data
+
     # -- the contract --------------------------------------------------------------------
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -274,7 +311,8 @@ class KerasTrainer:
         logits = self.predict_logits(x)
         stats = eval_stats(torch.from_numpy(logits), torch.from_numpy(np.asarray(y)))
         loss = float(keras.ops.convert_to_numpy(self.loss(keras.ops.convert_to_tensor(y), keras.ops.convert_to_tensor(logits))))
-        return EvalResult(loss, stats.count, stats.summary())
+        pooled = {name: t.numpy() for name, t in stats.to_tensors().items()}
+        return EvalResult(loss, stats.count, stats.summary(), stats=pooled)
 
     def gradients(self, weights: Weights, config: Config) -> GradResult:
         """Gradients of the trainable variables on the next batch of the training stream."""
@@ -332,9 +370,19 @@ class KerasTrainer:
 
     def predict_logits(self, x: Any) -> np.ndarray:
         """The model's outputs on `x` in inference mode, batch by batch, as float numpy."""
-        rows = _rows(x)
-        parts = [
-            np.asarray(keras.ops.convert_to_numpy(self.model(_tensor(_take(x, np.arange(s, min(s + self.eval_batch_size, rows)))), training=False)))
-            for s in range(0, rows, self.eval_batch_size)
-        ]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return predict_logits(self.model, x, batch_size=self.eval_batch_size)
+
+
+def predict_logits(model: Any, x: Any, *, batch_size: int = 1024) -> np.ndarray:
+    """`model`'s outputs on `x` (an array, a list or a dict of arrays) in inference mode, as float32 numpy."""
+    rows = _rows(x)
+    parts = [
+        np.asarray(keras.ops.convert_to_numpy(model(_tensor(_take(x, np.arange(s, min(s + batch_size, rows)))), training=False)))
+        for s in range(0, rows, batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def keras_eval_stats(model: Any, x: Any, y: np.ndarray, *, batch_size: int = 1024) -> Any:
+    """The shared evaluation statistics (`enclavefl.train.metrics.EvalStats`) of `model` on (x, y)."""
+    return eval_stats(torch.from_numpy(predict_logits(model, x, batch_size=batch_size)), torch.from_numpy(np.asarray(y)))
