@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from enclavefl.train.keras import KerasTrainer
+from enclavefl import KerasTrainer
 
 HERE = Path(__file__).resolve().parent
 

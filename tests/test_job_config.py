@@ -80,7 +80,7 @@ def test_all_examples_are_present() -> None:
     assert names == {
         "hfl_default_credit.yaml", "hfl_cifar10_resnet.yaml", "hfl_criteo_dlrm.yaml",
         "vfl_default_credit.yaml", "vfl_breast.yaml", "vfl_wide_deep.yaml",
-        "hfl_default_credit_dp.yaml", "vfl_default_credit_label_dp.yaml", "vfl_default_credit_keras.yaml",
+        "hfl_default_credit_dp.yaml", "vfl_default_credit_label_dp.yaml", "vfl_default_credit_keras.yaml", "hfl_default_credit_keras.yaml",
     }
 
 

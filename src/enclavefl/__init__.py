@@ -4,7 +4,7 @@ The user API, loaded on first use so that `import enclavefl` (and `enclavefl ver
 imports neither torch nor the network stack:
 
 * training: `Trainer`, `GradientTrainer`, `FitResult`, `EvalResult`, `GradResult`, `Rows`,
-  `TorchTrainer` (extra `[ml]`), `resolve_device`;
+  `TorchTrainer` (extra `[ml]`), `KerasTrainer` (extra `[tf]`), `resolve_device`;
 * strategies: `Strategy` (the contract), `Contribution`, `make_strategy`, the built-ins
   `FedAvg`, `FedProx`, `FedAdam`, `SyncSGD`, `AsyncSGD`, `CoordinateMedian`, `TrimmedMean`;
 * running: `run_worker(trainer, job=..., party=...)`, `serve(strategy, job=..., party=...)`;
@@ -35,6 +35,7 @@ _EXPORTS = {
     "GradResult": "enclavefl.train.contract",
     "Rows": "enclavefl.train.contract",
     "TorchTrainer": "enclavefl.train.torch",
+    "KerasTrainer": "enclavefl.train.keras",
     "resolve_device": "enclavefl.train.device",
     # strategies
     "Strategy": "enclavefl.hfl.contract",
