@@ -3,8 +3,8 @@ large Keras model. Prints one JSON object.
 
 * round: `examples/hfl_default_credit.yaml`'s worker round (23-64-32-1 MLP, 8,000 rows,
   2 local epochs, batch 64, SGD lr 0.05 momentum 0.9) through `KerasTrainer.fit` (weights
-  in, `model.fit`, weights out) and through the same loop in torch (the built-in worker's
-  local SGD). Median of 5 rounds after one warm-up round; the first round (Keras traces
+  in, `model.fit`, weights out: the Keras job's worker) and through the torch job's
+  worker (`builtin_trainer`, a TorchTrainer with local SGD), both on one thread. Median of 5 rounds after one warm-up round; the first round (Keras traces
   and compiles its train step then) is reported apart. The breakdown says where Keras'
   time goes: weights in and out, the steps, and the fixed cost of each `model.fit` call.
 * exchange: a Keras model of >= 100 MB in a fresh worker process: the global weights
@@ -63,6 +63,10 @@ def bench_round() -> dict[str, object]:
     from enclavefl.train.keras import KerasTrainer
 
     torch.set_num_threads(1)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     x, y = _default_credit()
     steps = EPOCHS * -(-len(y) // BATCH)
 
@@ -87,17 +91,15 @@ def bench_round() -> dict[str, object]:
     fit_call_s = (time.perf_counter() - started) / 5
 
     torch.manual_seed(0)
-    model = mlp(x.shape[1], [64, 32], 1)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    from enclavefl.hfl.worker import builtin_trainer
+
+    torch_trainer = builtin_trainer(mlp(x.shape[1], [64, 32], 1), (torch.from_numpy(x), torch.from_numpy(y)),
+                                    batch_size=BATCH, lr=LR, momentum=MOMENTUM, local_epochs=EPOCHS)
+    torch_state = {"weights": torch_trainer.get_weights(), "round": 0}
 
     def torch_round() -> None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        for _ in range(EPOCHS):
-            for index in torch.randperm(len(ty)).split(BATCH):
-                optimizer.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(tx[index])[:, 0], ty[index])
-                loss.backward()
-                optimizer.step()
+        torch_state["round"] += 1
+        torch_state["weights"] = torch_trainer.fit(torch_state["weights"], {"round": torch_state["round"]}).weights
 
     torch_times = _median_and_first(torch_round)
     return {
