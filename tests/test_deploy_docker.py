@@ -1,5 +1,5 @@
 """Container deployment: Dockerfiles lint clean, compose files are valid and wait by readiness,
-and the readiness probe they use (`enclavefl.jobs.health`) works against a real party server."""
+and the readiness probe they use (`enclavefl.net.health`) works against a real party server."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import yaml
 
 from enclavefl.errors import PolicyRejected
 from enclavefl.jobs.config import HflJobConfig, VflJobConfig, load_job
-from enclavefl.jobs.health import check_health, wait_healthy
+from enclavefl.net.health import check_health, wait_healthy
 from enclavefl.net.admission import PartyCredentials
 from enclavefl.net.errors import ConnectFailed
 from enclavefl.net.server import AttestedServer

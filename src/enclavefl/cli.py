@@ -846,7 +846,7 @@ def gramine_build(job_file: Path, party: str, signing_key: Path | None, out_dir:
 def health(target: str, policy_path: Path | None, collateral: Path | None, pccs: str | None,
            timeout_s: float, wait_s: float | None, as_json: bool) -> None:
     """Is the party listening at TARGET (HOST:PORT) up and ready? Exit 0 ready, 1 not."""
-    from enclavefl.jobs.health import check_health, wait_healthy
+    from enclavefl.net.health import check_health, wait_healthy
     from enclavefl.tee.collateral import collateral_source
 
     policy = _load_policy(policy_path) if policy_path is not None else None

@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 import enclavefl
 from enclavefl.errors import ConfigError, FormatError, UsageError
@@ -52,7 +50,7 @@ from enclavefl.jobs.config import (
     WideDeepData,
     load_job,
 )
-from enclavefl.seal.keys import GRAMINE_KEYS_DIR, KeySource
+from enclavefl.seal.keys import GRAMINE_KEYS_DIR, KeySource, derive_mount_key
 from enclavefl.tee.measure import Measurement, mr_signer_of_key, read_sigstruct
 from enclavefl.tee.policy import Policy
 
@@ -101,8 +99,6 @@ HOST_CONFIG_FILES = (
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 _SEAL_KEY_NAMES = {"mrenclave": "_sgx_mrenclave", "mrsigner": "_sgx_mrsigner"}
-_MOUNT_KEY_SIZE = 16  # Gramine encrypted files use AES-GCM-128 keys
-_MOUNT_KEY_INFO = b"enclavefl/gramine/encrypted-mount/v1/"
 _SIZE = re.compile(r"[1-9][0-9]*[KMG]")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
 _JINJA = ("{{", "{%", "{#")
@@ -689,9 +685,7 @@ def provision_mount_key(
     keys_dir = Path(keys_dir)
     if not keys_dir.is_dir():
         raise UsageError(f"{keys_dir} not found: encrypted-mount keys can be provisioned only inside a Gramine enclave")
-    mount_key = HKDF(
-        algorithm=hashes.SHA256(), length=_MOUNT_KEY_SIZE, salt=None, info=_MOUNT_KEY_INFO + name.encode("ascii")
-    ).derive(source.kek())
+    mount_key = derive_mount_key(source, name)
     try:
         with open(keys_dir / name, "wb") as f:
             f.write(mount_key)

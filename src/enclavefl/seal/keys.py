@@ -36,6 +36,7 @@ __all__ = [
     "KeySource",
     "SgxSealKeySource",
     "create_key_file",
+    "derive_mount_key",
     "ensure_development_key",
     "known_key_schemes",
     "parse_key_spec",
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 KEK_SIZE = 32
 GRAMINE_KEYS_DIR = Path("/dev/attestation/keys")
 _SGX_SEAL_KEY_SIZE = 16
+_MOUNT_KEY_SIZE = 16  # Gramine encrypted files use AES-GCM-128 keys
+_MOUNT_KEY_INFO = b"enclavefl/gramine/encrypted-mount/v1/"
 _SGX_SEAL_KINDS = ("mrenclave", "mrsigner")
 _KEY_FILE_MAX = KEK_SIZE * 2 + 2
 _HEX_KEY = re.compile(rb"[0-9a-fA-F]{%d}" % (KEK_SIZE * 2))
@@ -189,13 +192,20 @@ class SgxSealKeySource:
             raise ConfigError(
                 f"{path} holds {len(sealing_key)} bytes; a Gramine sealing key has {_SGX_SEAL_KEY_SIZE}"
             )
-        hkdf = HKDF(
-            algorithm=hashes.SHA256(),
-            length=KEK_SIZE,
-            salt=None,
-            info=f"enclavefl/seal/kek/v1/sgx-seal:{self.kind}".encode("ascii"),
-        )
-        return hkdf.derive(sealing_key)
+        return _hkdf(sealing_key, info=f"enclavefl/seal/kek/v1/sgx-seal:{self.kind}".encode("ascii"), length=KEK_SIZE)
+
+
+def derive_mount_key(source: KeySource, name: str) -> bytes:
+    """The key of Gramine's encrypted mount `name`, derived from `source`'s KEK.
+
+    HKDF-SHA256(KEK, info="enclavefl/gramine/encrypted-mount/v1/<name>"), 16 bytes (Gramine
+    encrypted files use AES-GCM-128), so it never equals the key that seals files themselves.
+    """
+    return _hkdf(source.kek(), info=_MOUNT_KEY_INFO + name.encode("ascii"), length=_MOUNT_KEY_SIZE)
+
+
+def _hkdf(secret: bytes, *, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
 
 
 def _file_source(rest: str) -> KeySource:
