@@ -376,6 +376,9 @@ class SessionStore:
             now = self._clock()
             for digest in [d for d, session in self._sessions.items() if session.expires < now]:
                 del self._sessions[digest]
+            named = {session.peer.party for session in self._sessions.values()}
+            for party in [p for p, h in self._holders.items() if p not in named and h.in_flight == 0]:
+                del self._holders[party]  # no session left: the name is free (bounded memory)
             if key is not None:
                 self._take_name(peer.party, key, now)
             self._sessions[hashlib.sha256(token).digest()] = _Session(peer, now + self.ttl_s, key)
