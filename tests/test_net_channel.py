@@ -172,7 +172,7 @@ def test_wait_ready_times_out_on_a_closed_port() -> None:
 
 def test_handler_errors_reach_the_client_typed(server: AttestedServer, caplog: pytest.LogCaptureFixture) -> None:
     def refuse(peer: Peer, request: Message) -> Message:
-        raise Rejected("step 3 already committed", check="duplicate")
+        raise Rejected("step 3 already committed", check="vfl-protocol")
 
     def crash(peer: Peer, request: Message) -> Message:
         raise RuntimeError("secret internals")
@@ -190,7 +190,7 @@ def test_handler_errors_reach_the_client_typed(server: AttestedServer, caplog: p
     with make_client(server.port) as client:
         with pytest.raises(PeerRefused, match="step 3 already committed") as info:
             client.call("refuse", Message())
-        assert info.value.check == "duplicate"
+        assert info.value.check == "vfl-protocol"
         with caplog.at_level(logging.ERROR, logger="enclavefl.net"):
             with pytest.raises(CallFailed, match="INTERNAL") as failed:
                 client.call("crash", Message())

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from enclavefl.errors import FormatError, Rejected, SealError, UsageError
+from enclavefl.errors import Check, FormatError, Rejected, SealError, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
 
@@ -146,7 +146,7 @@ class CheckpointStore:
                 f"there is no checkpoint in {self.directory}")
             raise Rejected(
                 f"refusing to resume {self.artifact}: {found}, but version {recorded} was sealed and recorded "
-                f"with {self.freshness.where}: newer checkpoints were deleted or rolled back", check="freshness",
+                f"with {self.freshness.where}: newer checkpoints were deleted or rolled back", check=Check.FRESHNESS,
             )
         if newest is None:
             return None

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from enclavefl.errors import FormatError, Rejected, TransportError, UsageError
+from enclavefl.errors import Check, FormatError, Rejected, TransportError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore, rng_state, set_rng_state
 from enclavefl.hfl.driver import StrategyDriver
@@ -495,7 +495,7 @@ class ParameterServer:
     def _check_party(self, peer: Peer) -> str:
         if peer.party not in self._workers:
             raise Rejected(
-                f"party {peer.party!r} is not a worker of this job; workers: {list(self._workers)}", check="party"
+                f"party {peer.party!r} is not a worker of this job; workers: {list(self._workers)}", check=Check.PARTY
             )
         return peer.party
 
@@ -522,7 +522,7 @@ class ParameterServer:
             if worker in self._left:
                 # A restarted worker would start a fresh accountant: its budget is spent.
                 raise Rejected(f"worker {worker} left this run ({self._left[worker]}); it may not rejoin",
-                               check="privacy")
+                               check=Check.PRIVACY)
         protocol = request.meta.get("protocol")
         if protocol != wire.PROTOCOL:
             raise UsageError(f"hfl protocol {protocol!r} not supported; this server speaks {wire.PROTOCOL}")

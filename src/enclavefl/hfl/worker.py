@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from enclavefl.errors import Rejected, TransportError, UsageError
+from enclavefl.errors import Check, Rejected, TransportError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.strategies import GradContribution, UpdateContribution
@@ -541,7 +541,7 @@ class Worker:
             raise Rejected(
                 f"party {self.party}: the parameter server came back at version {version}, but it had sealed a "
                 f"checkpoint of version {self._durable_seen} before (this worker was told so): its newer checkpoints "
-                "were deleted or rolled back; refusing to continue (peer-based rollback protection)", check="freshness",
+                "were deleted or rolled back; refusing to continue (peer-based rollback protection)", check=Check.FRESHNESS,
             )
         self._durable_seen = max(self._durable_seen, durable)
         self._kind = kind

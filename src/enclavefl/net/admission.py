@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from enclavefl.errors import FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
+from enclavefl.errors import Check, FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
 from enclavefl.tee.attesters import Attester
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import CollateralSource
@@ -130,7 +130,7 @@ def check_party_binding(claims: Claims, party: str, policy: Policy, who: str, *,
         raise Rejected(
             f"{who} calls itself {party!r} but its evidence binds "
             + (f"the name {bound!r}" if isinstance(bound, str) else "no party name"),
-            check="party-name",
+            check=Check.PARTY_NAME,
         )
     policy.check_party(party, claims)
 
@@ -204,11 +204,11 @@ def check_policy_hash(claims: Claims, policy: Policy, who: str) -> None:
             raise PolicyRejected(
                 f"privacy budget mismatch: {who} enforces {_budget_text(their_budget)}, "
                 f"this party enforces {_budget_text(policy.privacy_claim())} (policy hash differs)",
-                check="privacy",
+                check=Check.PRIVACY,
             )
         got = theirs.hex() if isinstance(theirs, bytes) else repr(theirs)
         raise PolicyRejected(
-            f"policy hash mismatch: {who} enforces {got}, this party enforces {ours.hex()}", check="policy-hash"
+            f"policy hash mismatch: {who} enforces {got}, this party enforces {ours.hex()}", check=Check.POLICY_HASH
         )
 
 
@@ -304,10 +304,10 @@ class NonceStore:
         if expires is None:
             raise Rejected(
                 "admission nonce unknown or already used (replayed, or dropped under load: ask a fresh one)",
-                check="nonce",
+                check=Check.NONCE,
             )
         if self._clock() > expires:
-            raise Rejected(f"admission nonce expired (nonces live {self.ttl_s:g} s)", check="nonce")
+            raise Rejected(f"admission nonce expired (nonces live {self.ttl_s:g} s)", check=Check.NONCE)
 
     def __len__(self) -> int:
         with self._lock:
@@ -329,7 +329,7 @@ class NonceStore:
             self._buckets[source] = (tokens, now)
             raise Rejected(
                 f"too many admission nonces requested from {source} (at most {self._rate:g} a second)",
-                check="rate-limit",
+                check=Check.RATE_LIMIT,
             )
         self._buckets[source] = (tokens - 1, now)
 
@@ -394,7 +394,7 @@ class SessionStore:
                 raise Rejected(
                     f"party name {party!r} is held by another attested key (a call in progress or one "
                     f"{idle_s:.1f} s ago); it is free once that party has been idle for {self.hold_s:g} s",
-                    check="party-name-held",
+                    check=Check.PARTY_NAME_HELD,
                 )
             for digest in [d for d, s in self._sessions.items() if s.peer.party == party and s.key != key]:
                 del self._sessions[digest]  # the old holder is gone: its sessions end with it
@@ -442,10 +442,10 @@ class SessionStore:
         digest = hashlib.sha256(token).digest()
         session = self._sessions.get(digest)
         if session is None:
-            raise Rejected("session token unknown: attest again", check="session")
+            raise Rejected("session token unknown: attest again", check=Check.SESSION)
         if self._clock() > session.expires:
             del self._sessions[digest]
-            raise Rejected("session expired: attest again", check="session")
+            raise Rejected("session expired: attest again", check=Check.SESSION)
         return session
 
 
@@ -498,11 +498,11 @@ class Admitter:
             raise Rejected(
                 "admission was made for another server's certificate: "
                 f"got {request.server_cert_sha256.hex()[:16]}, this server's is {self._server_cert_sha256.hex()[:16]}",
-                check="server-certificate",
+                check=Check.SERVER_CERTIFICATE,
             )
         if request.job_id != self._job_id:
             raise Rejected(
-                f"job id mismatch: got {request.job_id!r}, this server runs {self._job_id!r}", check="job-id"
+                f"job id mismatch: got {request.job_id!r}, this server runs {self._job_id!r}", check=Check.JOB_ID
             )
         claims = self._verify_client(request) if self._mode.verifies_client else None
         if claims is None:
@@ -519,7 +519,7 @@ class Admitter:
         if not request.certificate_der:
             raise Rejected(
                 f"client sent no evidence; this server attests clients (mode {self._mode.value})",
-                check="client-evidence",
+                check=Check.CLIENT_EVIDENCE,
             )
         try:
             cert = load_certificate(request.certificate_der)
@@ -527,13 +527,13 @@ class Admitter:
             raise FormatError(f"client certificate: {exc}") from exc
         key = certificate_public_key(cert)
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-            raise KeyBindingRejected("client certificate key is not ECDSA P-384", check="admission-signature")
+            raise KeyBindingRejected("client certificate key is not ECDSA P-384", check=Check.ADMISSION_SIGNATURE)
         payload = admission_payload(request.nonce, request.server_cert_sha256, request.job_id, request.party)
         try:
             key.verify(request.signature, payload, ec.ECDSA(hashes.SHA384()))
         except InvalidSignature as exc:
             raise KeyBindingRejected(
-                "admission signature is not by the key of the client's certificate", check="admission-signature"
+                "admission signature is not by the key of the client's certificate", check=Check.ADMISSION_SIGNATURE
             ) from exc
         claims = verify_certificate(cert, policy=self._policy, collateral=self._collateral, at=self._at)
         check_policy_hash(claims, self._policy, f"party {request.party}")

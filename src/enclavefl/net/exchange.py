@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from enclavefl.errors import EnclaveflError, FormatError, Rejected, UsageError
+from enclavefl.errors import Check, EnclaveflError, FormatError, Rejected, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
 from enclavefl.net.admission import Peer
 from enclavefl.net.errors import CallFailed, PeerRefused
@@ -90,10 +90,10 @@ class Router:
             return self._routes.get(method)
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, check: str = "") -> NoReturn:
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, check: Check | None = None) -> NoReturn:
     """End the RPC with `reason`; `check` travels in trailing metadata for typed errors."""
-    if check:
-        context.set_trailing_metadata(((CHECK_METADATA_KEY, check),))
+    if check is not None:
+        context.set_trailing_metadata(((CHECK_METADATA_KEY, check.value),))
     context.abort(code, reason)
 
 
@@ -132,7 +132,7 @@ class ExchangeServicer:
             log.info("party %s cancelled a call before sending it", peer.party)
             return
         if not isinstance(first, pb.Frame) or first.WhichOneof("kind") != "header":
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request must start with a call header", "format")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request must start with a call header", Check.FORMAT)
         method = first.header.method
         route = self._router.route(method)
         if route is None:
@@ -148,7 +148,7 @@ class ExchangeServicer:
             return
         except UsageError as exc:
             log.warning("malformed %s request from party %s: %s", method, peer.party, exc.reason)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "format")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, Check.FORMAT)
         except Exception:  # e.g. the sink's disk is full
             log.exception("receiving %s from party %s failed", method, peer.party)
             abort(context, grpc.StatusCode.INTERNAL, f"receiving {method!r} failed on the server")
@@ -159,7 +159,7 @@ class ExchangeServicer:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.reason, exc.check)
         except UsageError as exc:
             log.warning("malformed %s request from party %s: %s", method, peer.party, exc.reason)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "format")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, Check.FORMAT)
         except EnclaveflError as exc:  # a known failure of this party: its reason, no traceback
             log.error("handler for %s failed (caller: party %s): %s", method, peer.party, exc.reason)
             abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
@@ -197,11 +197,12 @@ class _Recording:
             raise
 
 
-def rpc_error_check(error: grpc.RpcError) -> str:
+def rpc_error_check(error: grpc.RpcError) -> Check:
+    """The check a peer named in its refusal (UNSPECIFIED when none, or one this version does not know)."""
     for key, value in error.trailing_metadata() or ():
         if key == CHECK_METADATA_KEY:
-            return str(value)
-    return "unspecified"
+            return Check.from_wire(str(value))
+    return Check.UNSPECIFIED
 
 
 def exchange_callable(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:

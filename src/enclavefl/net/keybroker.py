@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from enclavefl.errors import ConfigError, FormatError, Rejected, UsageError
+from enclavefl.errors import Check, ConfigError, FormatError, Rejected, UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.net.admission import PartyCredentials, Peer
 from enclavefl.net.client import AttestedClient, split_target
@@ -80,10 +80,10 @@ class _KeyHandler:
     def __call__(self, peer: Peer, request: Message) -> Message:
         name = _check_key_name(request.meta.get("key"))
         if peer.claims is None:
-            raise Rejected(f"party {peer.party} is not attested: keys go only to attested peers", check="attestation")
+            raise Rejected(f"party {peer.party} is not attested: keys go only to attested peers", check=Check.ATTESTATION)
         path = self._keys_dir / name
         if not path.is_file():
-            raise Rejected(f"key {name!r} is not held by this broker", check="key-name")
+            raise Rejected(f"key {name!r} is not held by this broker", check=Check.KEY_NAME)
         key = FileKeySource(path).kek()
         log.info(
             "released key %s to party %s (tee=%s mr_enclave=%s)",
@@ -123,7 +123,7 @@ class VersionRegister:
 
     def __call__(self, peer: Peer, request: Message) -> Message:
         if peer.claims is None:
-            raise Rejected(f"party {peer.party} is not attested: versions go only to attested peers", check="attestation")
+            raise Rejected(f"party {peer.party} is not attested: versions go only to attested peers", check=Check.ATTESTATION)
         artifact = _check_key_name(request.meta.get("artifact"))
         entry = f"{peer.party}/{artifact}"
         record = request.meta.get("record")
@@ -135,7 +135,7 @@ class VersionRegister:
                 if current is not None and record < current:
                     raise Rejected(
                         f"{artifact} of party {peer.party}: version {record} is older than version {current} "
-                        "this key broker recorded: the party's state would roll back", check="freshness",
+                        "this key broker recorded: the party's state would roll back", check=Check.FRESHNESS,
                     )
                 if record != current:
                     self._versions[entry] = record

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from enclavefl.errors import Rejected, UsageError
+from enclavefl.errors import Check, Rejected, UsageError
 from enclavefl.net import enclavefl_pb2 as pb
 from enclavefl.net.admission import AdmissionRequest, Admitter, NonceStore, PartyCredentials, Peer, SessionStore
 from enclavefl.net.guard import OpenCallGuard, OpenLimits, source_of
@@ -43,7 +43,7 @@ def session_token(metadata: Any) -> bytes | None:
 
 def _denying_handler(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMethodHandler:
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        abort(context, grpc.StatusCode.UNAUTHENTICATED, reason, "session")
+        abort(context, grpc.StatusCode.UNAUTHENTICATED, reason, Check.SESSION)
 
     if handler is None or not handler.request_streaming:
         return grpc.unary_unary_rpc_method_handler(deny)
@@ -66,7 +66,7 @@ class _SessionInterceptor(grpc.ServerInterceptor):
         token = session_token(details.invocation_metadata)
         try:
             if token is None:
-                raise Rejected("no session token: attest first (Admission service)", check="session")
+                raise Rejected("no session token: attest first (Admission service)", check=Check.SESSION)
             self._sessions.lookup(token)
         except Rejected as exc:
             log.info("refused %s: %s", details.method, exc.reason)
@@ -106,7 +106,7 @@ class _AdmissionServicer:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.reason, exc.check)
         except UsageError as exc:
             log.warning("malformed admission from party %r (%s): %s", request.party[:128], context.peer(), exc.reason)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "format")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, Check.FORMAT)
         return pb.AdmitResponse(
             version=PROTOCOL_VERSION, session_token=token, expires_in_s=self._sessions.ttl_s, server_party=self._party
         )
@@ -257,11 +257,11 @@ class AttestedServer:
         token = session_token(context.invocation_metadata())
         try:
             if token is None:
-                raise Rejected("no session token: attest first (Admission service)", check="session")
+                raise Rejected("no session token: attest first (Admission service)", check=Check.SESSION)
             peer = self._sessions.begin(token)
         except Rejected as exc:
             # Expired (or ended: its name passed to another key) between the interceptor and here.
-            abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason, "session")
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason, Check.SESSION)
         # The call counts as the session's activity (it holds the party name) until it ends.
         if not context.add_callback(lambda: self._sessions.end(token)):
             self._sessions.end(token)

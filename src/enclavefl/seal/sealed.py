@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tink import secret_key_access, streaming_aead
 from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
 
-from enclavefl.errors import ConfigError, FormatError, SealError, UsageError
+from enclavefl.errors import Check, ConfigError, FormatError, SealError, UsageError
 from enclavefl.seal.keys import KEK_SIZE, KeySource
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _new_envelope(
 def _read_exact(f: BinaryIO, size: int, what: str, path: Path) -> bytes:
     data = f.read(size)
     if len(data) != size:
-        raise SealError(f"{path}: truncated: the file ends inside the {what}", check="integrity")
+        raise SealError(f"{path}: truncated: the file ends inside the {what}", check=Check.INTEGRITY)
     return data
 
 
@@ -158,21 +158,21 @@ def _read_envelope(f: BinaryIO, path: Path) -> tuple[SealedHeader, bytes, bytes]
     if not fixed or not MAGIC.startswith(fixed[: len(MAGIC)]):
         raise FormatError(f"{path} is not an enclavefl sealed file (no {MAGIC!r} magic)")
     if len(fixed) != _PREFIX.size:
-        raise SealError(f"{path}: truncated: the file ends inside the header", check="integrity")
+        raise SealError(f"{path}: truncated: the file ends inside the header", check=Check.INTEGRITY)
     _, format_version, header_size = _PREFIX.unpack(fixed)
     if format_version != FORMAT_VERSION:
         raise SealError(
             f"{path}: sealed in format version {format_version}; this enclavefl reads version {FORMAT_VERSION}",
-            check="format",
+            check=Check.FORMAT,
         )
     if header_size > _MAX_HEADER:
-        raise SealError(f"{path}: header length {header_size} is implausible: file altered", check="integrity")
+        raise SealError(f"{path}: header length {header_size} is implausible: file altered", check=Check.INTEGRITY)
     raw_header = _read_exact(f, header_size, "header", path)
     header = _parse_header(raw_header, format_version, path)
     wrapped_size = _LENGTH.unpack(_read_exact(f, _LENGTH.size, "wrapped data key", path))[0]
     if not _WRAP_NONCE_SIZE < wrapped_size <= _MAX_WRAPPED:
         raise SealError(
-            f"{path}: wrapped key length {wrapped_size} is implausible: file altered", check="integrity"
+            f"{path}: wrapped key length {wrapped_size} is implausible: file altered", check=Check.INTEGRITY
         )
     wrapped = _read_exact(f, wrapped_size, "wrapped data key", path)
     return header, fixed + raw_header, wrapped
@@ -182,14 +182,14 @@ def _parse_header(raw: bytes, format_version: int, path: Path) -> SealedHeader:
     try:
         fields = cbor2.loads(raw)
     except cbor2.CBORDecodeError as exc:
-        raise SealError(f"{path}: header unreadable: file altered", check="integrity") from exc
+        raise SealError(f"{path}: header unreadable: file altered", check=Check.INTEGRITY) from exc
     valid = (
         isinstance(fields, dict)
         and set(fields) == set(_HEADER_FIELDS)
         and all(type(fields[k]) is t for k, t in _HEADER_FIELDS.items())
     )
     if not valid:
-        raise SealError(f"{path}: header fields are malformed: file altered", check="integrity")
+        raise SealError(f"{path}: header fields are malformed: file altered", check=Check.INTEGRITY)
     return SealedHeader(format_version=format_version, **fields)
 
 
@@ -215,21 +215,21 @@ def _open_stream(
     _check_binding(job_id, name, version)
     header, authenticated_prefix, wrapped = _read_envelope(f, path)
     if header.job_id != job_id:
-        raise SealError(f"{path}: sealed for job {header.job_id!r} but {job_id!r} was expected", check="job-id")
+        raise SealError(f"{path}: sealed for job {header.job_id!r} but {job_id!r} was expected", check=Check.JOB_ID)
     if header.name != name:
         raise SealError(
-            f"{path}: sealed for artifact {header.name!r} but {name!r} was expected", check="artifact"
+            f"{path}: sealed for artifact {header.name!r} but {name!r} was expected", check=Check.ARTIFACT
         )
     if header.version != version:
         raise SealError(
-            f"{path}: sealed at version {header.version} but version {version} was expected", check="version"
+            f"{path}: sealed at version {header.version} but version {version} was expected", check=Check.VERSION
         )
     kek = _kek(key)
     if not hmac.compare_digest(header.kek_id, _kek_id(kek)):
         raise SealError(
             f"{path}: wrong key (key source {key.spec} cannot unwrap the data key; "
             f"the file names {header.key_source} as its key source)",
-            check="key",
+            check=Check.KEY,
         )
     ad = _associated_data(job_id, name, version)
     try:
@@ -237,7 +237,7 @@ def _open_stream(
         keyset = AESGCM(kek).decrypt(nonce, sealed_keyset, ad + authenticated_prefix)
     except InvalidTag as exc:
         raise SealError(
-            f"{path}: authentication failed: header or wrapped data key altered", check="integrity"
+            f"{path}: authentication failed: header or wrapped data key altered", check=Check.INTEGRITY
         ) from exc
     handle = tink.proto_keyset_format.parse(keyset, secret_key_access.TOKEN)
     return handle.primitive(streaming_aead.StreamingAead).new_decrypting_stream(f, ad)
@@ -264,11 +264,11 @@ def _copy_plaintext(stream: BinaryIO, out: BinaryIO, path: Path) -> None:
                 # A raw stream says None for "no data yet"; Tink's blocking one never does,
                 # but a stream cut short must never pass for a complete one.
                 if chunk is None:
-                    raise SealError(f"{path}: ciphertext stream stalled", check="integrity")
+                    raise SealError(f"{path}: ciphertext stream stalled", check=Check.INTEGRITY)
                 break
             write(chunk)
     except tink.TinkError as exc:
-        raise SealError(f"{path}: authentication failed: file altered or truncated", check="integrity") from exc
+        raise SealError(f"{path}: authentication failed: file altered or truncated", check=Check.INTEGRITY) from exc
 
 
 @contextmanager

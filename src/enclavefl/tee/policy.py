@@ -52,7 +52,7 @@ from pydantic import (
 )
 
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.errors import ConfigError, PolicyRejected
+from enclavefl.errors import Check, ConfigError, PolicyRejected
 from enclavefl.tee.claims import Claims, TeeType
 
 __all__ = ["PRIVACY_UNITS", "PartyIdentity", "Policy", "PrivacyBudget", "SgxIdentity", "TdxIdentity", "TCB_STATUSES"]
@@ -513,17 +513,17 @@ class Policy(BaseModel):
         """Raise PolicyRejected (with `check` naming the failed check) unless `claims` pass."""
         if claims.tee is TeeType.SIMULATED:
             if not self.allow_simulated:
-                raise PolicyRejected("simulated evidence not allowed by policy", check="simulated")
+                raise PolicyRejected("simulated evidence not allowed by policy", check=Check.SIMULATED)
         elif claims.tcb_status not in self.allowed_tcb_status:
             allowed = ", ".join(self.allowed_tcb_status) or "none"
             raise PolicyRejected(
                 f"TCB status {claims.tcb_status} not allowed (allowed: {allowed})",
-                check="tcb_status",
+                check=Check.TCB_STATUS,
             )
         debug_by_entry = claims.tee is not TeeType.TDX and self._debug_entries
         if claims.debug and not self.allow_debug and not debug_by_entry:
             what = "debug TD" if claims.tee is TeeType.TDX else "debug enclave"
-            raise PolicyRejected(f"{what} not allowed by policy", check="debug")
+            raise PolicyRejected(f"{what} not allowed by policy", check=Check.DEBUG)
         if claims.tee is TeeType.TDX:
             self._check_tdx(claims)
         else:
@@ -536,7 +536,7 @@ class Policy(BaseModel):
         if pin is not None and not pin.matches(claims):
             raise PolicyRejected(
                 f"party {party!r} runs {claims.tee.value} {claims.short_id()}, not an identity the policy pins for"
-                f" that name", check="party-identity", claims=claims,
+                f" that name", check=Check.PARTY_IDENTITY, claims=claims,
             )  # fmt: skip
 
     def _check_sgx(self, claims: Claims) -> None:
@@ -546,7 +546,7 @@ class Policy(BaseModel):
             if not candidates:
                 raise PolicyRejected(
                     f"debug attribute {claims.debug} matches no sgx_mrs entry (verify_enclave_debuggable is on)",
-                    check="debug",
+                    check=Check.DEBUG,
                 )
         else:
             candidates = list(self.sgx_mrs)
@@ -554,7 +554,7 @@ class Policy(BaseModel):
             if self.tdx_mrs:
                 raise PolicyRejected(
                     "policy pins only TDX identities (tdx_mrs): no SGX enclave is allowed",
-                    check="mr_enclave",
+                    check=Check.MR_ENCLAVE,
                 )
             return
         if not self.sgx_mrs:
@@ -568,7 +568,7 @@ class Policy(BaseModel):
                 matching = [e for e in candidates if got >= e.isv_svn]
                 if not matching:
                     minimum = min(e.isv_svn for e in candidates)
-                    raise PolicyRejected(f"isv_svn {got} below minimum {minimum}", check="isv_svn")
+                    raise PolicyRejected(f"isv_svn {got} below minimum {minimum}", check=Check.ISV_SVN)
             else:
                 want = got.hex() if isinstance(got, bytes) else got
                 matching = [e for e in candidates if getattr(e, name) == want]
@@ -583,7 +583,7 @@ class Policy(BaseModel):
             if self.enabled_sgx_fields:
                 raise PolicyRejected(
                     "policy pins only SGX identities (sgx_mrs): no TDX guest is allowed",
-                    check="mr_td",
+                    check=Check.MR_TD,
                 )
             return
         rtmrs = (*claims.rtmrs, b"", b"", b"", b"")[:4]

@@ -14,7 +14,7 @@ import time
 
 import dcap_qvl
 
-from enclavefl.errors import FormatError, QuoteRejected, UsageError
+from enclavefl.errors import Check, FormatError, QuoteRejected, UsageError
 from enclavefl.tee.claims import Claims, TeeType
 from enclavefl.tee.collateral import CollateralSource, collateral_validity, isotime
 
@@ -168,29 +168,29 @@ def _failure(
     for marker, check, meaning in _FAILURES:
         if marker in lower:
             return QuoteRejected(f"{meaning}: {detail}", check=check)
-    return QuoteRejected(f"quote verification failed: {detail}", check="verification")
+    return QuoteRejected(f"quote verification failed: {detail}", check=Check.VERIFICATION)
 
 
 def _time_failure(detail: str, material: dcap_qvl.QuoteCollateralV3, at: int) -> QuoteRejected:
     try:
         validity = collateral_validity(material)
     except FormatError as exc:
-        return QuoteRejected(f"{detail} ({exc})", check="collateral-expired")
+        return QuoteRejected(f"{detail} ({exc})", check=Check.COLLATERAL_EXPIRED)
     if at >= validity.next_update:
         return QuoteRejected(
             f"collateral expired at {isotime(validity.next_update)}"
             f" ({validity.first_to_expire} nextUpdate; verification time {isotime(at)})",
-            check="collateral-expired",
+            check=Check.COLLATERAL_EXPIRED,
         )
     if at < validity.issued_at:
         return QuoteRejected(
             f"collateral issued at {isotime(validity.issued_at)} is newer than the verification"
             f" time {isotime(at)}",
-            check="collateral-not-yet-valid",
+            check=Check.COLLATERAL_NOT_YET_VALID,
         )
     return QuoteRejected(
         f"certificate not valid at verification time {isotime(at)}: {detail}",
-        check="certificate-expired",
+        check=Check.CERTIFICATE_EXPIRED,
     )
 
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from enclavefl.errors import FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
+from enclavefl.errors import Check, FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
 from enclavefl.tee.attesters import Attester
 from enclavefl.tee.claims import Claims, TeeType
 from enclavefl.tee.quote import verify_quote
@@ -279,7 +279,7 @@ def _check_key_binding(evidence: Evidence, report_data: bytes, spki: bytes) -> d
             raise KeyBindingRejected(
                 "legacy evidence is bound to another key: report_data[0:32] is "
                 f"{report_data[:32].hex()}, SHA-256 of this certificate's key is {spki_hash.hex()}",
-                check="key-binding",
+                check=Check.KEY_BINDING,
             )
         return {}
     claims_hash = hashlib.sha256(evidence.claims).digest()
@@ -287,14 +287,14 @@ def _check_key_binding(evidence: Evidence, report_data: bytes, spki: bytes) -> d
         raise KeyBindingRejected(
             f"evidence is not bound to its claims: report_data[0:32] is {report_data[:32].hex()}, "
             f"SHA-256 of the claims is {claims_hash.hex()}",
-            check="key-binding",
+            check=Check.KEY_BINDING,
         )
     claims = decode_cbor(evidence.claims, what="RA-TLS claims")
     if not isinstance(claims, dict) or not all(isinstance(key, str) and key for key in claims):
         raise FormatError("RA-TLS claims must be a CBOR map with non-empty text keys")
     if PUBKEY_HASH_CLAIM not in claims:
         raise KeyBindingRejected(
-            f"RA-TLS claims have no {PUBKEY_HASH_CLAIM!r}", check="key-binding"
+            f"RA-TLS claims have no {PUBKEY_HASH_CLAIM!r}", check=Check.KEY_BINDING
         )
     alg, digest = _parse_hash_entry(claims[PUBKEY_HASH_CLAIM])
     expected = _HASH_ALGS[alg](spki).digest()
@@ -302,7 +302,7 @@ def _check_key_binding(evidence: Evidence, report_data: bytes, spki: bytes) -> d
         raise KeyBindingRejected(
             f"evidence is bound to another key: {PUBKEY_HASH_CLAIM} is {digest.hex()}, "
             f"this certificate's key hashes to {expected.hex()}",
-            check="key-binding",
+            check=Check.KEY_BINDING,
         )
     return {**claims, PUBKEY_HASH_CLAIM: [alg, digest]}
 
@@ -336,11 +336,11 @@ def _check_self_signed(certificate: x509.Certificate, at: int | None) -> None:
     except InvalidSignature as exc:
         raise KeyBindingRejected(
             "certificate signature does not verify with its own (evidence-bound) key",
-            check="self-signature",
+            check=Check.SELF_SIGNATURE,
         ) from exc
     except ValueError as exc:  # issuer name differs from subject, or a bad signature encoding
         raise KeyBindingRejected(
-            f"certificate is not self-signed by its key: {exc}", check="self-signature"
+            f"certificate is not self-signed by its key: {exc}", check=Check.SELF_SIGNATURE
         ) from exc
     except (TypeError, UnsupportedAlgorithm) as exc:
         raise FormatError(f"certificate signature algorithm is not supported: {exc}") from exc
@@ -353,7 +353,7 @@ def _check_self_signed(certificate: x509.Certificate, at: int | None) -> None:
         raise Rejected(
             f"certificate is not valid at {when.isoformat()}: "
             f"valid {not_before.isoformat()} to {not_after.isoformat()}",
-            check="certificate-validity",
+            check=Check.CERTIFICATE_VALIDITY,
         )
 
 

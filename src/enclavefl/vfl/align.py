@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from enclavefl.errors import FormatError, Rejected, UsageError
+from enclavefl.errors import Check, FormatError, Rejected, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def match_rows(left: np.ndarray, right: np.ndarray, *, what: str) -> tuple[np.nd
     n = left.shape[0]
     if np.any(hi < n) or np.any(lo >= n):
         side = "first" if np.any(hi < n) else "second"
-        raise Rejected(f"{what}: the {side} list repeats a value", check="align-duplicates")
+        raise Rejected(f"{what}: the {side} list repeats a value", check=Check.ALIGN_DUPLICATES)
     return lo, hi - n
 
 
@@ -302,17 +302,17 @@ def positions_array(positions: np.ndarray) -> np.ndarray:
 
 def check_session(got: bytes, expected: bytes, what: str) -> None:
     if got != expected:
-        raise Rejected(f"{what}: the message belongs to another alignment session", check="align-session")
+        raise Rejected(f"{what}: the message belongs to another alignment session", check=Check.ALIGN_SESSION)
 
 
 def check_positions(positions: np.ndarray, count: int, what: str) -> None:
     """Positions into a list of `count` rows must be in range and distinct."""
     if positions.size and (positions.min() < 0 or positions.max() >= count):
         raise Rejected(
-            f"{what}: a position is outside the {count} rows this party sent", check="align-result"
+            f"{what}: a position is outside the {count} rows this party sent", check=Check.ALIGN_RESULT
         )
     if has_repeats(positions):
-        raise Rejected(f"{what}: a position appears twice", check="align-result")
+        raise Rejected(f"{what}: a position appears twice", check=Check.ALIGN_RESULT)
 
 
 def log_result(method: str, role: str, size: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from enclavefl.errors import FormatError, Rejected, UsageError
+from enclavefl.errors import Check, FormatError, Rejected, UsageError
 from enclavefl.net.admission import Peer
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.server import AttestedServer
@@ -148,7 +148,7 @@ class AlignmentEndpoint:
     def _party(self, peer: Peer) -> str:
         if peer.party not in self.followers:
             raise Rejected(
-                f"party {peer.party!r} is not a follower of this job {list(self.followers)}", check="vfl-party"
+                f"party {peer.party!r} is not a follower of this job {list(self.followers)}", check=Check.VFL_PARTY
             )
         return peer.party
 
@@ -158,7 +158,7 @@ class AlignmentEndpoint:
         if method != self.method:
             raise Rejected(
                 f"alignment method mismatch: follower {party} uses {method!r}, the leader {self.method!r}",
-                check="vfl-alignment",
+                check=Check.VFL_ALIGNMENT,
             )
         stored = request.meta.get("stored")
         if stored is not None and not isinstance(stored, str):
@@ -179,7 +179,7 @@ class AlignmentEndpoint:
             raise Rejected(
                 f"follower {party} holds alignment {held}, the job's is {job}: a follower that restarts "
                 "during a job must keep its sealed alignment (storage with resume)",
-                check="vfl-alignment",
+                check=Check.VFL_ALIGNMENT,
             )
 
     def _on_answer(self, peer: Peer, request: Message) -> Message:
@@ -189,11 +189,11 @@ class AlignmentEndpoint:
         digest = _digest(arrays)
         with self._cond:
             if self._phase != "fresh":
-                raise Rejected(f"alignment answer from {party}: no alignment is in progress", check="vfl-protocol")
+                raise Rejected(f"alignment answer from {party}: no alignment is in progress", check=Check.VFL_PROTOCOL)
             known = self._answers.get(party)
             if known is not None:
                 if known != digest:
-                    raise Rejected(f"alignment answer from {party}: a second, different answer", check="vfl-protocol")
+                    raise Rejected(f"alignment answer from {party}: a second, different answer", check=Check.VFL_PROTOCOL)
                 return Message(meta={"status": "duplicate"})
             self._machine.receive(party, answer_cls.from_arrays(arrays))
             self._answers[party] = digest
@@ -204,7 +204,7 @@ class AlignmentEndpoint:
         party = self._party(peer)
         with self._cond:
             if party not in self._answers:
-                raise Rejected(f"alignment result for {party}: it has not answered", check="vfl-protocol")
+                raise Rejected(f"alignment result for {party}: it has not answered", check=Check.VFL_PROTOCOL)
             self._cond.wait_for(lambda: self._results is not None, self._poll_s)
             if self._results is None:
                 return Message(meta={"status": "wait"})

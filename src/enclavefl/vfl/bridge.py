@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from enclavefl.errors import FormatError, Rejected, TransportError, UsageError
+from enclavefl.errors import Check, FormatError, Rejected, TransportError, UsageError
 from enclavefl.net.admission import Peer
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed
@@ -280,7 +280,7 @@ class LeaderBridge:
     def _party(self, peer: Peer) -> str:
         if peer.party not in self.followers:
             raise Rejected(
-                f"party {peer.party!r} is not a follower of this job {list(self.followers)}", check="vfl-party"
+                f"party {peer.party!r} is not a follower of this job {list(self.followers)}", check=Check.VFL_PARTY
             )
         return peer.party
 
@@ -308,7 +308,7 @@ class LeaderBridge:
             if self._alignment_id is not None and alignment_id != self._alignment_id:
                 raise Rejected(
                     f"{what}: alignment {alignment_id[:12]}… is not this job's {self._alignment_id[:12]}…",
-                    check="vfl-alignment",
+                    check=Check.VFL_ALIGNMENT,
                 )
             self._reports[party] = report
             self._cond.notify_all()
@@ -356,7 +356,7 @@ class LeaderBridge:
                 return self._rejoin()
             plan = self._require_plan()
             if committed > self._opened:
-                raise Rejected(f"{what}: commits iteration {committed}, which was never opened", check="vfl-protocol")
+                raise Rejected(f"{what}: commits iteration {committed}, which was never opened", check=Check.VFL_PROTOCOL)
             if committed > self._committed[party]:
                 self._committed[party] = committed
                 for key in [k for k in self._outbox if k[2] == party and k[0] <= committed]:
@@ -370,7 +370,7 @@ class LeaderBridge:
                     return Message(meta={"status": "open", "iteration": iteration})
                 if iteration > self._opened + 1:
                     raise Rejected(
-                        f"{what}: asks for iteration {iteration}, but only {self._opened} is open", check="vfl-protocol"
+                        f"{what}: asks for iteration {iteration}, but only {self._opened} is open", check=Check.VFL_PROTOCOL
                     )
                 need = plan.total - 1 if iteration == plan.total else plan.required(iteration)
                 if iteration == plan.total and self._closing:
@@ -393,7 +393,7 @@ class LeaderBridge:
             if self._stale(party, request.meta):
                 return self._rejoin()
             if iteration > self._opened:
-                raise Rejected(f"{what}: iteration {iteration} is not open", check="vfl-protocol")
+                raise Rejected(f"{what}: iteration {iteration} is not open", check=Check.VFL_PROTOCOL)
             key = (iteration, name, party)
             duplicate = (
                 (iteration, name) in self._collected or key in self._inbox or iteration <= self._committed[party]
@@ -422,7 +422,7 @@ class LeaderBridge:
             if iteration <= self._committed[party] or iteration > self._opened:
                 raise Rejected(
                     f"{what}: iteration {iteration} is committed or not open (open through {self._opened})",
-                    check="vfl-protocol",
+                    check=Check.VFL_PROTOCOL,
                 )
             return self._await_reply(party, request.meta, (iteration, name, party)) or Message(
                 meta={"status": "wait"}
@@ -432,7 +432,7 @@ class LeaderBridge:
         party = self._party(peer)
         with self._cond:
             if self._stale(party, request.meta) or not self._closing:
-                raise Rejected(f"{party} leaves, but the job has not ended for it", check="vfl-protocol")
+                raise Rejected(f"{party} leaves, but the job has not ended for it", check=Check.VFL_PROTOCOL)
             self._finished.add(party)
             self._cond.notify_all()
         return Message(meta={"status": "bye"})

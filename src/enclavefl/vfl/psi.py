@@ -36,7 +36,7 @@ from itertools import repeat
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from enclavefl.errors import Rejected, UsageError
+from enclavefl.errors import Check, Rejected, UsageError
 from enclavefl.vfl.align import (
     SESSION_BYTES,
     AlignmentResult,
@@ -82,7 +82,7 @@ def _scalarmult_chunk(secret: bytes, blob: bytes, first_row: int) -> bytes:
             # cryptography refuses an all-zero result: the input was a low-order point.
             row = first_row + offset // POINT_BYTES
             raise Rejected(
-                f"x25519: row {row} is a low-order point, not a blinded id", check="psi-point"
+                f"x25519: row {row} is a low-order point, not a blinded id", check=Check.PSI_POINT
             ) from None
     return b"".join(out)
 
@@ -210,16 +210,16 @@ class EcdhPsiLeader:
     def receive(self, follower: str, reply: PsiFollowerReply) -> None:
         what = f"ecdh-psi reply from {follower!r}"
         if follower not in self._followers:
-            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check="align-peer")
+            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check=Check.ALIGN_PEER)
         if follower in self._received:
-            raise Rejected(f"{what}: this follower already replied", check="align-protocol")
+            raise Rejected(f"{what}: this follower already replied", check=Check.ALIGN_PROTOCOL)
         if self._hello is None:
             raise UsageError(f"{what}: received before the hello was made")
         check_session(reply.session, self._session, what)
         if reply.reblinded.shape[0] != self._sent_order.size:
             raise Rejected(
                 f"{what}: {reply.reblinded.shape[0]} re-blinded rows, the hello had {self._sent_order.size}",
-                check="align-protocol",
+                check=Check.ALIGN_PROTOCOL,
             )
         theirs = scalarmult_rows(self._secret, reply.blinded, self._workers)
         self._received[follower] = (reply.reblinded, theirs)
@@ -286,14 +286,14 @@ class EcdhPsiFollower:
         if reply.reblinded.shape[0] != m:
             raise Rejected(
                 f"{what}: {reply.reblinded.shape[0]} re-blinded rows, this follower sent {m}",
-                check="align-protocol",
+                check=Check.ALIGN_PROTOCOL,
             )
         check_positions(reply.positions, m, what)
         _, mine = match_rows(self._reblinded, reply.reblinded, what=what)
         in_intersection = np.zeros(m, dtype=bool)
         in_intersection[mine] = True
         if not in_intersection[reply.positions].all():
-            raise Rejected(f"{what}: a position names an id outside the intersection", check="psi-result")
+            raise Rejected(f"{what}: a position names an id outside the intersection", check=Check.PSI_RESULT)
         aligned = AlignmentResult(self._sent_order[reply.positions])
         log_result(ECDH_PSI, "follower", aligned.size)
         return aligned

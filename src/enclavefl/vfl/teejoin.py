@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from enclavefl.errors import Rejected, UsageError
+from enclavefl.errors import Check, Rejected, UsageError
 from enclavefl.vfl.align import (
     SESSION_BYTES,
     AlignmentResult,
@@ -153,9 +153,9 @@ class TeeJoinLeader:
     def receive(self, follower: str, message: TeeJoinIds) -> None:
         what = f"tee-join ids from {follower!r}"
         if follower not in self._followers:
-            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check="align-peer")
+            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check=Check.ALIGN_PEER)
         if follower in self._received:
-            raise Rejected(f"{what}: this follower already sent its ids", check="align-protocol")
+            raise Rejected(f"{what}: this follower already sent its ids", check=Check.ALIGN_PROTOCOL)
         check_session(message.session, self._session, what)
         self._received[follower] = message.hashed
 
