@@ -13,6 +13,7 @@ here is the one Opacus's RDP accountant reports for the same (sigma, q, steps, d
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,14 @@ def _rdp_one_step(q: float, sigma: float, alpha: float) -> float:
     return log_a / (alpha - 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _rdp_vector(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of one step at every order (cached: an accountant asks again every round)."""
+    vector = np.array([_rdp_one_step(q, sigma, alpha) for alpha in orders])
+    vector.flags.writeable = False
+    return vector
+
+
 def _epsilon(orders: Sequence[float], rdp: np.ndarray, delta: float) -> tuple[float, float]:
     alphas = np.asarray(orders, dtype=float)
     with np.errstate(invalid="ignore"):
@@ -155,7 +164,7 @@ class RdpAccountant:
     def rdp(self) -> np.ndarray:
         total = np.zeros(len(self.orders))
         for sigma, q, steps in self.history:
-            total += steps * np.array([_rdp_one_step(q, sigma, alpha) for alpha in self.orders])
+            total += steps * _rdp_vector(q, sigma, tuple(self.orders))
         return total
 
     def epsilon(self, delta: float) -> float:
