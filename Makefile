@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[ml,dp,test,tf]'
+	$(BIN)/pip install -q -e '.[ml,dp,tf,tracking,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -121,7 +121,7 @@ def test_unreadable_storage_key_fails_at_start_and_stops_the_job(hfl_job: Path, 
     (tmp_path / "open.key").write_text("ab" * 32 + "\n")
     (tmp_path / "open.key").chmod(0o644)
     done = enclavefl("run", str(hfl_job), "--out", str(tmp_path / "out"), timeout=120)
-    assert done.returncode == 1 and "server (exit 2)" in done.stderr
+    assert done.returncode == 1 and "party server failed first (exit 2)" in done.stderr
     server_log = (tmp_path / "out" / "logs" / "server.log").read_text()
     assert "open.key is accessible by other users" in server_log and "Traceback" not in server_log
     assert "joined" not in server_log  # it failed before serving anyone

@@ -652,19 +652,28 @@ def keybroker_create_key(keys_dir: Path, name: str) -> None:
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
 @click.option("--resume", is_flag=True, help="Resume every party from its newest sealed checkpoint.")
+@click.option("--write-split", is_flag=True,
+              help="Write the validation ids (each party's own file in the output folder; never sent anywhere).")
 @typed_errors
-def run(job_file: Path, out_dir: Path | None, resume: bool) -> None:
+def run(job_file: Path, out_dir: Path | None, resume: bool, write_split: bool) -> None:
     """Run every party of JOB_FILE as a local process, with progress; writes summary.json."""
     from enclavefl.console import stdout_console
     from enclavefl.jobs.progress import run_with_progress
-    from enclavefl.jobs.report import result_table
+    from enclavefl.jobs.report import print_results
 
-    result = run_with_progress(job_file, out_dir=out_dir, resume=resume)
-    stdout_console.print(result_table([result.summary]))
+    result = run_with_progress(job_file, out_dir=out_dir, resume=resume, write_split=write_split)
+    print_results(stdout_console, [result.summary])
     stdout_console.print(f"outputs in {result.out_dir}")
-    if not result.ok:
-        failed = ", ".join(f"{name} (exit {code})" for name, code in result.failed.items())
-        raise JobFailed(f"parties failed: {failed}; see {result.out_dir}/logs")
+    _raise_if_failed(result)
+
+
+def _raise_if_failed(result: Any) -> None:
+    if result.ok:
+        return
+    first, *others = result.summary.get("failures", [])
+    then = "".join(f"; then {f['party']} (exit {f['exit_code']})" for f in others)
+    raise JobFailed(f"party {first['party']} failed first (exit {first['exit_code']}): {first['error']}{then}; "
+                    f"logs in {result.out_dir}/logs")
 
 
 @main.command()
@@ -676,23 +685,24 @@ def run(job_file: Path, out_dir: Path | None, resume: bool) -> None:
               help="align and predict: vertical jobs only.")
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="predict: this party's rows to predict (same columns as its training data).")
+@click.option("--write-split", is_flag=True, help="Write this party's validation ids to its output folder.")
 @typed_errors
-def party(job_file: Path, name: str, out_dir: Path | None, resume: bool, task: str, input_path: Path | None) -> None:
+def party(job_file: Path, name: str, out_dir: Path | None, resume: bool, task: str, input_path: Path | None,
+          write_split: bool) -> None:
     """Run one party of JOB_FILE (for separate hosts, containers or Gramine)."""
     from enclavefl.jobs.party import run_party
 
-    run_party(job_file, name, out_dir, resume=resume, task=task, input_path=input_path)
+    run_party(job_file, name, out_dir, resume=resume, task=task, input_path=input_path, write_split=write_split)
 
 
 def _run_task(job_file: Path, out_dir: Path | None, task: str, inputs: dict[str, Path] | None = None) -> Any:
     from enclavefl.console import stderr_console
     from enclavefl.jobs.launcher import run_job
 
-    with stderr_console.status(f"{task}: parties attesting and working…"):
-        result = run_job(job_file, out_dir=out_dir, task=task, inputs=inputs)
-    if not result.ok:
-        failed = ", ".join(f"{name} (exit {code})" for name, code in result.failed.items())
-        raise JobFailed(f"parties failed: {failed}; see {result.out_dir}/logs")
+    with stderr_console.status(f"{task}: attesting parties…") as status:
+        result = run_job(job_file, out_dir=out_dir, task=task, inputs=inputs,
+                         on_phase=lambda phase: status.update(f"{task}: {phase}…"))
+    _raise_if_failed(result)
     return result
 
 
@@ -734,6 +744,10 @@ def predict(job_file: Path, inputs: tuple[str, ...], out_dir: Path | None) -> No
     scored = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if isinstance(v, float))
     click.echo(f"{summary.get('rows')} predictions written to {summary.get('predictions')}"
                + (f" (labelled input: {scored})" if scored else ""))
+    for name, info in summary.get("parties", {}).items():
+        if info.get("dropped_rows"):
+            click.echo(f"{name}: {info['dropped_rows']} of its {info['input_rows']} input rows are not held by "
+                       "every party: no prediction for them")
 
 
 @main.command()
@@ -744,11 +758,11 @@ def demo(work: Path) -> None:
     """Run a small horizontal (digits) and vertical (breast cancer) job in INSECURE simulation mode."""
     from enclavefl.console import stdout_console
     from enclavefl.jobs.demo import run_demo
-    from enclavefl.jobs.report import result_table
+    from enclavefl.jobs.report import print_results
 
     stdout_console.print("[yellow]enclavefl demo: SIMULATED attestation (no TEE): INSECURE, for trying things out[/yellow]")
     results = run_demo(work)
-    stdout_console.print(result_table([r.summary for r in results]))
+    print_results(stdout_console, [r.summary for r in results])
     failed = [f"{r.summary.get('job')}: {', '.join(r.failed)}" for r in results if not r.ok]
     if failed:
         raise JobFailed(f"demo parties failed ({'; '.join(failed)}); logs under {work}")

@@ -87,17 +87,14 @@ class JobFeature:
     """Given the validated job config, does the job use the feature?"""
 
 
-def _section(name: str) -> Callable[[Any], bool]:
-    return lambda job: getattr(job, name, None) is not None
-
-
 JOB_FEATURES: tuple[JobFeature, ...] = (
     # Every party trains, evaluates or serves a torch model today.
     JobFeature("training", "ml", lambda job: True),
     JobFeature("Keras models (model framework: keras)", "tf", lambda job: job.model.uses_keras()),
     JobFeature("DP-SGD (privacy.mechanism: dp-sgd)", "dp",
                lambda job: getattr(getattr(job, "privacy", None), "mechanism", None) == "dp-sgd"),
-    JobFeature("experiment tracking (tracking:)", "tracking", _section("tracking")),
+    JobFeature("experiment tracking (output.tensorboard, output.mlflow)", "tracking",
+               lambda job: bool(getattr(job.output, "tensorboard", False) or getattr(job.output, "mlflow", None))),
 )
 
 

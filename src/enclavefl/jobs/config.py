@@ -61,6 +61,7 @@ __all__ = [
     "JobSection",
     "ModelSpec",
     "OutputConfig",
+    "PreprocessConfig",
     "PartitionSpec",
     "PartyConfig",
     "PrivacyConfig",
@@ -747,10 +748,33 @@ class StorageConfig(_Section):
         return self.checkpoint_dir / party
 
 
+class PreprocessConfig(_Section):
+    """Feature preprocessing each party applies to its own columns (vfl)."""
+
+    standardize: bool = False
+    """Scale every feature column to mean 0, std 1 with statistics fitted on this party's own
+    training rows; they never leave the party, are sealed with its exported half and reused
+    by predict."""
+
+
 class OutputConfig(_Section):
     dir: ResolvedPath
     """Metrics, plots and exported models. Default: runs/<job name> under the current directory."""
     plot: Bool = True
+    tensorboard: Bool = False
+    """Write TensorBoard event files to <dir>/tensorboard (extra [tracking])."""
+    mlflow: Bool | str | None = None
+    """An MLflow tracking URI to log params, per-round metrics and the summary to; true: a
+    file: store in <dir>/mlruns (extra [tracking])."""
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_uri(cls, value: bool | str | None) -> bool | str | None:
+        if value is False:
+            return None
+        if isinstance(value, str) and not re.match(r"^[a-z][a-z0-9+.-]*:", value):
+            raise _invalid(f"expected a tracking URI such as file:/path/mlruns or http://host:5000, got {value!r}")
+        return value
 
 
 # --------------------------------------------------------------------------- the job
@@ -813,6 +837,7 @@ class JobConfig(_Section):
     policy: Annotated[ResolvedPath, AfterValidator(_existing_file)]
     """The attestation policy JSON every party enforces."""
     storage: StorageConfig | None = None
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     output: OutputConfig
     code: Annotated[tuple[Annotated[str, AfterValidator(_module_name)], ...], AfterValidator(_unique)] = ()
     """Python modules that `module:function` references may use besides the modules beside the
@@ -995,6 +1020,9 @@ class HflJobConfig(JobConfig):
         issues.extend(self._shared_rows_issues())
         issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics, self.model.args, "model.args"))
         issues.extend(_user_strategy_units(self.strategy))
+        if self.preprocess.standardize:
+            issues.append(("preprocess.standardize", "vertical (vfl) jobs only for now: in hfl every worker would "
+                                                     "scale differently under one shared model"))
         workers = len(self.members())
         if self.strategy.min_workers is not None and workers and self.strategy.min_workers > workers:
             issues.append(("strategy.min_workers", f"{self.strategy.min_workers} is more than the {workers} worker(s) in parties"))
@@ -1061,6 +1089,9 @@ class VflJobConfig(JobConfig):
                 elif isinstance(data, WideDeepData) and isinstance(first, WideDeepData) and data.generate != first.generate:
                     issues.append((f"parties[{i}].data.generate", f"differs from parties[{first_i}]'s: the parties' files are generated together"))
         issues.extend(_auc_issues("training.metrics", self.training.metrics, self.model.top.args, "model.top.args"))
+        if self.preprocess.standardize and specs and not isinstance(specs[0][1], CsvData):
+            issues.append(("preprocess.standardize", f"scales numeric csv columns; {specs[0][1].kind!r} data are "
+                                                     "categorical ids (remove it)"))
         return issues
 
 

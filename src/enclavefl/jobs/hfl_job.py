@@ -10,6 +10,7 @@ import torch
 
 from enclavefl.errors import ConfigError
 from enclavefl.hfl import registry
+from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.hfl.contract import check_strategy
 from enclavefl.hfl.server import ParameterServer
@@ -110,12 +111,12 @@ def _tensors(data: PartyData) -> tuple[torch.Tensor, ...]:
     return (*(torch.from_numpy(np.ascontiguousarray(x)) for x in data.inputs), torch.from_numpy(labels))
 
 
-def run_role(runtime: PartyRuntime, *, resume: bool) -> dict[str, Any] | None:
+def run_role(runtime: PartyRuntime, *, resume: bool, write_split: bool = False) -> dict[str, Any] | None:
     job = runtime.job
     assert isinstance(job, HflJobConfig)
     if runtime.party.role == "server":
         return run_server(runtime, job, resume=resume)
-    run_worker(runtime, job)
+    run_worker(runtime, job, write_split=write_split)
     return None
 
 
@@ -133,7 +134,9 @@ def _record(runtime: PartyRuntime, event: dict[str, Any]) -> None:
     append_metrics(runtime.out_dir, record)
 
 
-def job_trainer(runtime: PartyRuntime, job: HflJobConfig, device: torch.device) -> tuple[Any, Any]:
+def job_trainer(
+    runtime: PartyRuntime, job: HflJobConfig, device: torch.device, *, write_split: bool = False
+) -> tuple[Any, Any]:
     """The worker's trainer: the job's `trainer:` function, or local SGD over the party's data
     (DP-SGD when the job has record-level privacy); and the DP-SGD state, if any."""
     private = job.privacy is not None and runtime.privacy is not None
@@ -153,8 +156,16 @@ def job_trainer(runtime: PartyRuntime, job: HflJobConfig, device: torch.device) 
         rng = np.random.default_rng(job.job.seed)
         order = rng.permutation(len(data))
         held = int(round(len(data) * (job.evaluation.holdout_fraction or 0.2)))
-        held_out = data.take(np.sort(order[:held]))
+        held_rows = np.sort(order[:held])
+        held_out = data.take(held_rows)
+        if write_split:  # this worker's own file: its held-out ids never leave it
+            path = runtime.out_dir / f"validation_ids-{runtime.party.name}.csv"
+            atomic_write_bytes(path, ("\n".join(["id", *map(str, data.ids[held_rows].tolist())]) + "\n").encode())
+            log.info("wrote the %d held-out ids of %s to %s", held, runtime.party.name, path)
+        runtime.write_party_record(n_train=len(data) - held, n_valid=held)
         data = data.take(np.sort(order[held:]))
+    else:
+        runtime.write_party_record(n_train=len(data))
     if job.model.uses_keras():
         if private:
             raise ConfigError("privacy: record-level DP-SGD is built for torch models; a Keras job cannot promise it")
@@ -229,6 +240,7 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
         resume=resume,
         on_metrics=lambda event: _record(runtime, event),
     )
+    runtime.phase("training")
     try:
         summary = ps.run()
         ps.linger(strategy_cfg.done_grace_s)
@@ -252,11 +264,13 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
     }
 
 
-def run_worker(runtime: PartyRuntime, job: HflJobConfig, *, trainer: Any = None) -> dict[str, Any]:
+def run_worker(
+    runtime: PartyRuntime, job: HflJobConfig, *, trainer: Any = None, write_split: bool = False
+) -> dict[str, Any]:
     """A worker of the job with `trainer` (default: the job's `trainer:` or the built-in one); its summary."""
     privacy = None
     if trainer is None:
-        trainer, privacy = job_trainer(runtime, job, resolve_device(runtime.party.device))
+        trainer, privacy = job_trainer(runtime, job, resolve_device(runtime.party.device), write_split=write_split)
     elif job.privacy is not None and runtime.privacy is not None:
         raise ConfigError("record-level DP-SGD (privacy:) is enforced by the built-in trainer; "
                           "a worker with its own trainer cannot promise it")

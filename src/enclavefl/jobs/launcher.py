@@ -5,6 +5,7 @@ connecting exactly as a remote party would, with progress, metrics, a summary an
 from __future__ import annotations
 
 import ctypes
+import math
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ __all__ = [
     "MEMBER_GRACE_S",
     "METRICS_FILE",
     "MetricsFollower",
+    "PHASE_FILE",
     "PLOT_FILE",
     "PartyProcess",
     "RESULT_FILE",
@@ -33,12 +35,15 @@ __all__ = [
     "SUMMARY_FILE",
     "append_metrics",
     "build_summary",
+    "failure_report",
     "open_fresh_log",
     "party_command",
+    "read_records",
     "result_file",
     "run_job",
     "start_party",
     "summary_file",
+    "write_phase",
 ]
 
 log = logging.getLogger("enclavefl.jobs")
@@ -46,6 +51,7 @@ log = logging.getLogger("enclavefl.jobs")
 __all__ = [
     "MEMBER_GRACE_S",
     "METRICS_FILE",
+    "PHASE_FILE",
     "PLOT_FILE",
     "RESULT_FILE",
     "SUMMARY_FILE",
@@ -54,17 +60,21 @@ __all__ = [
     "RunResult",
     "append_metrics",
     "build_summary",
+    "failure_report",
     "party_command",
+    "read_records",
     "result_file",
     "run_job",
     "start_party",
     "summary_file",
+    "write_phase",
 ]
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "metrics.png"
+PHASE_FILE = "phase.json"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -81,6 +91,7 @@ class PartyProcess:
     log_file: Any
     exit_code: int | None = None
     stopped: bool = False  # still running when the launcher stopped it
+    exited_at: float = math.inf  # monotonic time the launcher saw it exit
 
 
 @dataclass
@@ -104,13 +115,22 @@ def summary_file(task: str) -> str:
 
 
 def party_command(
-    job_file: Path, name: str, out_dir: Path, *, resume: bool, task: str = "train", input_path: Path | None = None
+    job_file: Path,
+    name: str,
+    out_dir: Path,
+    *,
+    resume: bool,
+    task: str = "train",
+    input_path: Path | None = None,
+    write_split: bool = False,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "enclavefl", "party", str(job_file), "--name", name, "--out", str(out_dir)]
     if task != "train":
         cmd += ["--task", task]
     if input_path is not None:
         cmd += ["--input", str(input_path)]
+    if write_split:
+        cmd += ["--write-split"]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -152,11 +172,13 @@ def start_party(
     parties: int,
     task: str = "train",
     input_path: Path | None = None,
+    write_split: bool = False,
 ) -> PartyProcess:
     log_path = out_dir / "logs" / f"{name}.log"
     log_file = open_fresh_log(log_path)
     process = subprocess.Popen(
-        party_command(job_file, name, out_dir, resume=resume, task=task, input_path=input_path),
+        party_command(job_file, name, out_dir, resume=resume, task=task, input_path=input_path,
+                      write_split=write_split),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=_child_env(parties),
@@ -175,11 +197,57 @@ def open_fresh_log(path: Path) -> Any:
     return open(path, "wb")  # noqa: SIM115 - closed when the process is reaped
 
 
-def _tail(path: Path, lines: int = 8) -> str:
+def _log_lines(path: Path) -> list[str]:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return path.read_text(errors="replace").splitlines()
     except OSError:
-        return ""
+        return []
+
+
+def _is_error(line: str) -> bool:
+    return line.startswith(("enclavefl: error:", "enclavefl: rejected:")) or " ERROR " in line or " CRITICAL " in line
+
+
+def _error_lines(path: Path, lines: int = 6) -> str:
+    """A failed party's error lines; its log's tail (without connection retries) if none."""
+    logged = _log_lines(path)
+    errors = [line for line in logged if _is_error(line)]
+    shown = errors or [line for line in logged if "failed (attempt " not in line]
+    return "\n".join(shown[-lines:])
+
+
+def _error(path: Path) -> str | None:
+    """The party's own last error message (`enclavefl: error: ...`), else its last ERROR line."""
+    logged = _log_lines(path)
+    final = [line for line in logged if line.startswith(("enclavefl: error:", "enclavefl: rejected:"))]
+    errors = final or [line for line in logged if _is_error(line)]
+    return errors[-1].removeprefix("enclavefl: error: ").removeprefix("enclavefl: ") if errors else None
+
+
+def failure_report(procs: list[PartyProcess]) -> list[dict[str, Any]]:
+    """Failed parties, the first to fail first: its error is usually the cause, and the others'
+    (a refused connection, a peer that left) its consequences."""
+    failed = [p for p in procs if p.exit_code not in (0, None) and not _left_behind(p, procs)]
+    failed.sort(key=lambda p: (p.stopped, p.exited_at))
+    return [
+        {"party": p.name, "exit_code": p.exit_code, "first": index == 0,
+         "error": _error(p.log_path) or ("stopped by the launcher after the others failed" if p.stopped
+                                         else "no error message in its log")}
+        for index, p in enumerate(failed)
+    ]
+
+
+def _read_phase(path: Path) -> str | None:
+    try:
+        phase = json.loads(path.read_text()).get("phase")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return phase if isinstance(phase, str) else None
+
+
+def write_phase(out_dir: Path, phase: str) -> None:
+    """The coordinator's current phase (attesting, aligning, training, exporting, ...), for progress."""
+    atomic_write_bytes(out_dir / PHASE_FILE, json.dumps({"phase": phase}).encode())
 
 
 class MetricsFollower:
@@ -213,6 +281,8 @@ def run_job(
     timeout_s: float | None = None,
     task: str = "train",
     inputs: dict[str, Path] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    write_split: bool = False,
 ) -> RunResult:
     """Start every party of `job_file` as a local process and wait for the job to end.
 
@@ -237,7 +307,7 @@ def run_job(
     from enclavefl.jobs.runtime import storage_key
 
     storage_key(job)  # simulation: create a missing file: key once, before the parties race for it
-    stale = [result_file(task), summary_file(task)] + ([METRICS_FILE] if task == "train" else [])
+    stale = [result_file(task), summary_file(task), PHASE_FILE] + ([METRICS_FILE] if task == "train" else [])
     if not resume:
         for name in stale:
             (out / name).unlink(missing_ok=True)
@@ -245,7 +315,7 @@ def run_job(
     started = time.monotonic()
     procs = [
         start_party(job_file, p.name, p.role, out, resume=resume, parties=len(everyone), task=task,
-                    input_path=inputs.get(p.name))
+                    input_path=inputs.get(p.name), write_split=write_split)
         for p in everyone
     ]
     follower = MetricsFollower(out / METRICS_FILE, from_end=task != "train")
@@ -259,7 +329,8 @@ def run_job(
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _supervise(procs, follower, forward, deadline=None if timeout_s is None else started + timeout_s)
+        _supervise(procs, follower, forward, deadline=None if timeout_s is None else started + timeout_s,
+                   on_phase=on_phase)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for proc in procs:
@@ -275,10 +346,15 @@ def run_job(
         from enclavefl.jobs.report import plot_metrics
 
         plot_metrics(follower.records, out / PLOT_FILE, title=job.job.name)
-    failed = {p.name: p.exit_code for p in procs if p.exit_code not in (0, None) and not _left_behind(p, procs)}
-    for name, code in failed.items():
-        proc = next(p for p in procs if p.name == name)
-        log.error("party %s exited with %s; last lines of %s:\n%s", name, code, proc.log_path, _tail(proc.log_path))
+    failures = summary.get("failures", [])
+    failed = {f["party"]: f["exit_code"] for f in failures}
+    for index, failure in enumerate(failures):
+        proc = next(p for p in procs if p.name == failure["party"])
+        if index == 0:
+            log.error("party %s failed first (exit %s): %s\nits last error lines (%s):\n%s", proc.name,
+                      proc.exit_code, failure["error"], proc.log_path, _error_lines(proc.log_path))
+        else:
+            log.error("then party %s (exit %s): %s", proc.name, proc.exit_code, failure["error"])
     return RunResult(summary=summary, out_dir=out, failed=failed)  # type: ignore[arg-type]
 
 
@@ -320,8 +396,11 @@ def _supervise(
     follower: MetricsFollower,
     on_metrics: Callable[[dict[str, Any]], None] | None,
     deadline: float | None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> None:
     coordinator = procs[0]
+    phase_path = coordinator.log_path.parent.parent / PHASE_FILE
+    last_phase: str | None = None
     coordinator_done_at: float | None = None
     members_done_at: float | None = None
     while True:
@@ -331,6 +410,13 @@ def _supervise(
         for proc in procs:
             if proc.exit_code is None:
                 proc.exit_code = proc.process.poll()
+                if proc.exit_code is not None:
+                    proc.exited_at = time.monotonic()
+        if on_phase is not None:
+            phase = _read_phase(phase_path)
+            if phase is not None and phase != last_phase:
+                last_phase = phase
+                on_phase(phase)
         if coordinator.exit_code is not None and coordinator_done_at is None:
             coordinator_done_at = time.monotonic()
         if all(p.exit_code is not None for p in procs):
@@ -365,6 +451,7 @@ def _stop(proc: PartyProcess) -> None:
             proc.process.wait()
     if proc.exit_code is None:
         proc.exit_code = proc.process.returncode
+        proc.exited_at = time.monotonic()
     proc.log_file.close()
 
 
@@ -393,6 +480,8 @@ def build_summary(
         }
         if _left_behind(proc, procs):
             parties[proc.name]["note"] = "stopped by the launcher: the job finished without it"
+        if task == "predict" and "dropped_rows" in record:
+            parties[proc.name].update(input_rows=record.get("input_rows"), dropped_rows=record["dropped_rows"])
     summary: dict[str, Any] = {
         "job": job.job.name,
         "job_id": job.job.id,
@@ -401,6 +490,15 @@ def build_summary(
         "metrics": result.get("metrics", {}),
         "parties": parties,
     }
+    split = _hfl_split(job, procs, records, summary["metrics"]) if task == "train" and job.mode == "hfl" else None
+    if split is not None:
+        summary["split"] = split
+    for key in ("final", "best", "health"):
+        if key in result:
+            summary[key] = result[key]
+    failures = failure_report(procs)
+    if failures:
+        summary["failures"] = failures
     summary.update(result.get("extra", {}))
     stopped = sorted({p["stopped"] for p in parties.values() if "stopped" in p} | ({result["stopped"]} if "stopped" in result else set()))
     if stopped:
@@ -413,6 +511,25 @@ def build_summary(
     return summary
 
 
+def _hfl_split(
+    job: JobConfig, procs: list[PartyProcess], records: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Training and evaluation rows of an hfl run, as the workers recorded them."""
+    workers = [records[p.name] for p in procs[1:] if "n_train" in records[p.name]]
+    if not workers:
+        return None
+    where = job.evaluation.where  # type: ignore[attr-defined]
+    if where == "workers":
+        n_valid: Any = sum(int(r.get("n_valid", 0)) for r in workers)
+        drawn = ("each worker holds out round(rows * holdout_fraction) of its own rows, by "
+                 "numpy.random.default_rng(seed).permutation(rows); --write-split writes each worker's ids")
+    else:
+        n_valid = metrics.get("count")
+        drawn = "the server evaluates on evaluation.data, every row of it"
+    return {"n_train": sum(int(r["n_train"]) for r in workers), "n_valid": n_valid, "seed": job.job.seed,
+            "evaluation": where, "drawn": drawn}
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -420,6 +537,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, json.JSONDecodeError) as err:
         raise EnclaveflError(f"cannot read {path}: {err}") from None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics.jsonl file (none if it does not exist)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:

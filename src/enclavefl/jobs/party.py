@@ -12,10 +12,11 @@ from enclavefl.errors import UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import HflJobConfig, JobConfig, load_job
 from enclavefl.jobs.datasets import preload_party_data
-from enclavefl.train.device import resolve_device
-from enclavefl.jobs.launcher import result_file
+from enclavefl.jobs.launcher import METRICS_FILE, read_records, result_file
+from enclavefl.jobs.results import final_and_best, health_warnings
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.net import bound_allocator, tune_allocator
+from enclavefl.train.device import resolve_device
 
 log = logging.getLogger("enclavefl.jobs")
 
@@ -58,6 +59,7 @@ def run_party(
     resume: bool = False,
     task: str = "train",
     input_path: Path | None = None,
+    write_split: bool = False,
 ) -> dict[str, Any] | None:
     """Run `task` as party `name` of the job to completion; the coordinator returns (and writes) the result.
 
@@ -85,12 +87,35 @@ def run_party(
 
         if task != "train":
             raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a horizontal (hfl) job")
-        result = hfl_job.run_role(runtime, resume=resume)
+        result = hfl_job.run_role(runtime, resume=resume, write_split=write_split)
     else:
         from enclavefl.jobs import vfl_job
 
-        result = vfl_job.run_role(runtime, resume=resume, task=task, input_path=input_path)
+        result = vfl_job.run_role(runtime, resume=resume, task=task, input_path=input_path, write_split=write_split)
     if result is not None:
         result["peers"] = runtime.peers_seen
+        if task == "train":
+            records = read_records(out / METRICS_FILE)
+            _judge(result, records, _metric_names(job))
+            if job.output.tensorboard or job.output.mlflow:
+                from enclavefl.jobs.tracking import write_tracking
+
+                summary = {"job": job.job.name, "metrics": result.get("metrics", {}), **result.get("extra", {}),
+                           **{k: result[k] for k in ("final", "best", "health") if k in result}}
+                write_tracking(job, out, records, summary)
         atomic_write_bytes(out / result_file(task), json.dumps(result, indent=2).encode())
     return result
+
+
+def _metric_names(job: Any) -> tuple[str, ...]:
+    section = job.evaluation if job.mode == "hfl" else job.training
+    return tuple(section.metrics)
+
+
+def _judge(result: dict[str, Any], records: list[dict[str, Any]], metrics: tuple[str, ...]) -> None:
+    """Final and best value of every metric, and warnings when the model never learned."""
+    result.update(final_and_best(records, metrics))
+    warnings = health_warnings(records)
+    for warning in warnings:
+        log.warning("run health: %s", warning)
+    result["health"] = {"warnings": warnings}

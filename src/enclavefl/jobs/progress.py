@@ -27,17 +27,29 @@ def _describe(record: dict[str, Any]) -> str:
     return "  ".join(shown)
 
 
-def run_with_progress(job_file: Path, *, out_dir: Path | None = None, resume: bool = False) -> RunResult:
+def run_with_progress(
+    job_file: Path, *, out_dir: Path | None = None, resume: bool = False, write_split: bool = False
+) -> RunResult:
     job = load_job(Path(job_file))
     total, unit = planned_steps(job)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[last]}"), TimeElapsedColumn())
     with Progress(*columns, console=stderr_console, transient=False) as progress:
         task = progress.add_task(f"{job.job.name} ({unit}s)", total=total, last="attesting parties…")
+        seen_metrics = False
 
         def on_metrics(record: dict[str, Any]) -> None:
+            nonlocal seen_metrics
             step = record.get("step")
-            if isinstance(step, int):
-                progress.update(task, completed=step, last=_describe(record))
+            described = _describe(record)
+            if isinstance(step, int) and described:
+                seen_metrics = True
+                progress.update(task, completed=step, last=described)
 
-        return run_job(job_file, out_dir=out_dir, resume=resume, on_metrics=on_metrics)
+        def on_phase(phase: str) -> None:
+            # attesting -> aligning -> training -> exporting; metrics take over while training.
+            if phase != "training" or not seen_metrics:
+                progress.update(task, last=f"{phase}…")
+
+        return run_job(job_file, out_dir=out_dir, resume=resume, on_metrics=on_metrics, on_phase=on_phase,
+                       write_split=write_split)

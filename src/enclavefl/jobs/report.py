@@ -6,7 +6,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
+
+__all__ = ["plot_metrics", "print_results", "result_notes", "result_table"]
 
 PLOTTED = ("accuracy", "auc", "logloss", "loss")
 
@@ -42,26 +45,59 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str) -> No
     plt.close(fig)
 
 
+def _headline(summary: dict[str, Any]) -> tuple[str, Any, Any]:
+    """The metric a row shows (auc, else accuracy), its final value and its best {value, step}."""
+    metrics = summary.get("metrics", {})
+    best = summary.get("best", {})
+    for name in ("auc", "accuracy"):
+        if isinstance(metrics.get(name), int | float):
+            return name, metrics[name], best.get(name)
+    return "-", None, None
+
+
 def result_table(summaries: list[dict[str, Any]]) -> Table:
-    """One row per job: mode, metric, wall time, and whether every party was attested."""
+    """One row per job: mode, metric (final and best), wall time, and who was attested."""
     table = Table(title="enclavefl results")
-    for column in ("job", "mode", "strategy", "metric", "value", "wall s", "parties attested"):
+    for column in ("job", "mode", "strategy", "metric", "final", "best (at)", "wall s", "parties attested"):
         table.add_column(column)
     for s in summaries:
-        metrics = s.get("metrics", {})
-        name, value = next(
-            ((m, metrics[m]) for m in ("auc", "accuracy") if isinstance(metrics.get(m), int | float)),
-            ("-", None),
-        )
+        name, final, best = _headline(s)
         parties = s.get("parties", {})
         attested = sum(1 for p in parties.values() if p.get("attested"))
+        if final is None and s.get("failures"):
+            final = "failed"
         table.add_row(
             s.get("job", "?"),
             s.get("mode", "?"),
             str(s.get("strategy", s.get("alignment", "-"))),
             name,
-            "-" if value is None else f"{value:.4f}",
+            final if isinstance(final, str) else "-" if final is None else f"{final:.4f}",
+            "-" if not best else f"{best['value']:.4f} ({best['step']})",
             f"{s.get('wall_s', 0):.1f}",
             f"{attested}/{len(parties)}",
         )
     return table
+
+
+def result_notes(summary: dict[str, Any]) -> list[str]:
+    """What the table cannot say: who failed first and why, who was not attested, health warnings."""
+    notes = []
+    for failure in summary.get("failures", []):
+        lead = "failed first" if failure.get("first") else "then failed"
+        notes.append(f"{summary.get('job')}: {failure['party']} {lead} (exit {failure['exit_code']}): {failure['error']}")
+    for name, party in summary.get("parties", {}).items():
+        if not party.get("attested"):
+            why = party.get("note") or (f"exited {party.get('exit_code')} before attestation completed"
+                                        if party.get("exit_code") not in (0, None) else "never attested to its peers")
+            notes.append(f"{summary.get('job')}: {name} not attested: {why}")
+    notes.extend(f"{summary.get('job')}: WARNING: {w}" for w in summary.get("health", {}).get("warnings", []))
+    return notes
+
+
+def print_results(console: Any, summaries: list[dict[str, Any]]) -> None:
+    """The result table, then its notes (failures, unattested parties, health warnings)."""
+    console.print(result_table(summaries))
+    for summary in summaries:
+        for note in result_notes(summary):
+            style = "yellow" if "WARNING" in note else "red"
+            console.print(f"[{style}]{escape(note)}[/{style}]")

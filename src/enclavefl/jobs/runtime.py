@@ -109,7 +109,7 @@ class PartyRuntime:
         )
         # A broker: storage key is fetched over the attested channel with this identity.
         configure_broker_access(credentials)
-        runtime.write_party_record()
+        runtime.write_party_record(fresh=True)  # nothing of an earlier run's record survives
         return runtime
 
     def key_source(self) -> KeySource | None:
@@ -142,12 +142,26 @@ class PartyRuntime:
         assert address is not None  # the job schema requires the coordinator's address
         return AttestedClient(f"{address.host}:{address.port}", self.credentials, retry=retry or RetryPolicy())
 
-    def write_party_record(self, **extra: Any) -> None:
+    def phase(self, name: str) -> None:
+        """The coordinator announces its phase (aligning, training, exporting, ...) to progress displays."""
+        if self.party.name == self.job.coordinator().name:
+            from enclavefl.jobs.launcher import write_phase
+
+            write_phase(self.out_dir, name)
+            log.info("phase: %s", name)
+
+    def write_party_record(self, *, fresh: bool = False, **extra: Any) -> None:
         """Who this party is (its own measurement; never a key), for the run summary.
 
         `extra` adds to what earlier calls recorded (verified coordinator, privacy spent)."""
         self.record_extra.update(extra)
+        path = self.out_dir / "parties" / f"{self.party.name}.json"
+        try:  # keep what this run recorded earlier (e.g. verified_coordinator)
+            earlier = json.loads(path.read_text()) if path.exists() and not fresh else {}
+        except (OSError, ValueError):
+            earlier = {}
         record = {
+            **earlier,
             "party": self.party.name,
             "role": self.party.role,
             "tee": self.tee,
@@ -156,7 +170,6 @@ class PartyRuntime:
             "policy_sha256": self.policy.digest().hex(),
             **self.record_extra,
         }
-        path = self.out_dir / "parties" / f"{self.party.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(record, indent=2).encode())
 

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from enclavefl.errors import ConfigError, UsageError
-from enclavefl.jobs.config import CsvData, ModelSpec, VflJobConfig
+from enclavefl.fsutil import atomic_write_bytes
+from enclavefl.jobs.config import CsvData, ModelSpec, VflJobConfig, WideDeepData
 from enclavefl.jobs.datasets import PartyData, load_party_data
 from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.jobs.models import build_job_model, model_factory
+from enclavefl.models.preprocess import Standardize, fit_standardizers
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
@@ -33,6 +35,13 @@ log = logging.getLogger("enclavefl.jobs")
 
 TASKS = ("train", "align", "predict")
 PREDICTIONS_FILE = "predictions.csv"
+VALIDATION_IDS_FILE = "validation_ids.csv"
+
+
+def _write_ids(path: Path, spec: Any, ids: np.ndarray) -> None:
+    column = spec.id_column if isinstance(spec, CsvData) else "id"
+    text = "\n".join([column, *(str(i) for i in ids.tolist())]) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def model_path(out_dir: Path, party: str) -> Path:
@@ -40,7 +49,14 @@ def model_path(out_dir: Path, party: str) -> Path:
     return out_dir / "model" / f"{party}.sealed"
 
 
-def run_role(runtime: PartyRuntime, *, resume: bool, task: str = "train", input_path: Path | None = None) -> dict[str, Any] | None:
+def run_role(
+    runtime: PartyRuntime,
+    *,
+    resume: bool,
+    task: str = "train",
+    input_path: Path | None = None,
+    write_split: bool = False,
+) -> dict[str, Any] | None:
     """Run `task` as this party; the leader returns the job result, followers None."""
     job = runtime.job
     assert isinstance(job, VflJobConfig)
@@ -54,7 +70,9 @@ def run_role(runtime: PartyRuntime, *, resume: bool, task: str = "train", input_
         return _align_leader(runtime, job, data) if leader else _align_follower(runtime, job, data)
     if task == "predict":
         return _predict_leader(runtime, job, data) if leader else _predict_follower(runtime, job, data)
-    return _train_leader(runtime, job, data, resume=resume) if leader else _train_follower(runtime, job, data, resume=resume)
+    if leader:
+        return _train_leader(runtime, job, data, resume=resume, write_split=write_split)
+    return _train_follower(runtime, job, data, resume=resume)
 
 
 # --------------------------------------------------------------------------- data and models
@@ -64,12 +82,17 @@ def _party_data(runtime: PartyRuntime, job: VflJobConfig, input_path: Path | Non
     spec = runtime.party.data
     assert spec is not None  # the job schema requires data on every vfl party
     if input_path is not None:
-        if not isinstance(spec, CsvData):
-            raise UsageError(f"predict --input: only csv data can be replaced by an input file, party "
-                             f"{runtime.party.name} has {spec.kind!r} data")
         input_path = Path(input_path).resolve()
-        label = spec.label if spec.label is not None and spec.label in _csv_header(input_path) else None
-        spec = spec.model_copy(update={"path": input_path, "label": label})
+        if isinstance(spec, CsvData):
+            label = spec.label if spec.label is not None and spec.label in _csv_header(input_path) else None
+            spec = spec.model_copy(update={"path": input_path, "label": label, "limit": None})
+        elif isinstance(spec, WideDeepData):  # a party file as make_wide_deep_data writes it
+            if not input_path.is_file():
+                raise UsageError(f"predict --input: {input_path} does not exist")
+            spec = spec.model_copy(update={"path": input_path, "generate": None})
+        else:
+            raise UsageError(f"predict --input: party {runtime.party.name} has {spec.kind!r} data, which "
+                             "cannot be replaced by an input file (csv and wide-deep can)")
     data = load_party_data(spec, seed=job.job.seed)
     if len(data.inputs) != 1:
         raise ConfigError(f"parties[{runtime.party.name}].data: vertical FL takes one feature matrix per party, "
@@ -114,13 +137,25 @@ def _build_half(job: VflJobConfig, spec: ModelSpec, what: str, seed: int, **args
 
 def build_bottom(job: VflJobConfig, in_features: int, spec: ModelSpec | None = None) -> nn.Module:
     """A bottom model over `in_features` columns (split MLP bottoms are sized from the data);
-    `spec` defaults to the followers' `model.bottom`."""
+    `spec` defaults to the followers' `model.bottom`. With `preprocess.standardize` it first
+    scales the party's columns (the statistics are part of its state)."""
     spec = spec or job.model.bottom
     where = "model.bottom" if spec is job.model.bottom else "model.leader_bottom"
     args = dict(spec.args)
     if spec.name == "bottom_mlp":
         args.setdefault("in_features", in_features)
-    return _build_half(job, spec, f"{where}.name", job.job.seed, **args)
+    model = _build_half(job, spec, f"{where}.name", job.job.seed, **args)
+    if not job.preprocess.standardize:
+        return model
+    if spec.uses_keras():
+        raise ConfigError(f"preprocess.standardize: {where} is a Keras model; scale the columns in it instead")
+    return nn.Sequential(Standardize(in_features), model)
+
+
+def _fitter(model: nn.Module, X: Any) -> Any:  # noqa: N803
+    """The prepare hook: fit the model's Standardize layers on this party's training rows."""
+    features = torch.as_tensor(X)
+    return lambda rows: fit_standardizers(model, features[torch.from_numpy(rows)])
 
 
 def _reads_own_features(top: nn.Module) -> bool:
@@ -217,7 +252,9 @@ def _label_privacy(runtime: PartyRuntime, job: VflJobConfig) -> LabelPrivacy | N
     return LabelPrivacy(target_epsilon(job.privacy, runtime.privacy), 2 if outputs == 1 else outputs)
 
 
-def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool) -> dict[str, Any]:
+def _train_leader(
+    runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool, write_split: bool = False
+) -> dict[str, Any]:
     training = job.training
     model = build_leader_model(job, data.num_features)
     server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
@@ -240,12 +277,22 @@ def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, 
         on_metrics=lambda event: append_metrics(runtime.out_dir, _metrics_record(event)),
         label_privacy=_label_privacy(runtime, job),
     )
+    leader.on_phase = runtime.phase
+    if job.preprocess.standardize:
+        leader.prepare = _fitter(model, data.inputs[0])
+    runtime.phase("aligning")
     server.start()
     try:
         summary = leader.run()
     finally:
         _record_peers(runtime, server)
         server.stop(grace_s=2.0)
+    split_file = None
+    if write_split:  # the leader's own file: validation ids never leave this party
+        split_file = runtime.out_dir / VALIDATION_IDS_FILE
+        _write_ids(split_file, runtime.party.data, leader.validation_ids())
+        log.info("wrote the %d validation ids to %s", summary["validation_rows"], split_file)
+    runtime.phase("exporting")
     exported = _export(runtime, job, model)
     final = _metrics_record(summary["final"]) if summary["final"] else {}
     return {
@@ -255,6 +302,16 @@ def _train_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, 
             "intersection": summary["intersection"],
             "train_rows": summary["train_rows"],
             "validation_rows": summary["validation_rows"],
+            "split": {
+                "n_train": summary["train_rows"],
+                "n_valid": summary["validation_rows"],
+                "seed": job.job.seed,
+                "validation_fraction": training.validation_fraction,
+                "drawn": "round(n * validation_fraction) positions of the aligned order, by "
+                         "numpy.random.default_rng((seed, 0x76616C)).permutation(n); the aligned order "
+                         "comes from the alignment, so use --write-split to get the rows",
+                "ids_file": None if split_file is None else str(split_file),
+            },
             "epochs": training.epochs,
             "iterations": summary["iterations"],
             "resumed_from": summary["resumed_from"],
@@ -268,17 +325,20 @@ def _train_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *
     model = build_bottom(job, data.num_features)
     client = runtime.client()
     runtime.connected(client)
+    follower = Follower(
+        client,
+        X=data.inputs[0],
+        ids=data.ids,
+        model=model,
+        optimizer=_optimizer(job, model),
+        alignment=job.training.alignment,
+        storage=_storage(runtime, job),
+        resume=resume,
+    )
+    if job.preprocess.standardize:
+        follower.prepare = _fitter(model, data.inputs[0])
     try:
-        summary = Follower(
-            client,
-            X=data.inputs[0],
-            ids=data.ids,
-            model=model,
-            optimizer=_optimizer(job, model),
-            alignment=job.training.alignment,
-            storage=_storage(runtime, job),
-            resume=resume,
-        ).run()
+        summary = follower.run()
     finally:
         client.close()
     log.info("follower %s: %d iterations over %d aligned samples", runtime.party.name,
@@ -354,6 +414,7 @@ def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -
     model = _load_half(runtime, job, build_leader_model(job, data.num_features))
     out_path = runtime.out_dir / PREDICTIONS_FILE
     server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
+    runtime.phase("aligning")
     server.start()
     try:
         predictions = predict_as_leader(
@@ -364,11 +425,14 @@ def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -
             model=model,
             alignment=job.training.alignment,
             out_path=out_path,
+            on_phase=runtime.phase,
         )
     finally:
         _record_peers(runtime, server)
         server.stop(grace_s=2.0)
-    extra: dict[str, Any] = {"task": "predict", "predictions": str(out_path), "rows": int(predictions.ids.size)}
+    rows = int(predictions.ids.size)
+    _record_dropped(runtime, len(data.ids), rows)
+    extra: dict[str, Any] = {"task": "predict", "predictions": str(out_path), "rows": rows}
     metrics: dict[str, Any] = {}
     if data.labels is not None:  # labelled input: report how the predictions score
         rows = {str(i): r for r, i in enumerate(data.ids.tolist())}
@@ -383,6 +447,17 @@ def _predict_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData)
     client = runtime.client()
     runtime.connected(client)
     try:
-        predict_as_follower(client, X=data.inputs[0], ids=data.ids, model=model, alignment=job.training.alignment)
+        summary = predict_as_follower(client, X=data.inputs[0], ids=data.ids, model=model,
+                                      alignment=job.training.alignment)
     finally:
         client.close()
+    _record_dropped(runtime, len(data.ids), int(summary["intersection"]))
+
+
+def _record_dropped(runtime: PartyRuntime, input_rows: int, predicted: int) -> None:
+    """Rows of this party's input that not every party holds get no prediction: say how many."""
+    dropped = input_rows - predicted
+    if dropped:
+        log.warning("party %s: %d of its %d input rows are not held by every party and get no prediction",
+                    runtime.party.name, dropped, input_rows)
+    runtime.write_party_record(input_rows=input_rows, dropped_rows=dropped)

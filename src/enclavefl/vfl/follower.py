@@ -16,8 +16,10 @@ import copy
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,6 +89,9 @@ class Follower:
         self._applied: list[int] = []
         self._resumed_from: int | None = None
         self._rejoins = 0
+        self.prepare: Callable[[np.ndarray], dict[str, torch.Tensor]] | None = None
+        """Training only: called with this party's training rows (indices into its X) once the
+        leader's plan is known; fits preprocessing and returns the model state entries it set."""
 
     def run(self) -> dict[str, Any]:
         """Align, then follow the leader's plan until it says done; returns a summary."""
@@ -174,6 +179,9 @@ class Follower:
         self._bridge.session = session
         self._instance = session.split(":", 1)[0]
         self._plan = plan
+        if self.prepare is not None and plan.mode == TRAIN:
+            train, _ = plan.split()
+            self._initial["model"].update(self.prepare(np.sort(aligned.rows[train])))
         self._restore(resume)
         if self._resumed_from is None:
             self._resumed_from = resume

@@ -117,6 +117,8 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 class _Coordinator:
     """What training and prediction share on the leader: alignment, the bridge, rewinds."""
 
+    _work_phase = "training"
+
     def __init__(
         self,
         server: AttestedServer,
@@ -164,6 +166,12 @@ class _Coordinator:
         self._completed: list[int] = []
         self._resumed_from = -1
         self._rewinds = 0
+        self.on_phase: Callable[[str], None] | None = None
+        self.prepare: Callable[[np.ndarray], dict[str, torch.Tensor]] | None = None
+        """Training only: called with this party's training rows (indices into its X) once the
+        plan is known; fits preprocessing (e.g. standardization) and returns the model state
+        entries it set, which also become part of the initial state restored by rewinds."""
+        """Called with `_work_phase` once the alignment is done."""
 
     # --- hooks ----------------------------------------------------------------------------------
 
@@ -205,10 +213,15 @@ class _Coordinator:
             storage.clear_checkpoints()
             storage.save_alignment(aligned, self._ids)
         self._aligned = aligned
+        if self.on_phase is not None:
+            self.on_phase(self._work_phase)
         if aligned.size == 0:
             raise UsageError(f"{aligned.method}: the parties share no example ids: there is nothing to train on")
         plan = self._plan = self._make_plan(aligned.size)
         self._bridge.set_alignment(aligned.alignment_id)
+        if self.prepare is not None and plan.mode == TRAIN:
+            train, _ = plan.split()
+            self._initial["model"].update(self.prepare(np.sort(aligned.rows[train])))
         reports = self._bridge.wait_for_reports(self._join_timeout_s)
         common = set(self._stored_iterations()) | {self._position}
         for report in reports.values():
@@ -423,6 +436,12 @@ class Leader(_Coordinator):
             "wall_s": time.monotonic() - started,
         }
 
+    def validation_ids(self) -> np.ndarray:
+        """The leader's ids of the validation rows (after `run()`), in its own input order."""
+        assert self._plan is not None and self._aligned is not None
+        _, validation = self._plan.split()
+        return np.asarray(self._ids)[np.sort(self._aligned.rows[validation])]
+
     def _iteration(self, step: Step) -> None:
         self._bridge.open(step.iteration, self._step_timeout_s)
         if step.kind == EVAL:
@@ -511,7 +530,7 @@ class Leader(_Coordinator):
 
 @dataclass(frozen=True, eq=False)
 class Predictions:
-    """The leader's predictions for the aligned rows of the input, in the common order."""
+    """The leader's predictions for the rows every party holds, in the leader's input order."""
 
     ids: np.ndarray
     logits: np.ndarray
@@ -539,6 +558,8 @@ class Predictions:
 
 
 class _Predictor(_Coordinator):
+    _work_phase = "predicting"
+
     def __init__(self, server: AttestedServer, *, batch_size: int, pipeline_depth: int, **kwargs: Any) -> None:
         super().__init__(server, optimizer=None, storage=None, resume=False, tee_join_order_key=None, **kwargs)
         self._batch_size = batch_size
@@ -564,7 +585,10 @@ class _Predictor(_Coordinator):
     def predict(self) -> Predictions:
         self._run()
         assert self._aligned is not None and self._logits is not None
-        return Predictions(np.asarray(self._ids)[self._aligned.rows], self._logits)
+        # The leader's input order (the common order is pseudorandom, and a user joins
+        # predictions back to their rows).
+        order = np.argsort(self._aligned.rows, kind="stable")
+        return Predictions(np.asarray(self._ids)[self._aligned.rows[order]], self._logits[order])
 
 
 def predict_as_leader(
@@ -582,6 +606,7 @@ def predict_as_leader(
     step_timeout_s: float = 300.0,
     alignment_workers: int | None = None,
     poll_s: float = DEFAULT_POLL_S,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Predictions:
     """Joint prediction through the bridge on the rows every party holds (aligned by id).
 
@@ -593,6 +618,7 @@ def predict_as_leader(
         pipeline_depth=pipeline_depth, join_timeout_s=join_timeout_s, step_timeout_s=step_timeout_s,
         alignment_workers=alignment_workers, poll_s=poll_s,
     )  # fmt: skip
+    predictor.on_phase = on_phase
     predictions = predictor.predict()
     if out_path is not None:
         atomic_write_bytes(Path(out_path), predictions.to_csv())
