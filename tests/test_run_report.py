@@ -235,3 +235,39 @@ def test_standardize_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
     job_file.write_text(yaml.safe_dump(job))
     with pytest.raises(ConfigError, match="preprocess.standardize: vertical"):
         load_job(job_file)
+
+
+def _party_records(out: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("event") == "party"]
+
+
+def test_per_party_training_metrics_vfl(vfl: dict[str, Any]) -> None:
+    parties = _party_records(vfl["out"])
+    by_party = {(r["party"], r["step"]): r for r in parties}
+    assert set(by_party) == {(p, e) for p in ("leader", "follower") for e in (1, 2, 3)}
+    for epoch in (1, 2, 3):
+        leader, follower = by_party[("leader", epoch)], by_party[("follower", epoch)]
+        assert leader["loss"] > 0 and leader["compute_s"] > 0 and leader["examples"] == 455
+        # What the follower sends (its activations) is what the leader receives, and back.
+        assert follower["bytes_sent"] == leader["bytes_received"] == 455 * 8 * 4
+        assert follower["bytes_received"] == leader["bytes_sent"] > 0
+    assert (vfl["out"] / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_party_training_metrics_hfl(tmp_path: Path) -> None:
+    from enclavefl.jobs.demo import write_hfl_demo
+
+    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
+    job_file = write_hfl_demo(tmp_path)
+    job = yaml.safe_load(job_file.read_text())
+    job["strategy"]["rounds"] = 2
+    job_file.write_text(yaml.safe_dump(job))
+    result = run_job(job_file, timeout_s=300)
+    assert result.ok, result.summary
+    parties = _party_records(result.out_dir)
+    assert sorted((r["party"], r["step"]) for r in parties) == [(w, s) for w in ("worker-a", "worker-b") for s in (1, 2)]
+    for record in parties:
+        assert record["loss"] > 0 and record["compute_s"] > 0 and record["examples"] > 600
+        assert record["bytes_sent"] > 0 and record["bytes_received"] > 0
+    assert result.summary["split"]["n_train"] == sum(r["examples"] for r in parties if r["step"] == 1)

@@ -339,6 +339,8 @@ class ParameterServer:
         self._last_seen: dict[str, float] = {}
         self._counts = {w: _WorkerCounts() for w in self._workers}
         self._contributors: dict[str, float] = {}  # worker -> its compute seconds, this version
+        # worker -> its training metrics this version (loss, examples, compute_s, bytes_sent).
+        self._party_stats: dict[str, dict[str, Any]] = {}
         self._pending_evals: dict[int, _PendingEval] = {}
         self._last_eval_key: dict[str, int] = {}
         self._evaluations: list[dict[str, Any]] = []
@@ -639,6 +641,10 @@ class ParameterServer:
             compute_s = request.meta.get("compute_s", 0.0)
             if isinstance(compute_s, bool) or not isinstance(compute_s, (int, float)) or not compute_s >= 0:
                 raise UsageError(f"message field 'compute_s' must be a number >= 0, got {compute_s!r}")
+            loss = request.meta.get("loss")
+            if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+                raise UsageError(f"message field 'loss' must be a number, got {loss!r}")
+            uploaded = int(payload.tensor.nbytes) + wire.message_bytes(request.tensors)
             want = wire.parse_want(self._layout, request.tensors)
             for name in [n for n in request.tensors if n.startswith("want/")]:
                 del request.tensors[name]
@@ -652,6 +658,9 @@ class ParameterServer:
                     status = self._apply_async_locked(worker, unpacked, version, weight, now)
                 else:
                     status = self._fold_locked(worker, unpacked, version, weight, float(compute_s), now)
+                    if status == "accepted":
+                        self._party_stats[worker] = {"loss": loss, "examples": weight, "compute_s": float(compute_s),
+                                                     "bytes_sent": uploaded}
                 # Give the upload place and the payload's memory back before waiting for the others.
                 lease = request.meta.get("lease")
                 if isinstance(lease, str) and self._leases.get(lease, ("", 0.0))[0] == worker:
@@ -783,6 +792,13 @@ class ParameterServer:
             self._cond.notify_all()
             raise
 
+    def _snapshot_bytes(self) -> int:
+        """Bytes of the global state a worker downloads (the published dense and integer tensors)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return 0
+        return int(snapshot.dense.nbytes) + int(snapshot.ints.nbytes)
+
     def _close_locked(self, now: float, reason: str) -> None:
         version = self._strategy.version
         contributors = sorted(self._contributors)
@@ -809,6 +825,12 @@ class ParameterServer:
             **{k: v for k, v in metrics.items() if k not in ("event", "version")},
         }
         self._events.append(record)
+        state_bytes = self._snapshot_bytes()
+        for worker in contributors:  # each party's own figures, next to the global evaluation
+            stats = {k: v for k, v in self._party_stats.pop(worker, {}).items() if v is not None}
+            self._events.append({"event": "party", "party": worker, "version": self._strategy.version,
+                                 **stats, "bytes_received": state_bytes})
+        self._party_stats.clear()
         periodic = self._unit == "round" or self._strategy.version % self._eval_every == 0
         level = logging.INFO if periodic else logging.DEBUG
         log.log(

@@ -287,7 +287,7 @@ class Worker:
             compute_s = time.perf_counter() - started
             contribution = self._grad_contribution(weights, result, version)
             want = self._rows("next")
-            self._push(contribution, want, compute_s)
+            self._push(contribution, want, compute_s, loss=result.metrics.get("loss"))
             log.debug("party %s: step at version %d, %.3f s", self.party, version, compute_s)
             self._maybe_evaluate()
 
@@ -313,7 +313,7 @@ class Worker:
                         "compute_s": compute_s})  # fmt: skip
             log.info("party %s: round %d/%d trained in %.2f s%s", self.party, version + 1, self._total, compute_s,
                      f" (loss {loss:.4f})" if isinstance(loss, float) else "")  # fmt: skip
-            self._push(contribution, want, compute_s)
+            self._push(contribution, want, compute_s, loss=loss)
             self._maybe_evaluate()
 
     def _round_config(self) -> dict[str, Any]:
@@ -420,7 +420,12 @@ class Worker:
     # -- talking to the server ------------------------------------------------------------
 
     def _push(
-        self, contribution: GradContribution | UpdateContribution, want: Mapping[str, np.ndarray], compute_s: float
+        self,
+        contribution: GradContribution | UpdateContribution,
+        want: Mapping[str, np.ndarray],
+        compute_s: float,
+        *,
+        loss: Any = None,
     ) -> None:
         """Get an upload place, send the contribution, load the state the server answers with."""
         layout = self._require_layout()
@@ -440,6 +445,8 @@ class Worker:
             return
         tensors = {**wire.want_tensors(want_t), **layout.pack_contribution(contribution)}
         meta = {"version": version, "weight": contribution.weight, "compute_s": compute_s, "lease": lease.meta["lease"]}
+        if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss):
+            meta["loss"] = float(loss)  # the server's per-party training metrics
         sent = {name: int(tensors[f"index/{name}"].numel()) for name in layout.tables}
         self._counts["pushes"] += 1
         reply = self._call(wire.PUSH, Message(meta, tensors))

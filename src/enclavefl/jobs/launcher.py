@@ -221,6 +221,8 @@ def _error(path: Path) -> str | None:
     logged = _log_lines(path)
     final = [line for line in logged if line.startswith(("enclavefl: error:", "enclavefl: rejected:"))]
     errors = final or [line for line in logged if _is_error(line)]
+    if not errors and any(line.startswith("Traceback") for line in logged):
+        errors = [line for line in logged if line.strip()][-1:]  # a crash: the exception line
     return errors[-1].removeprefix("enclavefl: error: ").removeprefix("enclavefl: ") if errors else None
 
 

@@ -9,35 +9,46 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["plot_metrics", "print_results", "result_notes", "result_table"]
+__all__ = ["PARTY_PLOTTED", "PLOTTED", "plot_metrics", "print_results", "result_notes", "result_table"]
 
 PLOTTED = ("accuracy", "auc", "logloss", "loss")
 
 
+PARTY_PLOTTED = ("loss", "compute_s", "bytes_sent")
+
+
 def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str) -> None:
-    """One panel per metric over rounds/epochs/steps (the record's `step`)."""
+    """One panel per global metric over rounds/epochs/steps (the record's `step`), then one
+    panel per training figure of the parties (`event: party` records), one line per party."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         x = record.get("step")
         if x is None:
             continue
-        for name in PLOTTED:
+        party = record.get("party") if record.get("event") == "party" else None
+        for name in PARTY_PLOTTED if party else PLOTTED:
             value = record.get(name)
-            if isinstance(value, int | float):
-                series[name].append((x, value))
-    if not series:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                panel = f"party {name}" if party else name
+                panels[panel][party or ""].append((x, value))
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
-    for ax, (name, points) in zip(axes[0], sorted(series.items()), strict=True):
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3)
+    ordered = sorted(p for p in panels if not p.startswith("party ")) + sorted(p for p in panels if p.startswith("party "))
+    fig, axes = plt.subplots(1, len(ordered), figsize=(4 * len(ordered), 3.2), squeeze=False)
+    unit = next((r["unit"] for r in reversed(records) if "unit" in r), "round")
+    for ax, name in zip(axes[0], ordered, strict=True):
+        for party, points in sorted(panels[name].items()):
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, label=party or None)
+        if len(panels[name]) > 1 or "" not in panels[name]:
+            ax.legend(fontsize="small")
         ax.set_title(name)
-        ax.set_xlabel(records[-1].get("unit", "round"))
+        ax.set_xlabel(unit)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import inspect
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,16 @@ def _label_privacy(runtime: PartyRuntime, job: VflJobConfig) -> LabelPrivacy | N
     return LabelPrivacy(target_epsilon(job.privacy, runtime.privacy), 2 if outputs == 1 else outputs)
 
 
+def _append_epoch(runtime: PartyRuntime, event: dict[str, Any]) -> None:
+    """The epoch's evaluation record, then one training record per party (loss, examples,
+    compute seconds, bytes), as metrics.jsonl lines."""
+    append_metrics(runtime.out_dir, _metrics_record(event))
+    for party, figures in event.get("parties", {}).items():
+        numbers = {k: v for k, v in figures.items() if isinstance(v, int | float) and not math.isnan(v)}
+        append_metrics(runtime.out_dir, {"event": "party", "party": party, "step": event["epoch"],
+                                         "unit": "epoch", **numbers})
+
+
 def _train_leader(
     runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool, write_split: bool = False
 ) -> dict[str, Any]:
@@ -274,7 +285,7 @@ def _train_leader(
         pipeline_depth=training.pipeline_depth,
         storage=_storage(runtime, job),
         resume=resume,
-        on_metrics=lambda event: append_metrics(runtime.out_dir, _metrics_record(event)),
+        on_metrics=lambda event: _append_epoch(runtime, event),
         label_privacy=_label_privacy(runtime, job),
     )
     leader.on_phase = runtime.phase

@@ -408,6 +408,9 @@ class Leader(_Coordinator):
         self._loss_count = 0
         self._epoch_started = time.monotonic()
         self._timed_samples = 0
+        self._traffic: dict[str, list[int]] = {f: [0, 0] for f in self._followers}
+        self._compute_s = 0.0
+        self._name = server.party
 
     def _make_plan(self, rows: int) -> Plan:
         batch_size, epochs, seed, validation_fraction, pipeline_depth = self._settings
@@ -453,7 +456,10 @@ class Leader(_Coordinator):
     def _train(self, step: Step) -> None:
         if self._loss_count == 0:  # the epoch's first batch: its throughput is counted from here
             self._epoch_started, self._timed_samples = time.monotonic(), 0
+            self._traffic = {f: [0, 0] for f in self._followers}
+            self._compute_s = 0.0
         activations = self._activations(step.iteration, grad=True)
+        computing = time.perf_counter()
         rows = self._rows(step)
         self._model.train()
         loss = loss_of(self._model(self._X[rows], activations), self._train_y[rows])
@@ -462,6 +468,10 @@ class Leader(_Coordinator):
         loss.backward()
         # Followers start their backward pass while the leader steps.
         gradients = {f: Message(tensors={GRADIENTS: a.grad}) for f, a in zip(self._followers, activations)}
+        self._compute_s += time.perf_counter() - computing
+        for follower, a in zip(self._followers, activations):  # (activations in, gradients out)
+            self._traffic[follower][0] += a.nbytes
+            self._traffic[follower][1] += a.grad.nbytes if a.grad is not None else 0
         self._bridge.post(step.iteration, GRADIENTS, gradients)
         self._optimizer.step()
         self._bridge.finish(step.iteration)
@@ -491,6 +501,15 @@ class Leader(_Coordinator):
             "validation_rows": int(rows.numel()),
             "samples_per_s": self._timed_samples / max(now - self._epoch_started, 1e-9),
             **(self._label_privacy.report() if self._label_privacy is not None else {}),
+            # Each party's own figures this epoch (the followers' traffic as the leader counts it).
+            "parties": {
+                self._name: {"loss": self._loss_sum / self._loss_count if self._loss_count else math.nan,
+                             "examples": self._loss_count, "compute_s": self._compute_s,
+                             "bytes_sent": sum(t[1] for t in self._traffic.values()),
+                             "bytes_received": sum(t[0] for t in self._traffic.values())},
+                **{f: {"examples": self._loss_count, "bytes_sent": sent, "bytes_received": received}
+                   for f, (sent, received) in self._traffic.items()},
+            },
         }
         self._history.append(record)
         self._loss_sum, self._loss_count = 0.0, 0
