@@ -83,11 +83,13 @@ def _wait_exit(processes: dict[str, Process]) -> dict[str, int | None]:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a metrics.jsonl the coordinator is appending to."""
+    """The complete lines of a metrics.jsonl the coordinator is appending to (without the
+    parties' own training figures, `event: party`)."""
     if not path.exists():
         return []
     data = path.read_bytes()
-    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+    lines = [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+    return [r for r in lines if r.get("event") != "party"]
 
 
 def _csv_rows(path: Path) -> int:

@@ -239,7 +239,7 @@ def _metrics_record(event: dict[str, Any]) -> dict[str, Any]:
     """metrics.jsonl rows: `step` is the epoch, validation metrics under the job's names."""
     names = {"val_accuracy": "accuracy", "val_auc": "auc", "val_log_loss": "logloss", "train_loss": "loss"}
     record = {names.get(k, k): v for k, v in event.items() if not isinstance(v, dict | list)}
-    record.update(step=event["epoch"], unit="epoch")
+    record.update(event="eval", step=event["epoch"], unit="epoch")
     return record
 
 
