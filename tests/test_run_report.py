@@ -203,7 +203,7 @@ def test_standardize_fits_each_party_on_its_training_rows_and_seals_it(vfl: dict
     from enclavefl.jobs.config import load_job
     from enclavefl.jobs.vfl_job import build_bottom, build_leader_model, model_path
     from enclavefl.models.preprocess import Standardize
-    from enclavefl.seal import FileKeySource
+    from enclavefl.insecure import FileKeySource
     from enclavefl.vfl.export import load_model
 
     job = load_job(vfl["job"])
