@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow fuzz bench proto clean
+.PHONY: demo lint test test-unit test-slow fuzz bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/enclavefl demo
 
+# The gates CI enforces before any test: ruff (lint) and mypy (types), configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Quick feedback while editing: no end-to-end (integration) and no slow tests.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

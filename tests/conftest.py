@@ -54,3 +54,31 @@ def fuzz_settings(examples: int) -> Any:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
+
+
+# End-to-end modules: they start parties (subprocesses, or servers and clients talking over real
+# gRPC), build wheels or run whole jobs. Marked `integration` so that `make test-unit` (-m "not
+# integration and not slow") gives feedback in well under a minute; `make test` runs them all.
+INTEGRATION_MODULES = frozenset({
+    "test_api_examples.py",
+    "test_cli_net.py",
+    "test_deploy_docker.py",
+    "test_examples.py",
+    "test_hfl_roles.py",
+    "test_jobs_run.py",
+    "test_jobs_vfl.py",
+    "test_keras.py",
+    "test_multihost_netns.py",
+    "test_net_bigtensor.py",
+    "test_privacy_examples.py",
+    "test_privacy_hfl.py",
+    "test_train_sgd.py",
+    "test_vfl.py",
+    "test_wheel.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
