@@ -27,7 +27,8 @@ from enclavefl.errors import Rejected, SealError, UsageError
 from enclavefl.hfl import wire
 from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.train.metrics import binary_auc
-from enclavefl.hfl.server import ParameterServer, QuorumLost, UploadGate
+from enclavefl.hfl.server import ParameterServer, QuorumLost
+from enclavefl.net.flow import UploadGate
 from enclavefl.hfl.registry import make_strategy
 from enclavefl.hfl.strategies import GradContribution, grad_contribution
 from enclavefl.hfl.worker import Worker, evaluate
@@ -748,7 +749,7 @@ def test_dlrm_sends_only_the_rows_each_batch_touches() -> None:
 
 
 def test_upload_gate_holds_one_payload_at_a_time_and_frees_places() -> None:
-    gate = UploadGate(1)
+    gate = UploadGate(1, gated=wire.PAYLOAD)
     spec = TensorSpec(wire.PAYLOAD, "float32", (4,), "torch")
     first = gate.open(spec)
     first.write(bytes(16))

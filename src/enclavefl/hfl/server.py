@@ -1,11 +1,13 @@
 """The parameter server of horizontal FL, served over the attested channel.
 
-The server holds the global model and the server optimizer through a `Strategy`, and
-serves five methods to the workers named in the job (any other party is refused):
+The server holds the global model and drives a strategy (any object with the hooks of
+`enclavefl.hfl.contract`), and serves these methods to the workers named in the job (any
+other party is refused):
 
 * `hfl.join`: the current global state (embedding tables whole) and what the worker needs
-  to know (strategy, version, total, evaluation cadence, FedProx mu). Late and returning
-  workers join the same way.
+  to know (strategy, kind, version, total, evaluation cadence, the round's config). Late
+  and returning workers join the same way. Every state reply carries the strategy's
+  config for the next round (FedProx: its `mu`).
 * `hfl.slot`: long-poll for one of `max_pending_uploads` upload places (a lease).
 * `hfl.push`: a contribution at a version, plus the table rows the worker will read next.
   sync-sgd and the round strategies fold it into running weighted sums (never a list of
@@ -14,6 +16,13 @@ serves five methods to the workers named in the job (any other party is refused)
   version is refused as stale and answered with the current state.
 * `hfl.wait`: long-poll for a version after a given one (or, `rows_only`, just table rows).
 * `hfl.eval`: a worker's evaluation statistics of a version it received.
+* `hfl.leave`: a worker leaves for good (its privacy budget is spent).
+
+This module is the role: the handlers, the round's bookkeeping (live workers, quorum,
+deadlines) and publishing each version. Its parts live beside it: `settings` (checked
+once), `driver` (the strategy: configure, collect, aggregate), `evaluation` (pooling the
+workers' reports), `run_checkpoint` (sealed checkpoints and resuming), and
+`enclavefl.net.flow` (the upload gate and download places).
 
 A step or round closes when every live worker contributed (with at least `min_workers`),
 or at `round_timeout_s` with at least `min_workers`; workers that missed it leave the live
@@ -21,7 +30,9 @@ set until they call again. Without a quorum the server waits up to `quorum_timeo
 more, then fails with `QuorumLost`. The first round of a run starts its clock once
 `min_workers` workers joined.
 
-Memory: contributions are added into one accumulator as they arrive. Workers upload only
+Memory: for strategies with `aggregate_mean` (the weighted-mean ones) contributions are
+added into one accumulator as they arrive; other strategies get every contribution of a
+round, so the server holds one update per worker until the round closes. Workers upload only
 with a lease, so at most `max_pending_uploads` payloads (about one model each) are in
 flight, in memory or in the transport, whose buffers grow with every concurrent stream;
 the sink refuses to hold more even from a worker that skips the lease. At most
@@ -34,41 +45,37 @@ each: give the AttestedServer `max_workers` above the number of workers.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from enclavefl.errors import Check, FormatError, Rejected, TransportError, UsageError
+from enclavefl.errors import Check, Rejected, TransportError, UsageError
 from enclavefl.hfl import wire
-from enclavefl.hfl.checkpoint import CheckpointStore, rng_state, set_rng_state
+from enclavefl.hfl.checkpoint import CheckpointStore
 from enclavefl.hfl.driver import StrategyDriver
+from enclavefl.hfl.evaluation import EvalPool, eval_record, parse_report
+from enclavefl.hfl.run_checkpoint import RunCheckpoints
+from enclavefl.hfl.settings import ServerSettings
 from enclavefl.hfl.sparse import pull_rows
 from enclavefl.hfl.strategies import StaleContribution
 from enclavefl.net.admission import Peer
 from enclavefl.net.exchange import Handler
 from enclavefl.net.server import AttestedServer
-from enclavefl.net.tensors import ArraySink, Message, TensorSpec, TensorWriter
-from enclavefl.train.metrics import EvalStats, aggregate_stats
+from enclavefl.net.flow import GatedPayload, Places, UploadGate
+from enclavefl.net.tensors import Message
+from enclavefl.train.metrics import EvalStats
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "GatedPayload",
-    "ParameterServer",
-    "QuorumLost",
-    "UploadGate",
-]
+__all__ = ["ParameterServer", "QuorumLost"]
 
 log = logging.getLogger("enclavefl.hfl")
 
-CHECKPOINT_FORMAT = 2  # 2: the driver's state (strategy name, version, the strategy's own state)
 # A connected worker that stays this long silent (and 3x longer than the slowest of the
 # others) while a round waits for it is reported (capped at a quarter of the round timeout).
 _SILENCE_S = 10.0
@@ -77,92 +84,6 @@ Evaluate = Callable[[nn.Module], EvalStats]
 
 class QuorumLost(TransportError):
     """Fewer than `min_workers` workers contributed within the round timeout plus the quorum timeout."""
-
-
-# -- bounded reception of contribution payloads -------------------------------------
-
-
-class _Slot:
-    """One of the gate's places, released once (explicitly, or when its payload is freed)."""
-
-    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
-        self._semaphore = semaphore
-        self._lock = threading.Lock()
-        self._held = True
-
-    def release(self) -> None:
-        with self._lock:
-            if not self._held:
-                return
-            self._held = False
-        self._semaphore.release()
-
-
-class GatedPayload:
-    """A received payload that holds a place of the upload gate until `release()`."""
-
-    def __init__(self, tensor: Any, slot: _Slot) -> None:
-        self.tensor: Any = tensor
-        self._slot = slot
-        # If a handler never runs (the message failed after this tensor), freeing the
-        # object gives the place back.
-        weakref.finalize(self, slot.release)
-
-    def release(self) -> None:
-        self.tensor = None
-        self._slot.release()
-
-
-class _GatedWriter:
-    def __init__(self, inner: TensorWriter, slot: _Slot) -> None:
-        self._inner = inner
-        self._slot = slot
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._inner.write(data)
-
-    def close(self) -> GatedPayload:
-        return GatedPayload(self._inner.close(), self._slot)
-
-    def abort(self) -> None:
-        self._inner.abort()
-        self._slot.release()
-
-
-class UploadGate:
-    """A tensor sink that lets at most `slots` payload tensors be in memory at once.
-
-    A push carries exactly one `payload` tensor, sent last, so an upload waits for a
-    place before its buffer is allocated and never holds two places (no deadlock).
-    """
-
-    def __init__(self, slots: int) -> None:
-        self._places = _Places(slots, "max_pending_uploads")
-        self._arrays = ArraySink()
-
-    def open(self, spec: TensorSpec) -> TensorWriter:
-        if spec.name != wire.PAYLOAD:
-            return self._arrays.open(spec)
-        slot = self._places.take()
-        try:
-            inner = self._arrays.open(spec)
-        except BaseException:
-            slot.release()
-            raise
-        return _GatedWriter(inner, slot)
-
-
-class _Places:
-    """At most `count` holders at once (large replies in flight)."""
-
-    def __init__(self, count: int, what: str) -> None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise UsageError(f"{what} must be an int >= 1, got {count!r}")
-        self._semaphore = threading.BoundedSemaphore(count)
-
-    def take(self) -> _Slot:
-        self._semaphore.acquire()
-        return _Slot(self._semaphore)
 
 
 # -- aggregation --------------------------------------------------------------------
@@ -178,61 +99,6 @@ class _Snapshot:
 
 
 @dataclass
-class _PendingEval:
-    key: int
-    expected: set[str]
-    opened_at: float
-    stats: dict[str, EvalStats | _Reported] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Reported:
-    """A worker's evaluation without sufficient statistics: its loss and metrics, pooled by examples."""
-
-    examples: int
-    loss: float
-    metrics: dict[str, float]
-
-
-def _eval_report(request: Message) -> EvalStats | _Reported:
-    """A worker's evaluation: sufficient statistics (tensors) or loss, examples and metrics (meta)."""
-    if request.tensors:
-        return EvalStats.from_tensors(
-            {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in request.tensors.items()}
-        )
-    examples = wire.meta_int(request.meta, "examples", minimum=1)
-    loss, metrics = request.meta.get("loss"), request.meta.get("metrics")
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        raise UsageError(f"evaluation report: loss must be a finite number, got {loss!r}")
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for k, v in metrics.items()
-    ):
-        raise UsageError("evaluation report: metrics must map names to finite numbers")
-    return _Reported(examples, float(loss), {k: float(v) for k, v in metrics.items()})
-
-
-def _pool(reports: list[EvalStats | _Reported]) -> tuple[dict[str, float], int]:
-    """Pooled summary of several workers' evaluations, and the examples they cover."""
-    if all(isinstance(r, EvalStats) for r in reports):
-        stats = aggregate_stats([r for r in reports if isinstance(r, EvalStats)])
-        return stats.summary(), stats.count
-    pooled: dict[str, float] = {}
-    total = 0
-    sums: dict[str, float] = {}
-    for r in reports:
-        summary = r.summary() if isinstance(r, EvalStats) else {"loss": r.loss, **r.metrics}
-        count = r.count if isinstance(r, EvalStats) else r.examples
-        total += count
-        for key, value in summary.items():
-            if key != "examples":
-                sums[key] = sums.get(key, 0.0) + value * count
-    pooled = {key: value / total for key, value in sums.items()}
-    pooled["examples"] = float(total)
-    return pooled, total
-
-
-@dataclass
 class _WorkerCounts:
     joins: int = 0
     contributions: int = 0
@@ -241,10 +107,6 @@ class _WorkerCounts:
 
     def to_json(self) -> dict[str, int]:
         return {"joins": self.joins, "contributions": self.contributions, "stale": self.stale, "dropped": self.dropped}
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 # -- the role -------------------------------------------------------------------------
@@ -291,19 +153,12 @@ class ParameterServer:
         upload_lease_s: float = 60.0,
         poll_s: float = 10.0,
     ) -> None:
-        self._workers = tuple(dict.fromkeys(workers))
-        if not self._workers:
-            raise UsageError("a parameter server needs at least one worker")
-        for name, value in (("total", total), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be an int >= 1, got {value!r}")
-        quorum = len(self._workers) if min_workers is None else min_workers
-        if isinstance(quorum, bool) or not isinstance(quorum, int) or not 1 <= quorum <= len(self._workers):
-            raise UsageError(f"min_workers must be an int in [1, {len(self._workers)}], got {min_workers!r}")
-        seconds = {"round_timeout_s": round_timeout_s, "poll_s": poll_s, "upload_lease_s": upload_lease_s}
-        for name, duration in seconds.items():
-            if not isinstance(duration, (int, float)) or not duration > 0:
-                raise UsageError(f"{name} must be > 0, got {duration!r}")
+        settings = ServerSettings.check(
+            workers=workers, total=total, min_workers=min_workers, round_timeout_s=round_timeout_s,
+            quorum_timeout_s=quorum_timeout_s, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            max_pending_uploads=max_pending_uploads, max_pending_downloads=max_pending_downloads,
+            upload_lease_s=upload_lease_s, poll_s=poll_s,
+        )  # fmt: skip
         if resume and checkpoints is None:
             raise UsageError("resume=True needs a checkpoint store")
         model = model if model is not None else getattr(strategy, "model", None)
@@ -315,20 +170,21 @@ class ParameterServer:
         self._model = model
         self._layout = wire.Layout(model)
         self._strategy = StrategyDriver(strategy, model, self._layout)
-        self._total = total
-        self._min_workers = quorum
-        self._round_timeout_s = float(round_timeout_s)
-        self._quorum_timeout_s = 10 * self._round_timeout_s if quorum_timeout_s is None else float(quorum_timeout_s)
+        self.settings = settings
+        self._workers = settings.workers
+        self._total = settings.total
+        self._min_workers = settings.min_workers
+        self._round_timeout_s = settings.round_timeout_s
+        self._quorum_timeout_s = settings.quorum_timeout_s
         self._evaluate = evaluate
-        self._eval_every = eval_every
-        self._checkpoints = checkpoints
-        self._checkpoint_every = checkpoint_every
+        self._eval_every = settings.eval_every
+        self._checkpoints = RunCheckpoints(checkpoints, settings.checkpoint_every) if checkpoints else None
         self._on_metrics = on_metrics
-        self._poll_s = float(poll_s)
-        self._upload_places = max_pending_uploads
-        self._upload_lease_s = float(upload_lease_s)
+        self._poll_s = settings.poll_s
+        self._upload_places = settings.max_pending_uploads
+        self._upload_lease_s = settings.upload_lease_s
         self._leases: dict[str, tuple[str, float]] = {}  # token -> (worker, expiry)
-        self._downloads = _Places(max_pending_downloads, "max_pending_downloads")
+        self._downloads = Places(settings.max_pending_downloads, "max_pending_downloads")
         self._async = self._strategy.asynchronous
         self._unit = self._strategy.unit
         self._incarnation = secrets.token_hex(8)
@@ -341,8 +197,7 @@ class ParameterServer:
         self._contributors: dict[str, float] = {}  # worker -> its compute seconds, this version
         # worker -> its training metrics this version (loss, examples, compute_s, bytes_sent).
         self._party_stats: dict[str, dict[str, Any]] = {}
-        self._pending_evals: dict[int, _PendingEval] = {}
-        self._last_eval_key: dict[str, int] = {}
+        self._eval_pool = EvalPool(self._round_timeout_s)
         self._evaluations: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._error: BaseException | None = None
@@ -370,7 +225,8 @@ class ParameterServer:
         self._told_done: set[str] = set()
         server.register(wire.JOIN, self._telling(self._on_join))
         server.register(wire.SLOT, self._telling(self._on_slot))
-        server.register(wire.PUSH, self._telling(self._on_push), sink=UploadGate(max_pending_uploads))
+        server.register(wire.PUSH, self._telling(self._on_push),
+                        sink=UploadGate(settings.max_pending_uploads, gated=wire.PAYLOAD))  # fmt: skip
         server.register(wire.WAIT, self._telling(self._on_wait))
         server.register(wire.EVAL, self._telling(self._on_eval))
         server.register(wire.LEAVE, self._on_leave)
@@ -393,7 +249,7 @@ class ParameterServer:
         workers that saw a newer checkpoint refuse) or "none" (no checkpoints)."""
         if self._checkpoints is None:
             return "none"
-        return "key-broker" if self._checkpoints.freshness is not None else "peer-based"
+        return "key-broker" if self._checkpoints.store.freshness is not None else "peer-based"
 
     def status(self) -> dict[str, Any]:
         """Where the run stands (version, live workers, this version's contributors)."""
@@ -431,7 +287,7 @@ class ParameterServer:
             with self._cond:
                 self._tick_locked(time.monotonic())
                 events, self._events = self._events, []
-                finished = self._done and not self._pending_evals
+                finished = self._done and not self._eval_pool.waiting
                 if self._error is not None:
                     raise self._error
                 if not events and not finished:
@@ -595,7 +451,7 @@ class ParameterServer:
         # Publishing this version evaluated and sealed it unless it was off their period.
         if version == 0 or version % self._eval_every != 0:
             self._evaluate_locked(version, now)
-        if self._checkpoints is not None and (version == 0 or version % self._checkpoint_every != 0):
+        if self._checkpoints is not None and (version == 0 or not self._checkpoints.due(version, False)):
             self._save_locked(version)
         self._done = True
         self._cond.notify_all()
@@ -701,14 +557,11 @@ class ParameterServer:
     def _on_eval(self, peer: Peer, request: Message) -> Message:
         worker = self._check_party(peer)
         key = wire.meta_int(request.meta, "key", minimum=1)
-        stats = _eval_report(request)
+        report = parse_report(request)
         with self._cond:
             self._seen_locked(worker, time.monotonic())
-            self._last_eval_key[worker] = max(key, self._last_eval_key.get(worker, 0))
-            pending = self._pending_evals.get(key)
-            if pending is None or worker in pending.stats:
+            if not self._eval_pool.report(worker, key, report):
                 return Message(self._reply_meta_locked("ignored"))
-            pending.stats[worker] = stats
             self._cond.notify_all()
             return Message(self._reply_meta_locked("recorded"))
 
@@ -859,7 +712,7 @@ class ParameterServer:
             if self._async and version % self._eval_every == 0:
                 self._events.append({"event": "progress", "version": version, "refused": self._async_refused})
                 log.info("step %d/%d (async, %d refused so far)", version, self._total, self._async_refused)
-            if self._checkpoints is not None and (version % self._checkpoint_every == 0 or last):
+            if self._checkpoints is not None and self._checkpoints.due(version, last):
                 self._save_locked(version)
         if version >= self._total:
             if not self._done:
@@ -876,51 +729,31 @@ class ParameterServer:
             if metrics is not None:
                 count = int(metrics.get("examples", 0))
                 self._record_eval("server", version, metrics, count, parties=1)
-        expected = self._evaluators & self._live
-        if expected:
-            self._pending_evals[version] = _PendingEval(version, set(expected), now)
+        self._eval_pool.open(version, self._evaluators & self._live, now)
 
     def _record_eval(self, where: str, version: int, metrics: Mapping[str, float], count: int, *, parties: int) -> None:
-        summary = {k: _finite(v) for k, v in metrics.items()}
-        record = {"event": "eval", "where": where, "version": version, "parties": parties, **summary}
+        self._add_eval_record(eval_record(where, version, metrics, count, parties=parties))
+
+    def _add_eval_record(self, record: dict[str, Any]) -> None:
         self._evaluations.append(record)
         self._events.append(record)
-        shown = " ".join(f"{k}={v:.4f}" for k, v in summary.items() if v is not None and k != "examples")
-        log.info("evaluation at version %d (%s, %d part%s, %d examples): %s",
-                 version, where, parties, "y" if parties == 1 else "ies", count, shown)
 
     def _save_locked(self, version: int) -> None:
         assert self._checkpoints is not None
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "strategy": self._strategy.state_dict(),
-            "evaluations": list(self._evaluations),
-            "workers": {w: c.to_json() for w, c in self._counts.items()},
-            "rng": rng_state(),
-        }
-        path = self._checkpoints.save(version, state)
+        self._checkpoints.save(version, self._strategy, self._evaluations,
+                               {w: c.to_json() for w, c in self._counts.items()})  # fmt: skip
         self._durable = version
-        log.info("checkpoint of version %d sealed to %s", version, path)
 
     def _restore(self) -> None:
         assert self._checkpoints is not None
-        found = self._checkpoints.load_latest()
-        if found is None:
-            log.info("no checkpoint in %s: starting at version 0", self._checkpoints.directory)
+        restored = self._checkpoints.restore(self._strategy)
+        if restored is None:
             return
-        version, state = found
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise FormatError(f"checkpoint format {state.get('format')!r} not supported (expected {CHECKPOINT_FORMAT})")
-        self._strategy.load_state_dict(state["strategy"])
-        if self._strategy.version != version:
-            raise FormatError(f"checkpoint file of version {version} holds strategy version {self._strategy.version}")
-        self._evaluations = list(state.get("evaluations", []))
-        for worker, counts in state.get("workers", {}).items():
+        self._evaluations = restored.evaluations
+        for worker, counts in restored.workers.items():
             if worker in self._counts:
                 self._counts[worker] = _WorkerCounts(**counts)
-        set_rng_state(state["rng"])
-        self._resumed_from = version
-        log.info("resumed from checkpoint version %d (%s)", version, self._checkpoints.path(version))
+        self._resumed_from = restored.version
 
     def _wait_locked(self, version: int) -> str:
         """Wait until the served version passes `version` (or the poll ends)."""
@@ -972,19 +805,8 @@ class ParameterServer:
                     f"{self._round_timeout_s + self._quorum_timeout_s:g} s: contributors "
                     f"{sorted(self._contributors)}, live {sorted(self._live)}, quorum {self._min_workers}"
                 )
-        for key in sorted(self._pending_evals):
-            pending = self._pending_evals[key]
-            settled = all(
-                w in pending.stats or w not in self._live or self._last_eval_key.get(w, 0) > key
-                for w in pending.expected
-            )
-            if settled or now > pending.opened_at + self._round_timeout_s:
-                del self._pending_evals[key]
-                if pending.stats:
-                    pooled, count = _pool(list(pending.stats.values()))
-                    self._record_eval("workers", key, pooled, count, parties=len(pending.stats))
-                else:
-                    log.warning("no worker reported its evaluation of version %d", key)
+        for record in self._eval_pool.settle(now, self._live):
+            self._add_eval_record(record)
 
     def _report_missing_locked(self, now: float) -> None:
         """Say which workers the step or round waits for, and how long the server waits.
