@@ -16,6 +16,7 @@ from torch import nn
 from enclavefl.errors import ConfigError, FormatError, UsageError
 from enclavefl.hfl.state import buffer_names, embedding_names, load_state, model_state, parameter_names
 from enclavefl.hfl.registry import make_strategy
+from enclavefl.train.torch import proximal_term as fedprox_penalty
 from enclavefl.hfl.strategies import (
     AsyncSGD,
     FedAdam,
@@ -26,7 +27,6 @@ from enclavefl.hfl.strategies import (
     StaleContribution,
     SyncSGD,
     UpdateContribution,
-    fedprox_penalty,
     grad_contribution,
     sgd,
     update_contribution,

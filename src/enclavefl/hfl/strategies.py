@@ -17,7 +17,8 @@ quorum and timeouts belong to the parameter-server role.
   change of their parameters (deltas); the server averages them weighted by
   num_examples, then FedAvg/FedProx add the average and FedAdam takes an Adam step on
   it (Reddi et al. 2021, Algorithm 2). FedProx adds its proximal term on the worker
-  (`fedprox_penalty`); its server side is FedAvg's.
+  (`enclavefl.train.torch.proximal_term`, with the `mu` of the round's config); its server
+  side is FedAvg's.
 
 Buffers: workers send buffer deltas too (their buffers after the step or round minus the
 ones they pulled). Floating-point buffers (BatchNorm running_mean/var) get the weighted
@@ -76,7 +77,6 @@ __all__ = [
     "SyncSGD",
     "Update",
     "UpdateContribution",
-    "fedprox_penalty",
     "grad_contribution",
     "sgd",
     "update_contribution",
@@ -686,7 +686,7 @@ class FedAvg(RoundStrategy):
 
 
 class FedProx(FedAvg):
-    """`fedprox`: FedAvg on the server; workers add `fedprox_penalty` with `mu` to their loss."""
+    """`fedprox`: FedAvg on the server; workers add the proximal term with `mu` (sent in each round's config)."""
 
     name = "fedprox"
 
@@ -812,19 +812,3 @@ def update_contribution(
         delta = p.detach() - _start(start, name)
         deltas[name] = SparseRows.from_dense(delta) if name in tables else delta
     return UpdateContribution(worker, num_examples, deltas, version, _buffer_deltas(model, start))
-
-
-def fedprox_penalty(model: nn.Module, global_params: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
-    """(mu / 2) * sum of ||w - w_global||^2 over trainable parameters, to add to the worker's loss.
-
-    Its gradient mu (w - w_global) is dense, embedding tables included.
-    """
-    mu = _non_negative("mu", mu)
-    terms = [
-        (p - _start(global_params, name).detach()).pow(2).sum()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    ]
-    if not terms:
-        raise UsageError("the model has no trainable parameters")
-    return (mu / 2) * torch.stack(terms).sum()

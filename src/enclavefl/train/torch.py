@@ -62,8 +62,16 @@ def sgd_factory(lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0
 
 
 def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx's (mu / 2) * sum ||w - w_anchor||^2 over the trainable parameters, to add to the loss."""
-    terms = [(p - anchor[name]).pow(2).sum() for name, p in model.named_parameters() if p.requires_grad]
+    """FedProx's (mu / 2) * sum ||w - w_anchor||^2 over the trainable parameters, to add to the loss.
+
+    Its gradient mu (w - w_anchor) is dense, embedding tables included.
+    """
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
+        raise UsageError(f"mu must be >= 0, got {mu!r}")
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in anchor]
+    if missing:
+        raise UsageError(f"the anchor state has no {missing[0]!r}")
+    terms = [(p - anchor[name].detach()).pow(2).sum() for name, p in model.named_parameters() if p.requires_grad]
     if not terms:
         raise UsageError("the model has no trainable parameters")
     return (mu / 2) * torch.stack(terms).sum()
@@ -286,6 +294,8 @@ class TorchTrainer:
 
     def split_batch(self, batch: Any) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
         """(model inputs, labels) of one batch: the last element is the labels."""
+        if type(batch) in (tuple, list) and len(batch) >= 2:  # the common case, checked cheaply per batch
+            return batch[:-1], batch[-1]
         if isinstance(batch, Mapping) or not isinstance(batch, Sequence) or len(batch) < 2:
             raise UsageError(
                 f"a batch must be a tuple/list (inputs..., labels), got {type(batch).__name__}; "
@@ -368,8 +378,12 @@ class TorchTrainer:
 
     def _on_device(self, batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         inputs, labels = self.split_batch(batch)
-        device = self.device
-        return [torch.as_tensor(t).to(device, non_blocking=True) for t in inputs], torch.as_tensor(labels).to(device)
+        return [self._to_device(t) for t in inputs], self._to_device(labels)
+
+    def _to_device(self, value: Any) -> torch.Tensor:
+        if isinstance(value, torch.Tensor) and value.device == self.device:
+            return value  # nothing to move (the CPU case, every batch)
+        return torch.as_tensor(value).to(self.device, non_blocking=True)
 
     def _next_batch(self) -> Any:
         if self._lookahead:
