@@ -95,7 +95,10 @@ def load_party_data(spec: object, *, seed: int, code: JobCode | None = None) -> 
 def _python_data(spec: PythonData, code: JobCode | None) -> PartyData:
     """Rows from the user's factory: (inputs..., labels) arrays, or a Dataset of such items."""
     made = resolve_ref(spec.factory, what="data.factory", code=code)(**spec.args)
-    if hasattr(made, "__getitem__") and hasattr(made, "__len__") and not isinstance(made, (tuple, list)):
+    listed = isinstance(made, (tuple, list))
+    if (listed and made and isinstance(made[0], (tuple, list))) or (
+        not listed and not hasattr(made, "shape") and hasattr(made, "__getitem__") and hasattr(made, "__len__")
+    ):  # a dataset (or list) of (inputs..., labels) items
         items = [made[i] for i in range(len(made))]
         if not items or not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
             raise UsageError(f"data.factory {spec.factory}: a dataset's items must be (inputs..., labels) tuples")
@@ -105,7 +108,10 @@ def _python_data(spec: PythonData, code: JobCode | None) -> PartyData:
             f"data.factory {spec.factory} returned {type(made).__name__}: expected (inputs..., labels) arrays "
             "or a dataset of (inputs..., labels) items"
         )
-    arrays = [np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in made]
+    try:
+        arrays = [np.asarray(a.numpy() if hasattr(a, "numpy") else a) for a in made]
+    except ValueError as exc:
+        raise UsageError(f"data.factory {spec.factory}: not arrays: {exc}") from None
     rows = {a.shape[0] if a.ndim else -1 for a in arrays}
     if len(rows) != 1 or -1 in rows or 0 in rows:
         raise UsageError(f"data.factory {spec.factory}: arrays must have the same number of rows >= 1, got {sorted(rows)}")
