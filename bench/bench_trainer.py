@@ -7,8 +7,11 @@ and messages), for the same model, data, batches and seed:
   src/enclavefl/hfl/worker.py `_apply_state`, `_train_round`, `update_contribution`):
   load the served state into the model, snapshot it, local SGD over `batch_indices`,
   deltas, pack the contribution.
-* new: today's worker with `builtin_trainer`: the served state as numpy weights,
-  `trainer.fit` (load, `train_one_round`, read back), the contribution, packed.
+* new: today's worker with a TorchTrainer (the old loop's torch.optim.SGD, the same
+  batches): the served state as numpy weights, `trainer.fit` (load, `train_one_round`,
+  read back), the contribution, packed.
+* builtin (information): the same with today's `builtin_trainer`, whose rounds use
+  `PlainSGD` (torch.optim.SGD's update without torch._dynamo's import; see train/sgd.py).
 
 Rounds alternate old/new so load on this shared machine hits both alike. Time is the
 round's CPU time (one torch thread: the thread's CPU time is the round's work, which other
@@ -39,6 +42,7 @@ from enclavefl.hfl import wire
 from enclavefl.hfl.state import model_state
 from enclavefl.hfl.strategies import update_contribution
 from enclavefl.hfl.worker import Worker, builtin_trainer
+from enclavefl.train.torch import TensorBatches, TorchTrainer, sgd_factory
 from enclavefl.models import mlp, resnet_v2
 from enclavefl.train.losses import default_loss
 
@@ -84,8 +88,15 @@ class OldLoop:
 class NewRound:
     """Today's worker round: numpy weights, trainer.fit, the contribution."""
 
-    def __init__(self, model: nn.Module, train: Sequence[torch.Tensor], **settings: Any) -> None:
-        self.trainer = builtin_trainer(model, train, **settings)
+    def __init__(self, model: nn.Module, train: Sequence[torch.Tensor], *, builtin: bool, **settings: Any) -> None:
+        if builtin:
+            self.trainer = builtin_trainer(model, train, **settings)
+        else:
+            self.trainer = TorchTrainer(
+                model, default_loss, sgd_factory(settings["lr"], settings["momentum"]),
+                TensorBatches(train, settings["batch_size"], seed=settings["seed"]),
+                local_epochs=settings["local_epochs"],
+            )  # fmt: skip
         self.worker = Worker(_Client(), self.trainer)  # type: ignore[arg-type]
         self.layout = wire.Layout(model)
         self.worker._layout = self.layout
@@ -105,13 +116,16 @@ def compare(name: str, make_model: Callable[[], nn.Module], train: Sequence[torc
     initial = make_model()
     layout = wire.Layout(initial)
     dense, ints = layout.pack_state(initial)
-    old = OldLoop(make_model(), train, **settings)
-    new = NewRound(make_model(), train, **settings)
-    times: dict[str, list[float]] = {"old": [], "new": []}
-    walls: dict[str, list[float]] = {"old": [], "new": []}
+    sides: dict[str, Any] = {
+        "old": OldLoop(make_model(), train, **settings),
+        "new": NewRound(make_model(), train, builtin=False, **settings),
+        "builtin": NewRound(make_model(), train, builtin=True, **settings),
+    }
+    times: dict[str, list[float]] = {label: [] for label in sides}
+    walls: dict[str, list[float]] = {label: [] for label in sides}
     payloads: dict[str, torch.Tensor] = {}
     for version in range(rounds + 1):  # round 0 warms up both
-        order: list[tuple[str, Any]] = [("old", old), ("new", new)]
+        order = list(sides.items())
         for label, side in order if version % 2 == 0 else order[::-1]:
             started, cpu = time.perf_counter(), time.thread_time()
             packed = side.round(dense.clone(), ints.clone(), version)
@@ -121,14 +135,18 @@ def compare(name: str, make_model: Callable[[], nn.Module], train: Sequence[torc
                 walls[label].append(wall)
             payloads[label] = packed[wire.PAYLOAD]
     ratios = [n / o for n, o in zip(times["new"], times["old"])]
+    builtin = [n / o for n, o in zip(times["builtin"], times["old"])]
     # Same training: the old payload holds deltas, the new one values (start + delta).
-    same = torch.allclose(payloads["new"] - dense[: layout.num_updates], payloads["old"], atol=1e-6)
+    same = torch.allclose(payloads["new"] - dense[: layout.num_updates], payloads["old"], atol=1e-6) and torch.allclose(
+        payloads["builtin"] - dense[: layout.num_updates], payloads["old"], atol=1e-5)
     return {
         "model": name,
         "parameters": sum(p.numel() for p in initial.parameters()),
         "old_round_cpu_s": {"median": statistics.median(times["old"]), "min": min(times["old"])},
         "new_round_cpu_s": {"median": statistics.median(times["new"]), "min": min(times["new"])},
+        "builtin_round_cpu_s": {"median": statistics.median(times["builtin"]), "min": min(times["builtin"])},
         "round_ratio_new_over_old": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        "round_ratio_builtin_over_old": {"median": statistics.median(builtin), "min": min(builtin)},
         "wall_s": {side: {"median": statistics.median(v), "min": min(v)} for side, v in walls.items()},
         "same_training": bool(same),
     }

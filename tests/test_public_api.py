@@ -29,8 +29,13 @@ def test_import_enclavefl_and_verify_help_do_not_import_torch() -> None:
 
 
 def test_every_exported_name_resolves() -> None:
+    from enclavefl.extras import MissingExtra
+
     for name in enclavefl.__all__:
-        assert getattr(enclavefl, name) is not None, name
+        try:
+            assert getattr(enclavefl, name) is not None, name
+        except MissingExtra as exc:  # an optional extra (e.g. [tf] for KerasTrainer) not installed here
+            assert "pip install 'enclavefl[" in str(exc), name
     assert enclavefl.TorchTrainer.__module__ == "enclavefl.train.torch"
     assert callable(enclavefl.run_worker) and callable(enclavefl.serve)
     with pytest.raises(AttributeError):
