@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from enclavefl.data import Table, load_fate_csv, load_sklearn, load_wide_deep_party, make_wide_deep_data
-from enclavefl.errors import SealError
+from enclavefl.errors import Rejected, SealError
 from enclavefl.train.metrics import binary_auc
 from enclavefl.models import BottomMLP, TopMLP, WideDeepFollower, WideDeepLeader
 from enclavefl.net.admission import PartyCredentials
 from enclavefl.net.client import AttestedClient, RetryPolicy
+from enclavefl.net.keybroker import BrokerVersions, serve_key_broker
 from enclavefl.net.errors import CallFailed, PeerRefused
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
@@ -680,6 +681,144 @@ def test_a_killed_leader_restarts_from_its_checkpoint_and_the_followers_go_on(
     leader_model = load_model(split_models(10, [20], seed=9)[0], out, key=leader_storage.key, job_id=JOB, party="guest")
     assert_same_parameters(leader_model, reference_leader)
     assert summary["final"]["val_auc"] == reference["final"]["val_auc"]
+
+
+# --- rollback by deletion -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[str]:
+    """A key broker (its version register) for the rollback tests; yields its address."""
+    keys = tmp_path / "broker-keys"
+    keys.mkdir()
+    server = serve_key_broker(keys, credentials("keybroker"))
+    yield f"127.0.0.1:{server.port}"
+    server.stop(0)
+
+
+def broker_storages(tmp_path: Path, broker: str, *, every: int = 5) -> tuple[Storage, Storage]:
+    """Fresh Storage objects (as in a restarted party) recording with the broker."""
+    key = FileKeySource(tmp_path / "key") if (tmp_path / "key").exists() else create_key_file(tmp_path / "key")
+    return (
+        Storage(tmp_path / "guest", key, JOB, "guest", checkpoint_every=every,
+                freshness=BrokerVersions(broker, credentials("guest"))),
+        Storage(tmp_path / "host", key, JOB, "host", freshness=BrokerVersions(broker, credentials("host"))),
+    )  # fmt: skip
+
+
+def test_broker_storage_refuses_a_resume_after_the_newest_checkpoints_were_deleted(
+    tmp_path: Path, breast: tuple[Table, Table], broker: str
+) -> None:
+    leader_storage, follower_storage = broker_storages(tmp_path, broker)
+    server = leader_server()
+    leader, follower, _, _ = breast_job(server, breast, epochs=2, leader_storage=leader_storage,
+                                        follower_storage=follower_storage)  # fmt: skip
+    summary, (followed,) = run_job(server, leader, [follower])
+    assert summary["rollback_protection"] == followed["rollback_protection"] == "key-broker"
+    last = summary["iterations"] - 1
+    assert leader_storage.checkpoints()[-1] == follower_storage.checkpoints()[-1] == last
+
+    # A normal resume (nothing deleted) goes on from the newest checkpoint both hold.
+    leader_storage, follower_storage = broker_storages(tmp_path, broker)
+    server = leader_server()
+    leader, follower, _, _ = breast_job(server, breast, epochs=2, leader_storage=leader_storage,
+                                        follower_storage=follower_storage, resume=True)  # fmt: skip
+    summary, (followed,) = run_job(server, leader, [follower])
+    assert summary["resumed_from"] == followed["resumed_from"] == last and summary["completed"] == []
+
+    # The host deletes each party's newest checkpoint: both refuse, naming both versions.
+    for party in ("guest", "host"):
+        (tmp_path / party / f"checkpoint-{last:010d}.sealed").unlink()
+    leader_storage, follower_storage = broker_storages(tmp_path, broker)
+    server = leader_server()
+    leader, follower, _, _ = breast_job(server, breast, epochs=2, leader_storage=leader_storage,
+                                        follower_storage=follower_storage, resume=True)  # fmt: skip
+    try:
+        with pytest.raises(Rejected, match=r"refusing to resume vfl-checkpoint of party guest: the newest checkpoint "
+                           r"in .* \(iteration \d+\) is version \d+, but version \d+ was sealed and recorded "
+                           rf"with key broker {broker}") as refused:
+            leader.run()
+        assert refused.value.check == "freshness"
+        with pytest.raises(Rejected, match=r"refusing to resume vfl-checkpoint of party host: .* but version \d+ "
+                           r"was sealed and recorded"):
+            follower.run()
+    finally:
+        server.stop(0)
+
+
+def test_broker_storage_going_back_to_a_common_checkpoint_is_not_a_rollback(tmp_path: Path, broker: str) -> None:
+    """A party one checkpoint ahead deletes its newest file when the federation goes back:
+    it seals the checkpoint it went back to again, so a later resume is not refused."""
+    storage, _ = broker_storages(tmp_path, broker)
+    for iteration in (4, 9):
+        storage.save_checkpoint(iteration, {"iteration": iteration})
+    storage.clear_checkpoints(after=4)  # the others hold 4 at most
+    assert storage.checkpoints() == [4] and storage.load_checkpoint(4)["iteration"] == 4
+    restarted, _ = broker_storages(tmp_path, broker)
+    restarted.check_fresh()  # version 2 (4 sealed again) is what the broker recorded
+    restarted.save_checkpoint(9, {"iteration": 9})
+    assert restarted.load_checkpoint(9)["seal"] == 3
+    (tmp_path / "guest" / f"checkpoint-{9:010d}.sealed").unlink()  # the host deletes the newest
+    with pytest.raises(Rejected, match=r"\(iteration 4\) is version 2, but version 3 was sealed and recorded"):
+        broker_storages(tmp_path, broker)[0].check_fresh()
+
+
+class _DyingFollower(Follower):
+    """Stops (as if killed) when it is about to apply iteration `die_at`."""
+
+    die_at = -1
+
+    def _apply(self, iteration: int) -> None:
+        if iteration == self.die_at:
+            raise RuntimeError(f"killed at iteration {iteration}")
+        super()._apply(iteration)
+
+
+def test_without_a_broker_the_leader_refuses_a_follower_that_lost_its_newest_checkpoint(
+    tmp_path: Path, breast: tuple[Table, Table]
+) -> None:
+    leader_storage, follower_storage = storages(tmp_path, every=5)
+    server = leader_server()
+    leader, _, _, follower_model = breast_job(server, breast, epochs=2, leader_storage=leader_storage,
+                                              step_timeout_s=6.0)  # fmt: skip
+    running, outcome = in_thread(leader.run)
+    dying = _DyingFollower(client(server.port), X=breast[1].X, ids=breast[1].ids, model=follower_model,
+                           optimizer=adam(follower_model), alignment="tee-join", storage=follower_storage,
+                           poll_s=POLL_S)  # fmt: skip
+    dying.die_at = 12  # after it sealed and committed the checkpoint of iteration 9
+    with pytest.raises(RuntimeError, match="killed at iteration 12"):
+        dying.run()
+    assert follower_storage.checkpoints()[-1] == 9
+    (follower_storage.directory / f"checkpoint-{9:010d}.sealed").unlink()  # the host deletes it
+    _, (restarted_model,) = split_models(breast[0].num_features, [breast[1].num_features])
+    restarted = Follower(client(server.port), X=breast[1].X, ids=breast[1].ids, model=restarted_model,
+                         optimizer=adam(restarted_model), alignment="tee-join", storage=follower_storage,
+                         resume=True, poll_s=POLL_S)  # fmt: skip
+    try:
+        with pytest.raises(PeerRefused) as refused:
+            restarted.run()
+    finally:
+        running.join(timeout=60)
+        server.stop(0)
+    assert refused.value.check == "freshness"
+    assert ("follower host came back able to restore iteration 4 at most, but it had sealed and committed the "
+            "checkpoint of iteration 9 before") in refused.value.reason
+    assert "peer-based rollback protection" in refused.value.reason
+    assert isinstance(outcome.get("error"), FollowerUnavailable)  # the leader stops: its follower is gone
+    assert leader_storage.rollback_protection == "peer-based"
+
+
+def test_without_a_broker_a_follower_refuses_a_leader_that_came_back_older(tmp_path: Path) -> None:
+    """The follower's side of peer-based protection: it was told the leader sealed 9."""
+    follower = Follower(client(1), X=np.zeros((4, 2), np.float32), ids=np.arange(4), model=nn.Linear(2, 2),
+                        optimizer=None, alignment="tee-join")  # fmt: skip
+    follower._check_leader_sealed({"sealed": 9}, restarted=False)
+    follower._check_leader_sealed({"sealed": 4}, restarted=False)  # a live leader went back: its word stands
+    follower._leader_sealed = 9
+    with pytest.raises(Rejected, match=r"the leader came back with its newest checkpoint at iteration 4, but it "
+                       r"had sealed the checkpoint of iteration 9 before .* \(peer-based rollback protection\)"):
+        follower._check_leader_sealed({"sealed": 4}, restarted=True)
+    follower._check_leader_sealed({"sealed": 9}, restarted=True)
 
 
 def test_a_follower_outside_the_policy_is_refused_and_the_leader_stops(breast: tuple[Table, Table]) -> None:

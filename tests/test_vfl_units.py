@@ -159,7 +159,7 @@ def test_duplicates_are_dropped_and_replies_survive_a_repeated_call() -> None:
     assert start.meta == {"status": "wait", "commit_through": -1}  # not open yet
     bridge.open(0, timeout_s=1)
     start = bridge._on_start(HOST, Message(meta={"session": session, "iteration": 0, "committed": -1}))
-    assert start.meta == {"status": "open", "iteration": 0}
+    assert start.meta == {"status": "open", "iteration": 0, "sealed": -1}  # no checkpoint sealed yet
     act = {"act": torch.ones(4, 2)}
     send = {"session": session, "iteration": 0, "name": "act"}
     assert bridge._on_send(HOST, Message(meta=send, tensors=act)).meta["status"] == "ok"
@@ -179,7 +179,7 @@ def test_duplicates_are_dropped_and_replies_survive_a_repeated_call() -> None:
     assert start.meta == {"status": "wait", "commit_through": 0}  # the leader has not opened 1 yet
     bridge.open(1, timeout_s=1)
     start = bridge._on_start(HOST, Message(meta={"session": session, "iteration": 1, "committed": 0}))
-    assert start.meta == {"status": "open", "iteration": 1}
+    assert start.meta == {"status": "open", "iteration": 1, "sealed": -1}
     with pytest.raises(Rejected, match="committed or not open") as info:
         bridge._on_recv(HOST, Message(meta={"session": session, "iteration": 0, "name": "grad"}))
     assert info.value.check == "vfl-protocol"

@@ -26,6 +26,7 @@ from enclavefl.jobs.launcher import append_metrics
 from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.jobs.models import build_job_model, model_factory
 from enclavefl.models.preprocess import Standardize, fit_standardizers
+from enclavefl.net.keybroker import BrokerKeySource
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
@@ -223,8 +224,11 @@ def _storage(runtime: PartyRuntime, job: VflJobConfig) -> Storage | None:
     key = runtime.key_source()
     if job.storage is None or key is None:
         return None
+    # A broker: key also keeps the versions sealed with it, which the host cannot roll back.
+    freshness = key.versions() if isinstance(key, BrokerKeySource) else None
     return Storage(job.storage.party_dir(runtime.party.name), key, job.job.id, runtime.party.name,
-                   checkpoint_every=job.storage.checkpoint_every, keep_last=max(2, job.storage.keep_last))
+                   checkpoint_every=job.storage.checkpoint_every, keep_last=max(2, job.storage.keep_last),
+                   freshness=freshness)
 
 
 def _record_peers(runtime: PartyRuntime, server: Any) -> None:
@@ -326,6 +330,7 @@ def _train_leader(
             "epochs": training.epochs,
             "iterations": summary["iterations"],
             "resumed_from": summary["resumed_from"],
+            "rollback_protection": summary["rollback_protection"],
             "model": None if exported is None else str(exported),
         },
         **({"privacy": summary["privacy"]} if "privacy" in summary else {}),

@@ -17,6 +17,12 @@ commits, commits only move forward. At most `pipeline_depth` iterations are in f
 (`Plan.required`). A session is the leader's instance id plus a generation, bumped when
 the federation rewinds to a common checkpoint (a party restarted); a call made under a
 stale session is answered "rejoin".
+
+Peer-based rollback protection: the leader tells followers the newest checkpoint it has
+sealed (in every join and start answer), and keeps the newest checkpoint each follower
+committed (a follower seals before it commits). A restarted leader whose newest
+checkpoint is older than a follower was told is refused by that follower; a follower
+that rejoins unable to restore a checkpoint it had committed is refused by the leader.
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ class LeaderBridge:
         self._rewind: int | None = None
         self._closing = False
         self._finished: set[str] = set()
+        self._sealed = -1  # the leader's newest sealed checkpoint, told to followers
+        self._follower_sealed = dict.fromkeys(self.followers, -1)  # newest checkpoint each committed
 
     def register(self, server: AttestedServer) -> None:
         server.register(JOIN, self._on_join)
@@ -162,6 +170,11 @@ class LeaderBridge:
             self._generation += 1
             self._reset(resume)
             self._cond.notify_all()
+
+    def set_sealed(self, iteration: int) -> None:
+        """The leader's newest sealed checkpoint is now `iteration` (-1: none)."""
+        with self._cond:
+            self._sealed = iteration
 
     def rewound(self, iteration: int) -> None:
         """The leader restored `iteration`; its loop goes on (unless a later rewind came meanwhile)."""
@@ -268,6 +281,8 @@ class LeaderBridge:
         """Everything restarts from `resume` (caller holds the lock)."""
         self._opened = self._done = resume
         self._committed = dict.fromkeys(self.followers, resume)
+        # Every party deletes its checkpoints after `resume`: they were legitimately dropped.
+        self._follower_sealed = {p: min(v, resume) for p, v in self._follower_sealed.items()}
         self._members.clear()
         self._inbox.clear()
         self._outbox.clear()
@@ -320,6 +335,14 @@ class LeaderBridge:
 
     def _admit(self, party: str, report: JoinReport) -> Message:
         plan = self._require_plan()
+        newest, sealed = max(report.restorable), self._follower_sealed[party]
+        if newest < sealed:
+            raise Rejected(
+                f"follower {party} came back able to restore iteration {newest} at most, but it had sealed and "
+                f"committed the checkpoint of iteration {sealed} before (this leader saw it): its newer "
+                "checkpoints were deleted or rolled back; refusing it (peer-based rollback protection)",
+                check="freshness",
+            )
         leader = {i for i in self._restorable() if i <= self._done} | {self._done, -1}
         if self._done in report.restorable:
             resume = self._done
@@ -344,7 +367,10 @@ class LeaderBridge:
             del self._outbox[key]
         self._cond.notify_all()
         log.info("follower %s joined at iteration %d (session generation %d)", party, resume, self._generation)
-        return Message(meta={"status": "ready", "session": self.session, "resume": resume, "plan": plan.to_meta()})
+        return Message(meta={
+            "status": "ready", "session": self.session, "resume": resume, "plan": plan.to_meta(),
+            "sealed": self._sealed,
+        })  # fmt: skip
 
     def _on_start(self, peer: Peer, request: Message) -> Message:
         party = self._party(peer)
@@ -359,6 +385,8 @@ class LeaderBridge:
                 raise Rejected(f"{what}: commits iteration {committed}, which was never opened", check=Check.VFL_PROTOCOL)
             if committed > self._committed[party]:
                 self._committed[party] = committed
+                if plan.is_checkpoint(committed):
+                    self._follower_sealed[party] = max(self._follower_sealed[party], committed)
                 for key in [k for k in self._outbox if k[2] == party and k[0] <= committed]:
                     del self._outbox[key]
                 self._cond.notify_all()
@@ -367,7 +395,7 @@ class LeaderBridge:
                 if self._stale(party, request.meta):
                     return self._rejoin()
                 if iteration <= self._opened:
-                    return Message(meta={"status": "open", "iteration": iteration})
+                    return Message(meta={"status": "open", "iteration": iteration, "sealed": self._sealed})
                 if iteration > self._opened + 1:
                     raise Rejected(
                         f"{what}: asks for iteration {iteration}, but only {self._opened} is open", check=Check.VFL_PROTOCOL

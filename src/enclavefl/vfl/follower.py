@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from enclavefl.errors import FormatError, UsageError
+from enclavefl.errors import FormatError, Rejected, UsageError
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.tensors import Message
 from enclavefl.vfl.align import Ids
@@ -92,6 +92,7 @@ class Follower:
         self.prepare: Callable[[np.ndarray], dict[str, torch.Tensor]] | None = None
         """Training only: called with this party's training rows (indices into its X) once the
         leader's plan is known; fits preprocessing and returns the model state entries it set."""
+        self._leader_sealed = -1  # the newest checkpoint the leader said it sealed
 
     def run(self) -> dict[str, Any]:
         """Align, then follow the leader's plan until it says done; returns a summary."""
@@ -99,6 +100,8 @@ class Follower:
         storage = self._storage
         # The sealed alignment (from `enclavefl align` or an earlier run) is reused whenever every
         # party still holds it for the same ids; only checkpoints depend on resume.
+        if storage is not None and self._resume:
+            storage.check_fresh()  # before anything is deleted or restored
         stored = storage.load_alignment(self._ids) if storage is not None else None
         if storage is not None and not self._resume:
             storage.clear_checkpoints()
@@ -129,6 +132,7 @@ class Follower:
             "intersection": aligned.size,
             "iterations": plan.total,
             "resumed_from": self._resumed_from,
+            "rollback_protection": "none" if storage is None else storage.rollback_protection,
             "rejoins": self._rejoins,
             "applied": list(self._applied),
             "wall_s": time.monotonic() - started,
@@ -176,8 +180,10 @@ class Follower:
             raise FormatError(f"join: the leader resumes at iteration {resume}, this party can restore {restorable}")
         if plan.mode == TRAIN and self._optimizer is None:
             raise UsageError(f"{self.party}: the leader's plan trains, but this follower has no optimizer")
+        instance = session.split(":", 1)[0]
+        self._check_leader_sealed(answer.meta, restarted=bool(self._instance) and instance != self._instance)
         self._bridge.session = session
-        self._instance = session.split(":", 1)[0]
+        self._instance = instance
         self._plan = plan
         if self.prepare is not None and plan.mode == TRAIN:
             train, _ = plan.split()
@@ -187,6 +193,19 @@ class Follower:
             self._resumed_from = resume
         log.info("%s: joined at iteration %d of %d", self.party, resume, plan.total)
         return resume
+
+    def _check_leader_sealed(self, meta: dict[str, Any], *, restarted: bool) -> None:
+        """Peer-based rollback protection: a restarted leader must hold every checkpoint it had
+        said it sealed. A live leader's word stands (it went back to a common checkpoint)."""
+        sealed = meta_int(meta, "sealed", "join answer")
+        if restarted and sealed < self._leader_sealed:
+            raise Rejected(
+                f"{self.party}: the leader came back with its newest checkpoint at iteration {sealed}, but it had "
+                f"sealed the checkpoint of iteration {self._leader_sealed} before (this follower was told so): its "
+                "newer checkpoints were deleted or rolled back; refusing to continue (peer-based rollback protection)",
+                check="freshness",
+            )
+        self._leader_sealed = sealed
 
     def _restore(self, iteration: int) -> None:
         if iteration != self._position:
@@ -238,6 +257,7 @@ class Follower:
                 return
             if status != "open" or answer.meta.get("iteration") != iteration:
                 raise FormatError(f"start of iteration {iteration}: unexpected answer {answer.meta}")
+            self._leader_sealed = max(self._leader_sealed, meta_int(answer.meta, "sealed", "start answer"))
             self._send(plan.step(iteration))
             self._pending.append(iteration)
             while len(self._pending) >= plan.pipeline_depth:

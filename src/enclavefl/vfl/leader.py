@@ -205,6 +205,11 @@ class _Coordinator:
         storage = self._storage
         # The sealed alignment (from `enclavefl align` or an earlier run) is reused whenever every
         # party still holds it for the same ids; only checkpoints depend on resume.
+        if storage is not None and self._resume:
+            storage.check_fresh()  # before anything is deleted or restored
+        if storage is not None and storage.rollback_protection == "peer-based":
+            log.warning("checkpoints without a key broker: rollback protection is peer-based only (followers that "
+                        "saw a newer checkpoint refuse an older resume; see docs/deploy.md)")
         stored = storage.load_alignment(self._ids) if storage is not None else None
         if storage is not None and not self._resume:
             storage.clear_checkpoints()
@@ -264,7 +269,15 @@ class _Coordinator:
             log.info("leader restored iteration %d", iteration)
         if self._storage is not None:
             self._storage.clear_checkpoints(after=iteration)
+            self._bridge.set_sealed(max(self._stored_iterations()))
         self._position = iteration
+
+    @property
+    def rollback_protection(self) -> str:
+        """What stops a resume from older state than was sealed: "key-broker" (a version
+        register the host cannot roll back), "peer-based" (only parties that saw a newer
+        checkpoint refuse) or "none" (no checkpoints)."""
+        return "none" if self._storage is None else self._storage.rollback_protection
 
     def _check_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
         assert self._plan is not None and self._aligned is not None
@@ -292,6 +305,7 @@ class _Coordinator:
             **self._state(),
         }
         self._storage.save_checkpoint(iteration, state)
+        self._bridge.set_sealed(iteration)
 
     # --- activations --------------------------------------------------------------------------
 
@@ -431,6 +445,7 @@ class Leader(_Coordinator):
             "validation_rows": plan.validation_rows,
             "iterations": plan.total,
             "resumed_from": self._resumed_from,
+            "rollback_protection": self.rollback_protection,
             "rewinds": self._rewinds,
             "completed": list(self._completed),
             "history": list(self._history),

@@ -5,6 +5,14 @@ artifact name that includes the party's name, and a version (the iteration, for 
 checkpoint), so a file swapped for another party's, another job's or another
 iteration's is refused. Checkpoints hold tensors and plain values only and are read
 back with `torch.load(weights_only=True)`: no arbitrary pickle.
+
+Sealing cannot stop the host from deleting the newest checkpoints. With `freshness` (a
+key broker's version register, enclavefl.net.keybroker) every checkpoint carries a seal
+number, one more than the party's last, recorded with the broker after the file is
+written; `check_fresh` refuses to resume when the newest file's number is older than
+the broker's. The number is not the iteration because a federation may legitimately go
+back (to the newest checkpoint every party holds): the party then deletes its newer
+files and seals the one it went back to again, under a new number.
 """
 
 from __future__ import annotations
@@ -14,20 +22,24 @@ import io
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cbor2
 import numpy as np
 import torch
 
-from enclavefl.errors import FormatError, UsageError
+from enclavefl.errors import FormatError, Rejected, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
 from enclavefl.vfl.align import AlignmentResult
 
+__all__ = ["FRESHNESS_ARTIFACT", "Aligned", "Storage", "VersionRecord", "ids_digest"]
+
 log = logging.getLogger("enclavefl.vfl")
+
+FRESHNESS_ARTIFACT = "vfl-checkpoint"  # this party's entry in the broker's version register
 
 _ALIGNMENT_FILE = "alignment.sealed"
 _CHECKPOINT_FILE = re.compile(r"checkpoint-(\d{10})\.sealed")
@@ -62,13 +74,25 @@ def ids_digest(ids: Any) -> bytes:
     return digest.digest()
 
 
+class VersionRecord(Protocol):
+    """Versions recorded where the host cannot roll them back (`BrokerVersions`)."""
+
+    @property
+    def where(self) -> str: ...
+
+    def recorded(self, artifact: str) -> int | None: ...
+
+    def record(self, artifact: str, version: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class Storage:
     """Where one party keeps its sealed alignment and checkpoints.
 
     `checkpoint_every` (iterations) matters on the leader, which puts it in the plan;
     followers checkpoint at the iterations the plan names. `keep_last` >= 2, since
-    parties may be one checkpoint apart when one of them dies.
+    parties may be one checkpoint apart when one of them dies. `freshness` (optional): the
+    key broker's version register, which makes a resume refuse deleted newest checkpoints.
     """
 
     directory: Path
@@ -77,6 +101,10 @@ class Storage:
     party: str
     checkpoint_every: int = 0
     keep_last: int = 3
+    freshness: VersionRecord | None = None
+    # The newest seal number this party knows of (None: not asked yet); a list, so the
+    # frozen dataclass can move it.
+    _seal: list[int | None] = field(default_factory=lambda: [None], init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.keep_last < 2:
@@ -134,6 +162,11 @@ class Storage:
     # --- checkpoints ------------------------------------------------------------------------
 
     @property
+    def rollback_protection(self) -> str:
+        """"key-broker" with a version register, else "peer-based" (the other parties notice)."""
+        return "key-broker" if self.freshness is not None else "peer-based"
+
+    @property
     def _checkpoint_name(self) -> str:
         return f"vfl-checkpoint/{self.party}"
 
@@ -152,13 +185,19 @@ class Storage:
         if iteration < 0:
             raise UsageError(f"checkpoint iteration must be >= 0, got {iteration}")
         self._ensure_dir()
+        seal = self._next_seal() if self.freshness is not None else None
         buffer = io.BytesIO()
-        torch.save(dict(state), buffer)
+        torch.save({**state, "seal": seal} if seal is not None else dict(state), buffer)
         with write_sealed(
             self._checkpoint_path(iteration), key=self.key, job_id=self.job_id, name=self._checkpoint_name,
             version=iteration,
         ) as out:
             out.write(buffer.getbuffer())
+        if self.freshness is not None and seal is not None:
+            # After the file is complete: a crash in between leaves the register one behind
+            # (harmless), never ahead of what can be resumed.
+            self.freshness.record(FRESHNESS_ARTIFACT, seal)
+            self._seal[0] = seal
         for old in self.checkpoints()[: -self.keep_last]:
             self._checkpoint_path(old).unlink(missing_ok=True)
         log.debug("party %s: checkpoint of iteration %d sealed", self.party, iteration)
@@ -179,6 +218,46 @@ class Storage:
     def clear_checkpoints(self, *, after: int = -1) -> None:
         """Remove the checkpoints of iterations > `after` (all by default): a new alignment or
         a fresh start makes them meaningless, and so does going back to an earlier one."""
-        for iteration in self.checkpoints():
-            if iteration > after:
-                self._checkpoint_path(iteration).unlink(missing_ok=True)
+        removed = [iteration for iteration in self.checkpoints() if iteration > after]
+        for iteration in removed:
+            self._checkpoint_path(iteration).unlink(missing_ok=True)
+        if removed and self.freshness is not None and after in self.checkpoints():
+            # Going back is legitimate here, but the register still holds the deleted files'
+            # numbers: seal the checkpoint we went back to again, so the newest file is current.
+            self.save_checkpoint(after, self.load_checkpoint(after))
+
+    # --- rollback protection ----------------------------------------------------------------
+
+    def check_fresh(self) -> None:
+        """Before a resume: refuse when the broker recorded a newer checkpoint than the newest
+        on disk (the host deleted or rolled back files). Without `freshness`, nothing to do."""
+        if self.freshness is None:
+            return
+        recorded = self.freshness.recorded(FRESHNESS_ARTIFACT)
+        stored = self.checkpoints()
+        newest = stored[-1] if stored else None
+        seal = self._seal_of(newest) if newest is not None else -1
+        if recorded is not None and seal < recorded:
+            found = (
+                f"the newest checkpoint in {self.directory} (iteration {newest}) is version {seal}"
+                if newest is not None else f"there is no checkpoint in {self.directory}"
+            )
+            raise Rejected(
+                f"refusing to resume {FRESHNESS_ARTIFACT} of party {self.party}: {found}, but version {recorded} "
+                f"was sealed and recorded with {self.freshness.where}: newer checkpoints were deleted or rolled back",
+                check="freshness",
+            )
+        self._seal[0] = max(seal, -1 if recorded is None else recorded)
+
+    def _seal_of(self, iteration: int) -> int:
+        seal = self.load_checkpoint(iteration).get("seal")
+        # A checkpoint sealed without a register has no number: older than any recorded one.
+        return seal if isinstance(seal, int) and not isinstance(seal, bool) else -1
+
+    def _next_seal(self) -> int:
+        assert self.freshness is not None
+        last = self._seal[0]
+        if last is None:  # a fresh run: go on after what the register holds
+            recorded = self.freshness.recorded(FRESHNESS_ARTIFACT)
+            last = -1 if recorded is None else recorded
+        return last + 1
