@@ -49,6 +49,7 @@ def test_align_then_train_reuses_the_sealed_alignment_then_predict(vfl_job: Path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "vfl" and summary["alignment"] == "ecdh-psi" and summary["intersection"] == 569
     assert summary["train_rows"] + summary["validation_rows"] == 569
+    assert summary["rollback_protection"] == "peer-based"  # storage with a file: key, no broker
     assert summary["metrics"]["auc"] > 0.9 and set(summary["metrics"]) == {"accuracy", "auc", "logloss"}
     assert all(p["attested"] and p["tee"] == "simulated" for p in summary["parties"].values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
