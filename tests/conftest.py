@@ -72,6 +72,7 @@ INTEGRATION_MODULES = frozenset({
     "test_net_bigtensor.py",
     "test_privacy_examples.py",
     "test_privacy_hfl.py",
+    "test_run_report.py",
     "test_train_sgd.py",
     "test_vfl.py",
     "test_wheel.py",
