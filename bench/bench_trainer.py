@@ -21,7 +21,7 @@ examples/hfl_default_credit.yaml (8,000 rows x 23 features, batch 64, 2 local ep
 the worst case: little compute per parameter) and ResNet-20 on CIFAR-shaped random data.
 One torch thread. Prints one JSON object.
 
-    python bench/bench_trainer.py [--rounds 7] [--cifar-rows 512]
+    python bench/bench_trainer.py [--rounds 7] [--cifar-rows 512] [--models mlp,resnet20]
 """
 
 from __future__ import annotations
@@ -156,18 +156,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--cifar-rows", type=int, default=512)
+    parser.add_argument("--models", default="mlp,resnet20", help="comma-separated: mlp, resnet20")
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(1)
     credit = (torch.randn(8000, 23, generator=generator), torch.randint(0, 2, (8000,), generator=generator).float())
     cifar = (torch.randn(args.cifar_rows, 3, 32, 32, generator=generator),
              torch.randint(0, 10, (args.cifar_rows,), generator=generator))  # fmt: skip
-    results = [
-        compare("mlp-23-64-32-1", lambda: mlp(23, (64, 32), 1), credit, rounds=args.rounds,
-                batch_size=64, lr=0.05, momentum=0.9, local_epochs=2, seed=0),  # fmt: skip
-        compare("resnet20", lambda: resnet_v2(20), cifar, rounds=max(3, args.rounds // 2),
-                batch_size=64, lr=0.05, momentum=0.9, local_epochs=1, seed=0),  # fmt: skip
-    ]
+    chosen = set(args.models.split(","))
+    results = []
+    if "mlp" in chosen:
+        results.append(compare("mlp-23-64-32-1", lambda: mlp(23, (64, 32), 1), credit, rounds=args.rounds,
+                               batch_size=64, lr=0.05, momentum=0.9, local_epochs=2, seed=0))  # fmt: skip
+    if "resnet20" in chosen:
+        results.append(compare("resnet20", lambda: resnet_v2(20), cifar, rounds=max(3, args.rounds // 2),
+                               batch_size=64, lr=0.05, momentum=0.9, local_epochs=1, seed=0))  # fmt: skip
     worst = max(r["round_ratio_new_over_old"]["median"] for r in results)
     print(json.dumps({
         "headline": [{"name": "TorchTrainer worker round / old worker loop (median, worst model)",

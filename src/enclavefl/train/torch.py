@@ -100,12 +100,12 @@ class TensorBatches:
     def rows(self) -> int:
         return int(self.tensors[-1].shape[0])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
         seed, self._passes = self.seed + self._passes, self._passes + 1
         order = np.random.default_rng(seed).permutation(self.rows) if self.shuffle else np.arange(self.rows)
         for start in range(0, self.rows, self.batch_size):
             picked = torch.from_numpy(order[start : start + self.batch_size])
-            yield tuple(t[picked] for t in self.tensors)
+            yield [t[picked] for t in self.tensors]
 
 
 def as_tensors(what: str, data: Sequence[Any]) -> tuple[torch.Tensor, ...]:
@@ -188,6 +188,7 @@ class TorchTrainer:
         if isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1:
             raise UsageError(f"local_epochs must be an int >= 1, got {local_epochs!r}")
         self.device = resolve_device(device)
+        self._cpu = self.device.type == "cpu"
         self.model = model.to(self.device)
         self.loss = loss or default_loss
         self.optimizer_factory = optimizer_factory or sgd_factory()
@@ -376,8 +377,12 @@ class TorchTrainer:
             raise UsageError("this TorchTrainer has no train_loader")
         return self.train_loader
 
-    def _on_device(self, batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _on_device(self, batch: Any) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
         inputs, labels = self.split_batch(batch)
+        if self._cpu and type(labels) is torch.Tensor and not labels.is_cuda and all(
+            type(t) is torch.Tensor and not t.is_cuda for t in inputs
+        ):
+            return inputs, labels  # a CPU model and a CPU batch: nothing to move (every batch, so cheap)
         return [self._to_device(t) for t in inputs], self._to_device(labels)
 
     def _to_device(self, value: Any) -> torch.Tensor:
