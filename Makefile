@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 # Quick feedback while editing: no end-to-end (integration) and no slow tests.

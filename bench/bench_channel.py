@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from concurrent import futures
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any
 
 import grpc
@@ -111,7 +111,7 @@ def _tls_identity() -> tuple[bytes, bytes]:
     """A self-signed EC P-384 certificate without evidence: what a TLS-only deployment uses."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -142,7 +142,9 @@ def _summarise(by_name: dict[str, list[tuple[float, float, float]]], mib: int) -
     """Medians per path, and attested/TLS and attested/plain ratios of throughput and of CPU time."""
     mbps = {name: mib / statistics.median(s[0] for s in runs) for name, runs in by_name.items()}
     cpu_ms = {
-        name: {side: round(1e3 * statistics.median(s[i] for s in runs), 1) for i, side in ((1, "client"), (2, "server"))}
+        name: {
+            side: round(1e3 * statistics.median(s[i] for s in runs), 1) for i, side in ((1, "client"), (2, "server"))
+        }
         for name, runs in by_name.items()
     }
     kinds = ("upload", "download")
@@ -157,8 +159,12 @@ def _summarise(by_name: dict[str, list[tuple[float, float, float]]], mib: int) -
     figures: dict[str, Any] = {}
     for base in ("tls", "plain"):
         ranges = {kind: per_round(kind, base) for kind in kinds}
-        figures[f"ratio_vs_{base}"] = {kind: round(mbps[f"attested_{kind}"] / mbps[f"{base}_{kind}"], 3) for kind in kinds}
-        figures[f"ratio_vs_{base}_range_per_round"] = {k: [round(min(r), 3), round(max(r), 3)] for k, r in ranges.items()}
+        figures[f"ratio_vs_{base}"] = {
+            kind: round(mbps[f"attested_{kind}"] / mbps[f"{base}_{kind}"], 3) for kind in kinds
+        }
+        figures[f"ratio_vs_{base}_range_per_round"] = {
+            k: [round(min(r), 3), round(max(r), 3)] for k, r in ranges.items()
+        }
         figures[f"cpu_ratio_{base}_vs_attested"] = {kind: cpu_ratio(kind, base) for kind in kinds}
     return {
         **figures,

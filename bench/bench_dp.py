@@ -72,27 +72,45 @@ def main() -> None:
     dp.train(torch.optim.SGD(private_model.parameters(), lr=0.2, momentum=0.9), epochs=1, loss_fn=default_loss)
     plain, private = [], []
     for r in range(args.rounds):
-        plain.append(timed(lambda: plain_round(plain_model, x, y, args.batch_size, seed=r + 1)))
+        plain.append(timed(lambda r=r: plain_round(plain_model, x, y, args.batch_size, seed=r + 1)))
         optimizer = torch.optim.SGD(private_model.parameters(), lr=0.2, momentum=0.9)
-        private.append(timed(lambda: dp.train(optimizer, epochs=1, loss_fn=default_loss)))
+        private.append(timed(lambda optimizer=optimizer: dp.train(optimizer, epochs=1, loss_fn=default_loss)))
     cpu_ratios = [p[1] / q[1] for p, q in zip(private, plain, strict=True)]
     wall_ratios = [p[0] / q[0] for p, q in zip(private, plain, strict=True)]
     ratio = statistics.median(cpu_ratios)
-    print(json.dumps({
-        "model": "mlp 23-64-32-1",
-        "rows": len(y),
-        "batch_size": args.batch_size,
-        "steps_per_round": steps_per_round,
-        "threads": args.threads,
-        "plain_round_s": {"wall_median": statistics.median(p[0] for p in plain), "cpu_median": statistics.median(p[1] for p in plain)},
-        "dp_round_s": {"wall_median": statistics.median(p[0] for p in private), "cpu_median": statistics.median(p[1] for p in private)},
-        "dp_over_plain_cpu": {"median": ratio, "min": min(cpu_ratios), "max": max(cpu_ratios)},
-        "dp_over_plain_wall": {"median": statistics.median(wall_ratios)},
-        "dp_epsilon_spent": dp.epsilon,
-        "dp_accountant": dp.accountant.name,
-        "dp_noise_multiplier": dp.noise_multiplier,
-        "headline": [{"name": "DP-SGD / plain worker round (MLP, CPU time)", "value": ratio, "op": "<=", "target": TARGET}],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": "mlp 23-64-32-1",
+                "rows": len(y),
+                "batch_size": args.batch_size,
+                "steps_per_round": steps_per_round,
+                "threads": args.threads,
+                "plain_round_s": {
+                    "wall_median": statistics.median(p[0] for p in plain),
+                    "cpu_median": statistics.median(p[1] for p in plain),
+                },
+                "dp_round_s": {
+                    "wall_median": statistics.median(p[0] for p in private),
+                    "cpu_median": statistics.median(p[1] for p in private),
+                },
+                "dp_over_plain_cpu": {"median": ratio, "min": min(cpu_ratios), "max": max(cpu_ratios)},
+                "dp_over_plain_wall": {"median": statistics.median(wall_ratios)},
+                "dp_epsilon_spent": dp.epsilon,
+                "dp_accountant": dp.accountant.name,
+                "dp_noise_multiplier": dp.noise_multiplier,
+                "headline": [
+                    {
+                        "name": "DP-SGD / plain worker round (MLP, CPU time)",
+                        "value": ratio,
+                        "op": "<=",
+                        "target": TARGET,
+                    }
+                ],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

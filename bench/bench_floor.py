@@ -37,7 +37,6 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -110,7 +109,7 @@ def breakdown(out: Path, started: float, wall: float) -> dict[str, float]:
         "evaluation_s": round(eval_s, 3),
         "checkpoints_s": round(checkpoint_s, 3),
         "shutdown_s": round(started + wall - checkpoints[-1], 3),
-        "later_round_median_s": round(statistics.median(b - a for a, b in zip(closes, closes[1:])), 3),
+        "later_round_median_s": round(statistics.median(b - a for a, b in zip(closes, closes[1:], strict=False)), 3),
         "server_listening_after_attestation_s": round(
             first(r"serving on") - first(r"INSECURE simulated attestation|attestation"), 3),
     }

@@ -67,7 +67,9 @@ def _resnet_worker(port: int, party: str, seed: int, samples: int, batch: int) -
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     client = AttestedClient(f"127.0.0.1:{port}", _credentials(party))
-    Worker.for_model(client, resnet_v2(20), _cifar(samples, seed), batch_size=batch, lr=0.05, momentum=0.9, seed=seed).run()
+    Worker.for_model(
+        client, resnet_v2(20), _cifar(samples, seed), batch_size=batch, lr=0.05, momentum=0.9, seed=seed
+    ).run()
 
 
 def _federate(strategy_name: str, hyper: dict[str, Any], total: int, samples: int, batch: int) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ large Keras model. Prints one JSON object.
 * round: `examples/hfl_default_credit.yaml`'s worker round (23-64-32-1 MLP, 8,000 rows,
   2 local epochs, batch 64, SGD lr 0.05 momentum 0.9) through `KerasTrainer.fit` (weights
   in, `model.fit`, weights out: the Keras job's worker) and through the torch job's
-  worker (`builtin_trainer`, a TorchTrainer with local SGD), both on one thread. Median of 5 rounds after one warm-up round; the first round (Keras traces
+  worker (`builtin_trainer`, a TorchTrainer with local SGD), both on one thread. Median of
+  5 rounds after one warm-up round; the first round (Keras traces
   and compiles its train step then) is reported apart. The breakdown says where Keras'
   time goes: weights in and out, the steps, and the fixed cost of each `model.fit` call.
 * exchange: a Keras model of >= 100 MB in a fresh worker process: the global weights
@@ -71,8 +72,14 @@ def bench_round() -> dict[str, object]:
     steps = EPOCHS * -(-len(y) // BATCH)
 
     keras.utils.set_random_seed(0)
-    trainer = KerasTrainer(keras_mlp(x.shape[1], [64, 32], 1), keras.losses.BinaryCrossentropy(from_logits=True),
-                           keras.optimizers.SGD(LR, momentum=MOMENTUM), (x, y), batch_size=BATCH, local_epochs=EPOCHS)
+    trainer = KerasTrainer(
+        keras_mlp(x.shape[1], [64, 32], 1),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        keras.optimizers.SGD(LR, momentum=MOMENTUM),
+        (x, y),
+        batch_size=BATCH,
+        local_epochs=EPOCHS,
+    )
     weights = trainer.get_weights()
     state = {"weights": weights, "round": 0}
 
@@ -93,8 +100,14 @@ def bench_round() -> dict[str, object]:
     torch.manual_seed(0)
     from enclavefl.hfl.worker import builtin_trainer
 
-    torch_trainer = builtin_trainer(mlp(x.shape[1], [64, 32], 1), (torch.from_numpy(x), torch.from_numpy(y)),
-                                    batch_size=BATCH, lr=LR, momentum=MOMENTUM, local_epochs=EPOCHS)
+    torch_trainer = builtin_trainer(
+        mlp(x.shape[1], [64, 32], 1),
+        (torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=BATCH,
+        lr=LR,
+        momentum=MOMENTUM,
+        local_epochs=EPOCHS,
+    )
     torch_state = {"weights": torch_trainer.get_weights(), "round": 0}
 
     def torch_round() -> None:
@@ -103,10 +116,16 @@ def bench_round() -> dict[str, object]:
 
     torch_times = _median_and_first(torch_round)
     return {
-        "model": "mlp 23-64-32-1", "rows": len(y), "local_epochs": EPOCHS, "batch_size": BATCH, "steps": steps,
+        "model": "mlp 23-64-32-1",
+        "rows": len(y),
+        "local_epochs": EPOCHS,
+        "batch_size": BATCH,
+        "steps": steps,
         "keras_backend": keras.backend.backend(),
-        "keras_round_s": keras_times["median_s"], "keras_first_round_s": keras_times["first_s"],
-        "torch_round_s": torch_times["median_s"], "torch_first_round_s": torch_times["first_s"],
+        "keras_round_s": keras_times["median_s"],
+        "keras_first_round_s": keras_times["first_s"],
+        "torch_round_s": torch_times["median_s"],
+        "torch_first_round_s": torch_times["first_s"],
         "keras_over_torch": keras_times["median_s"] / torch_times["median_s"],
         "keras_breakdown": {
             "weights_in_and_out_s": weights_s,
@@ -135,8 +154,10 @@ def _write_frames(path: Path) -> int:
     from enclavefl.net.tensors import Message, encode_message, serialize_frame
     from enclavefl.train.keras import get_weights
 
-    weights = {n: np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype)
-               for n, w in get_weights(_big_model()).items()}
+    weights = {
+        n: np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype)
+        for n, w in get_weights(_big_model()).items()
+    }
     with open(path, "wb") as out:
         for frame in encode_message(Message({"version": 1}, weights), method="hfl.wait"):
             raw = serialize_frame(frame)
@@ -184,21 +205,28 @@ def _worker(path: str) -> None:
     elapsed = time.perf_counter() - started
     done.set()
     sampler.join()
-    print(json.dumps({
-        "model_bytes": model_bytes, "bytes_received": received_bytes, "bytes_sent": sent_bytes,
-        "frame_bytes_sent": frame_bytes,
-        "peak_rss_above_baseline_bytes": peak[0] - baseline,
-        "peak_over_model_size": (peak[0] - baseline) / model_bytes,
-        "exchange_s": elapsed,
-    }))
+    print(
+        json.dumps(
+            {
+                "model_bytes": model_bytes,
+                "bytes_received": received_bytes,
+                "bytes_sent": sent_bytes,
+                "frame_bytes_sent": frame_bytes,
+                "peak_rss_above_baseline_bytes": peak[0] - baseline,
+                "peak_over_model_size": (peak[0] - baseline) / model_bytes,
+                "exchange_s": elapsed,
+            }
+        )
+    )
 
 
 def bench_exchange() -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frames"
         size = _write_frames(path)
-        done = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True,
-                              check=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True, check=True, timeout=600
+        )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["server_weights_bytes"] = size
     result["bytes_on_wire_equal_model_size"] = result["bytes_sent"] == result["bytes_received"] == result["model_bytes"]

@@ -99,7 +99,7 @@ def main() -> None:
         return round(statistics.median(size / wall / 1e6 for wall, _ in runs[name]), 1)
 
     def ratio(ours: str, plain_name: str, which: int) -> float:
-        return statistics.median(p[which] / o[which] for o, p in zip(runs[ours], runs[plain_name]))
+        return statistics.median(p[which] / o[which] for o, p in zip(runs[ours], runs[plain_name], strict=False))
 
     seal_r, unseal_r = ratio("seal", "enc", 0), ratio("unseal", "dec", 0)
     print(

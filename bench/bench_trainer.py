@@ -30,10 +30,9 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -134,8 +133,8 @@ def compare(name: str, make_model: Callable[[], nn.Module], train: Sequence[torc
                 times[label].append(elapsed)
                 walls[label].append(wall)
             payloads[label] = packed[wire.PAYLOAD]
-    ratios = [n / o for n, o in zip(times["new"], times["old"])]
-    builtin = [n / o for n, o in zip(times["builtin"], times["old"])]
+    ratios = [n / o for n, o in zip(times["new"], times["old"], strict=False)]
+    builtin = [n / o for n, o in zip(times["builtin"], times["old"], strict=False)]
     # Same training: the old payload holds deltas, the new one values (start + delta).
     same = torch.allclose(payloads["new"] - dense[: layout.num_updates], payloads["old"], atol=1e-6) and torch.allclose(
         payloads["builtin"] - dense[: layout.num_updates], payloads["old"], atol=1e-5)

@@ -48,10 +48,17 @@ HEADLINES: dict[str, list[tuple[str, str, str, float]]] = {
         ("PS memory growth in model sizes (bound allocator)", "ps_memory_fedavg.1.growth_in_model_sizes", "<=", 4.0),
     ],
     "bench_vfl": [("wide&deep split / unsplit per step", "wide_deep.split_over_unsplit", "<=", 1.3)],
-    "bench_flood": [("round time under 1,000 stalled unauthenticated calls / unloaded (max)", "max_round_ratio", "<=", 1.2)],
+    "bench_flood": [
+        ("round time under 1,000 stalled unauthenticated calls / unloaded (max)", "max_round_ratio", "<=", 1.2)
+    ],
     "bench_keras": [
         ("Keras 100 MB weight exchange: worker peak RSS / model size", "exchange.peak_over_model_size", "<=", 3.0),
-        ("Keras weight exchange: bytes on the wire == model size", "exchange.bytes_on_wire_equal_model_size", "==", True),
+        (
+            "Keras weight exchange: bytes on the wire == model size",
+            "exchange.bytes_on_wire_equal_model_size",
+            "==",
+            True,
+        ),
     ],
     "bench_align": [
         ("tee-join 1M x 1M seconds", "tee_join.both_sequential.wall_s", "<=", 3.0),

@@ -79,10 +79,14 @@ class StalledFlood:
         self._stopping = asyncio.Event()
         credentials = grpc.ssl_channel_credentials(root_certificates=self._probed.pem)
         options = [("grpc.ssl_target_name_override", self._probed.common_name)]
-        self._channels = [aio.secure_channel(self._target, credentials, options=options) for _ in range(self._connections)]
+        self._channels = [
+            aio.secure_channel(self._target, credentials, options=options) for _ in range(self._connections)
+        ]
         for channel in self._channels:
             await channel.channel_ready()
-        self._tasks = [asyncio.create_task(self._hold(self._channels[i % self._connections])) for i in range(self._calls)]
+        self._tasks = [
+            asyncio.create_task(self._hold(self._channels[i % self._connections])) for i in range(self._calls)
+        ]
 
     async def _stop(self) -> None:
         assert self._stopping is not None

@@ -27,7 +27,7 @@ import api_hfl_torch  # noqa: E402
 
 def run_example(script: str, out: Path, *args: str) -> dict[str, Any]:
     done = subprocess.run([sys.executable, str(EXAMPLES / script), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert all(p["attested"] and p["exit_code"] == 0 for p in summary["parties"].values()), summary["parties"]

@@ -47,13 +47,22 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     (root / "shared").mkdir()
     (root / "shared" / "data").symlink_to(SHARED_DATA)  # the shared checkout beside the clone
     env = {key: value for key, value in os.environ.items() if not key.startswith("ENCLAVEFL_")}
-    env.update(ENCLAVEFL_MAX_ROUNDS="1", ENCLAVEFL_MAX_ROWS="2000", ENCLAVEFL_CIFAR10=str(_fake_cifar10(root / "cifar10")))
+    env.update(
+        ENCLAVEFL_MAX_ROUNDS="1", ENCLAVEFL_MAX_ROWS="2000", ENCLAVEFL_CIFAR10=str(_fake_cifar10(root / "cifar10"))
+    )
     return repo, env
 
 
 def _enclavefl(repo: Path, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "enclavefl", *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "enclavefl", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _skip_without_extras(job_file: Path) -> None:
@@ -96,8 +105,16 @@ def test_readme_predict_command(checkout: tuple[Path, dict[str, str]]) -> None:
             rows = list(csv.reader(handle))[:101]
         with open(repo / name, "w", newline="") as handle:
             csv.writer(handle).writerows(rows)
-    done = _enclavefl(repo, env, "predict", "examples/vfl_default_credit.yaml",
-                      "--input", "guest=new_guest.csv", "--input", "host=new_host.csv")
+    done = _enclavefl(
+        repo,
+        env,
+        "predict",
+        "examples/vfl_default_credit.yaml",
+        "--input",
+        "guest=new_guest.csv",
+        "--input",
+        "host=new_host.csv",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     predictions = (repo / "runs" / "vfl-default-credit" / "predictions.csv").read_text().splitlines()
     assert len(predictions) == 101
@@ -109,7 +126,16 @@ def test_docs_pinning_commands(checkout: tuple[Path, dict[str, str]]) -> None:
     done = _enclavefl(repo, env, "measure", "--job", "examples/vfl_breast.yaml", "--json")
     assert done.returncode == 0, done.stderr
     (repo / "measure.json").write_text(done.stdout)
-    done = _enclavefl(repo, env, "policy", "init", "--out", "policy.json", "--from-measure", "measure.json",
-                      "--allow-simulated-insecure")
+    done = _enclavefl(
+        repo,
+        env,
+        "policy",
+        "init",
+        "--out",
+        "policy.json",
+        "--from-measure",
+        "measure.json",
+        "--allow-simulated-insecure",
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((repo / "policy.json").read_text())["allow_simulated"] is True

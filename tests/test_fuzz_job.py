@@ -39,7 +39,9 @@ def _load(text: str) -> Any:
 
 JOBS = st.sampled_from(["hfl_default_credit.yaml", "vfl_breast.yaml"])
 SCALARS = st.one_of(
-    st.sampled_from(["true", "1e30", ".inf", "-1", "0", "x", "null", "[]", "{}", "&a [*a]", "!!python/object:os.system"]),
+    st.sampled_from(
+        ["true", "1e30", ".inf", "-1", "0", "x", "null", "[]", "{}", "&a [*a]", "!!python/object:os.system"]
+    ),
     st.text(max_size=12),
 )
 

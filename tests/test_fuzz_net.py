@@ -29,7 +29,15 @@ from enclavefl.net.admission import (
     build_admission,
     make_identity,
 )
-from enclavefl.net.tensors import Chunk, Malformed, Message, decode_message, encode_message, parse_frame, serialize_frame
+from enclavefl.net.tensors import (
+    Chunk,
+    Malformed,
+    Message,
+    decode_message,
+    encode_message,
+    parse_frame,
+    serialize_frame,
+)
 from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import OfflineCollateral

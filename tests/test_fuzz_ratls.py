@@ -166,8 +166,8 @@ evidence_like = st.one_of(
     st.builds(
         lambda tag, quote, claims: cbor2.CBORTag(tag, [quote, claims]),
         st.sampled_from([TEE_QUOTE_CBOR_TAG, SIMULATED_EVIDENCE_CBOR_TAG]),
-        st.one_of(st.binary(max_size=600), cbor_values.map(lambda v: cbor2.dumps(v))),
-        st.one_of(st.binary(max_size=80), cbor_values.map(lambda v: cbor2.dumps(v))),
+        st.one_of(st.binary(max_size=600), cbor_values.map(cbor2.dumps)),
+        st.one_of(st.binary(max_size=80), cbor_values.map(cbor2.dumps)),
     ),
 )
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from enclavefl.errors import ConfigError, UsageError
 from enclavefl.hfl.contract import Contribution

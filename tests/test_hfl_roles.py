@@ -153,7 +153,7 @@ def test_sync_sgd_matches_one_process_on_the_union_of_batches() -> None:
         optimizer.step()
 
     assert summary["version"] == steps
-    for (name, got), want in zip(ps.model.named_parameters(), reference.parameters()):
+    for (name, got), want in zip(ps.model.named_parameters(), reference.parameters(), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
     for party in sizes:
         assert fed.results[party]["contributions"] == steps
@@ -219,14 +219,16 @@ def test_other_strategies_run_to_the_end(name: str, hyper: dict[str, Any]) -> No
     ps = ParameterServer(server, strategy, workers=["a", "b"], total=total, round_timeout_s=30)
     fed = Federation(server, ps)
     for i, party in enumerate("ab"):
-        fed.worker(party, lambda c, s=i: Worker.for_model(c, tiny_model(seed=5), blobs(40, seed=s), batch_size=8, lr=0.1))
+        fed.worker(
+            party, lambda c, s=i: Worker.for_model(c, tiny_model(seed=5), blobs(40, seed=s), batch_size=8, lr=0.1)
+        )
     summary = fed.run()
     assert not fed.errors, fed.errors
     assert summary["version"] == total
     accepted = sum(w["contributions"] for w in summary["workers"].values())
     assert accepted == (total if name == "async-sgd" else 2 * total)
     assert all(r["done"] for r in fed.results.values())
-    moved = [not torch.equal(a, b) for a, b in zip(ps.model.parameters(), initial.parameters())]
+    moved = [not torch.equal(a, b) for a, b in zip(ps.model.parameters(), initial.parameters(), strict=False)]
     assert all(moved)
 
 
@@ -290,7 +292,9 @@ def test_worker_with_another_model_is_told_what_differs() -> None:
     ParameterServer(server, strategy, workers=["a"], total=1)
     port = server.start()
     try:
-        with pytest.raises(UsageError, match=r"model differs from the server.s: 0.weight is \[9, 6\], the server has \[8, 6\]"):
+        with pytest.raises(
+            UsageError, match=r"model differs from the server.s: 0.weight is \[9, 6\], the server has \[8, 6\]"
+        ):
             Worker.for_model(client(port, "a"), mlp(6, (9,), 3), blobs(8, seed=0), batch_size=4).run()
     finally:
         server.stop(0)
@@ -303,7 +307,9 @@ def test_no_quorum_ends_the_run_with_quorum_lost() -> None:
         server, strategy, workers=["a", "b"], total=2, round_timeout_s=0.2, quorum_timeout_s=0.3, poll_s=0.2
     )
     fed = Federation(server, ps)
-    fed.worker("a", lambda c: Worker.for_model(c, tiny_model(), blobs(8, seed=0), batch_size=4, reconnect_timeout_s=0.5))
+    fed.worker(
+        "a", lambda c: Worker.for_model(c, tiny_model(), blobs(8, seed=0), batch_size=4, reconnect_timeout_s=0.5)
+    )
     with pytest.raises(QuorumLost, match=r"quorum 2"):
         fed.run()
     assert ps.version == 0
@@ -336,7 +342,9 @@ def test_killed_worker_is_dropped_and_rejoins_later() -> None:
     )  # fmt: skip
     fed = Federation(server, ps)
     for i, party in enumerate("ab"):
-        fed.worker(party, lambda c, s=i: Worker.for_model(c, tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace))
+        fed.worker(
+            party, lambda c, s=i: Worker.for_model(c, tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace)
+        )
     summary: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: summary.update(fed.run()), daemon=True)
     runner.start()
@@ -399,7 +407,9 @@ def test_linger_tells_a_returning_worker_the_run_is_done(caplog: pytest.LogCaptu
         assert silent.call(wire.JOIN, Message({"protocol": wire.PROTOCOL})).meta["done"] is False
         fed_a: dict[str, Any] = {}
         a = threading.Thread(
-            target=lambda: fed_a.update(Worker.for_model(client(port, "a"), tiny_model(), blobs(16, seed=0), batch_size=8).run()),
+            target=lambda: fed_a.update(
+                Worker.for_model(client(port, "a"), tiny_model(), blobs(16, seed=0), batch_size=8).run()
+            ),
             daemon=True,
         )
         a.start()
@@ -430,8 +440,9 @@ def test_async_run_tells_every_worker_including_late_joiners() -> None:
     total = 6
     strategy = make_strategy("async-sgd", tiny_model(), lr=0.1, max_staleness=10)
     server = attested_server()
-    ps = ParameterServer(server, strategy, workers=["a", "b", "c", "d"], min_workers=1, total=total,
-                         round_timeout_s=30, poll_s=0.5)
+    ps = ParameterServer(
+        server, strategy, workers=["a", "b", "c", "d"], min_workers=1, total=total, round_timeout_s=30, poll_s=0.5
+    )
     port = server.start()
     results: dict[str, Any] = {}
     errors: dict[str, BaseException] = {}
@@ -440,8 +451,15 @@ def test_async_run_tells_every_worker_including_late_joiners() -> None:
         def body() -> None:
             try:
                 extra = {"loss_fn": loss_fn} if loss_fn is not None else {}
-                worker = Worker.for_model(client(port, party), tiny_model(), blobs(40, seed=ord(party)), batch_size=8,
-                                lr=0.1, reconnect_timeout_s=2.0, **extra)
+                worker = Worker.for_model(
+                    client(port, party),
+                    tiny_model(),
+                    blobs(40, seed=ord(party)),
+                    batch_size=8,
+                    lr=0.1,
+                    reconnect_timeout_s=2.0,
+                    **extra,
+                )
                 results[party] = worker.run()
             except BaseException as exc:  # asserted below
                 errors[party] = exc
@@ -566,6 +584,7 @@ def test_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> No
     results: dict[str, Any] = {}
     threads = []
     for i, party in enumerate("ab"):
+
         def body(p: str = party, s: int = i) -> None:
             worker = Worker.for_model(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
                             reconnect_timeout_s=60)  # fmt: skip
@@ -622,10 +641,17 @@ def test_workers_refuse_a_server_resumed_from_older_state_than_it_had_sealed(tmp
     errors: dict[str, BaseException] = {}
     threads = []
     for i, party in enumerate("ab"):
+
         def body(p: str = party, s: int = i) -> None:
             try:
-                Worker.for_model(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
-                                 reconnect_timeout_s=60).run()
+                Worker.for_model(
+                    client(port, p),
+                    tiny_model(),
+                    blobs(40, seed=s),
+                    batch_size=8,
+                    on_metrics=pace,
+                    reconnect_timeout_s=60,
+                ).run()
             except BaseException as exc:  # asserted below
                 errors[p] = exc
 
@@ -731,7 +757,7 @@ def test_dlrm_sends_only_the_rows_each_batch_touches() -> None:
             rows = sum(following[:, i].unique().numel() * (8 + 4 * 4) for i in range(3))
             assert record["bytes_received"] == dense_bytes + rows < table_bytes / 10
     # Rows no worker touched are exactly as initialized; touched rows moved.
-    for i, (got, start) in enumerate(zip(ps.model.embeddings, initial.embeddings)):
+    for i, (got, start) in enumerate(zip(ps.model.embeddings, initial.embeddings, strict=False)):
         touched = torch.cat([data[p][1][:, i] for p in data]).unique()
         untouched = torch.ones(start.weight.shape[0], dtype=torch.bool)
         untouched[touched] = False
@@ -807,5 +833,3 @@ def test_layout_refuses_malformed_contributions() -> None:
         layout.unpack_contribution(bad_index, payload)
     with pytest.raises(UsageError, match="missing"):
         layout.unpack_contribution({k: v for k, v in tensors.items() if k != wire.INTS}, payload)
-
-

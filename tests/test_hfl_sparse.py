@@ -65,7 +65,7 @@ def rec_batch(seed: int, size: int) -> tuple[torch.Tensor, ...]:
 
 
 def union(batches: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.cat(parts) for parts in zip(*batches))
+    return tuple(torch.cat(parts) for parts in zip(*batches, strict=False))
 
 
 def loss_of(model: nn.Module, data: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -131,7 +131,7 @@ def test_weighted_average_over_the_union_equals_dense_averaging() -> None:
     ]
     weights = [3.0, 1.0, 4.0]
     averaged = weighted_average(parts, weights)
-    dense = sum(w * p.to_dense() for w, p in zip(weights, parts)) / sum(weights)
+    dense = sum(w * p.to_dense() for w, p in zip(weights, parts, strict=False)) / sum(weights)
     assert averaged.indices.tolist() == [0, 2, 5, 7, 9]
     assert torch.allclose(averaged.to_dense(), dense, atol=1e-7)
     with pytest.raises(UsageError, match="zero SparseRows"):
@@ -199,7 +199,7 @@ def sync_run(
     for step in range(steps):
         data = [rec_batch(10 * step + i, n) for i, n in enumerate((5, 8))]
         contributions = []
-        for i, (worker, d) in enumerate(zip(workers, data)):
+        for i, (worker, d) in enumerate(zip(workers, data, strict=False)):
             start = model_state(server_model)
             load_state(worker, start)
             worker.zero_grad(set_to_none=True)

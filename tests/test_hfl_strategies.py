@@ -119,7 +119,7 @@ def test_sync_sgd_equals_training_on_the_union_batch_mlp() -> None:
     for step in range(5):
         data = [batch(100 * step + i, size, image=False) for i, size in enumerate((5, 11))]
         contributions = [
-            worker_grads(w, server_model, d, f"w{i}", step) for i, (w, d) in enumerate(zip(workers, data))
+            worker_grads(w, server_model, d, f"w{i}", step) for i, (w, d) in enumerate(zip(workers, data, strict=False))
         ]
         assert strategy.apply_step(contributions) == step + 1
         ref_opt.zero_grad()
@@ -149,15 +149,15 @@ def test_sync_sgd_equals_ghost_batch_norm_training_cnn() -> None:
         with torch.no_grad():  # what the documented buffer rule must produce for the first BN
             h = [server_model[0](d[0]) for d in data]
             union_mean = torch.cat(h).mean(dim=(0, 2, 3))
-            mixed_var = sum(w * hi.var(dim=(0, 2, 3), unbiased=True) for w, hi in zip(weights, h))
+            mixed_var = sum(w * hi.var(dim=(0, 2, 3), unbiased=True) for w, hi in zip(weights, h, strict=False))
             mean = 0.9 * mean + 0.1 * union_mean
             var = 0.9 * var + 0.1 * mixed_var
         contributions = [
-            worker_grads(w, server_model, d, f"w{i}", step) for i, (w, d) in enumerate(zip(workers, data))
+            worker_grads(w, server_model, d, f"w{i}", step) for i, (w, d) in enumerate(zip(workers, data, strict=False))
         ]
         strategy.apply_step(contributions)
         ref_opt.zero_grad()
-        loss = sum(w * F.cross_entropy(reference(x), y) for w, (x, y) in zip(weights, data))
+        loss = sum(w * F.cross_entropy(reference(x), y) for w, (x, y) in zip(weights, data, strict=False))
         loss.backward()
         ref_opt.step()
     assert_states_close(server_model, reference, parameter_names(reference), atol=1e-5)
@@ -301,7 +301,7 @@ def test_fedavg_is_the_example_weighted_mean_of_worker_models() -> None:
     start_batches = int(model[1].num_batches_tracked)
     contributions = [
         local_round(w, model, batch(i, n, image=True), f"w{i}", 0, steps=i + 1)
-        for i, (w, n) in enumerate(zip(workers, sizes))
+        for i, (w, n) in enumerate(zip(workers, sizes, strict=False))
     ]
     assert strategy.apply_round(contributions) == 1
     states = [model_state(w) for w in workers]
@@ -311,7 +311,7 @@ def test_fedavg_is_the_example_weighted_mean_of_worker_models() -> None:
         if name.endswith("num_batches_tracked"):
             assert int(got[name]) == start_batches + 1 + 2 + 3  # every worker's local steps
             continue
-        expected = sum(n / total * s[name] for n, s in zip(sizes, states))
+        expected = sum(n / total * s[name] for n, s in zip(sizes, states, strict=False))
         assert torch.allclose(got[name], expected, atol=1e-6), name
 
 
@@ -358,17 +358,17 @@ def test_fedadam_follows_reddi_algorithm_2() -> None:
         deltas = [{n: rng.normal(scale=0.1, size=val.shape) for n, val in x.items()} for _ in sizes]
         contributions = [
             UpdateContribution(f"w{i}", n, {k: torch.tensor(d[k], dtype=torch.float32) for k in d}, rnd)
-            for i, (n, d) in enumerate(zip(sizes, deltas))
+            for i, (n, d) in enumerate(zip(sizes, deltas, strict=False))
         ]
         strategy.apply_round(contributions)
-        for name in x:
-            avg = sum(n * d[name] for n, d in zip(sizes, deltas)) / sum(sizes)
+        for name, value in x.items():
+            avg = sum(n * d[name] for n, d in zip(sizes, deltas, strict=False)) / sum(sizes)
             m[name] = b1 * m[name] + (1 - b1) * avg
             v[name] = b2 * v[name] + (1 - b2) * avg**2
-            x[name] = x[name] + lr * m[name] / (np.sqrt(v[name]) + tau)
+            x[name] = value + lr * m[name] / (np.sqrt(v[name]) + tau)
     got = model_state(model)
-    for name in x:
-        np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)
+    for name, value in x.items():
+        np.testing.assert_allclose(got[name].double().numpy(), value, rtol=1e-5, atol=1e-6)
 
 
 def test_round_strategies_refuse_other_rounds_and_empty_rounds() -> None:
@@ -411,14 +411,14 @@ def run_rounds(name: str, rounds: int, checkpoint_after: int | None = None) -> d
             strategy.apply_step(
                 [
                     worker_grads(w, model, d, f"w{i}", strategy.version)
-                    for i, (w, d) in enumerate(zip(workers, data))
+                    for i, (w, d) in enumerate(zip(workers, data, strict=False))
                 ]
             )
         elif isinstance(strategy, AsyncSGD):
             # Both pull the same version; the second gradient arrives one step stale.
             pulled = strategy.version
             grads = [
-                worker_grads(w, model, d, f"w{i}", pulled) for i, (w, d) in enumerate(zip(workers, data))
+                worker_grads(w, model, d, f"w{i}", pulled) for i, (w, d) in enumerate(zip(workers, data, strict=False))
             ]
             assert [strategy.apply_gradient(g).staleness for g in grads] == [0, 1]
         else:
@@ -426,7 +426,7 @@ def run_rounds(name: str, rounds: int, checkpoint_after: int | None = None) -> d
             strategy.apply_round(
                 [
                     local_round(w, model, d, f"w{i}", strategy.version, mu)
-                    for i, (w, d) in enumerate(zip(workers, data))
+                    for i, (w, d) in enumerate(zip(workers, data, strict=False))
                 ]
             )
     return strategy.state_dict()
@@ -442,7 +442,7 @@ def assert_identical(a: object, b: object, path: str = "") -> None:
             assert_identical(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_identical(x, y, f"{path}[{i}]")
     else:
         assert a == b, path

@@ -78,9 +78,16 @@ def config_error(directory: Path, data: dict[str, Any] | str) -> str:
 def test_all_examples_are_present() -> None:
     names = {p.name for p in EXAMPLE_FILES}
     assert names == {
-        "hfl_default_credit.yaml", "hfl_cifar10_resnet.yaml", "hfl_criteo_dlrm.yaml",
-        "vfl_default_credit.yaml", "vfl_breast.yaml", "vfl_wide_deep.yaml",
-        "hfl_default_credit_dp.yaml", "vfl_default_credit_label_dp.yaml", "vfl_default_credit_keras.yaml", "hfl_default_credit_keras.yaml",
+        "hfl_default_credit.yaml",
+        "hfl_cifar10_resnet.yaml",
+        "hfl_criteo_dlrm.yaml",
+        "vfl_default_credit.yaml",
+        "vfl_breast.yaml",
+        "vfl_wide_deep.yaml",
+        "hfl_default_credit_dp.yaml",
+        "vfl_default_credit_label_dp.yaml",
+        "vfl_default_credit_keras.yaml",
+        "hfl_default_credit_keras.yaml",
     }
 
 
@@ -114,7 +121,9 @@ def test_tabular_examples_point_at_shared_data(name: str, monkeypatch: pytest.Mo
     paths = [p.data.path for p in config.parties if isinstance(p.data, CsvData)]
     if isinstance(config, HflJobConfig) and isinstance(config.evaluation.data, CsvData):
         paths.append(config.evaluation.data.path)
-    assert paths and all(p.is_file() and p.parent == (REPO.parent / "shared" / "data" / "tabular").resolve() for p in paths)
+    assert paths and all(
+        p.is_file() and p.parent == (REPO.parent / "shared" / "data" / "tabular").resolve() for p in paths
+    )
 
 
 def test_hfl_default_credit_example() -> None:
@@ -122,11 +131,16 @@ def test_hfl_default_credit_example() -> None:
     assert isinstance(config, HflJobConfig)
     assert config.server().name == "server" and len(config.workers()) == 3
     assert [p.data.path.name for p in config.workers() if isinstance(p.data, CsvData)] == [
-        "default_credit_homo_guest.csv", "default_credit_homo_host_1.csv", "default_credit_homo_host_2.csv",
+        "default_credit_homo_guest.csv",
+        "default_credit_homo_host_1.csv",
+        "default_credit_homo_host_2.csv",
     ]
     assert config.strategy.name == "fedavg" and config.strategy.local_epochs == 2
     assert config.evaluation.where == "server"
-    assert isinstance(config.evaluation.data, CsvData) and config.evaluation.data.path.name == "default_credit_homo_test.csv"
+    assert (
+        isinstance(config.evaluation.data, CsvData)
+        and config.evaluation.data.path.name == "default_credit_homo_test.csv"
+    )
     assert config.model.args["hidden"] == [64, 32]
 
 
@@ -540,7 +554,10 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_yaml_alias_bomb_is_refused_before_validation(tmp_path: Path) -> None:
     lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
-              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 9)
+    ]
     text = yaml.safe_dump(hfl_job(), sort_keys=False) + "\n".join(lines) + "\n"
     assert "more than 100000 values" in config_error(tmp_path, text)

@@ -23,7 +23,7 @@ from enclavefl.jobs.refs import JobCode, resolve_ref
 from enclavefl.tee.measure import simulated_measurement
 
 USER_MODULE = "enclavefl_refs_t_models"
-USER_CODE = f"""
+USER_CODE = """
 import os
 from pathlib import Path
 

@@ -74,7 +74,11 @@ def test_names_are_stable_across_builds_and_independent_of_automatic_numbering()
         return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
 
     first, second = sequential(), sequential()  # Keras numbers the second one's layers dense_2, dense_3
-    assert variable_names(first) == variable_names(second) == ["dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"]
+    assert (
+        variable_names(first)
+        == variable_names(second)
+        == ["dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"]
+    )
     assert variable_names(build_keras_model("mlp", in_features=3, hidden=[4])) == [
         "hidden_0/kernel", "hidden_0/bias", "logits/kernel", "logits/bias"]  # fmt: skip
 
@@ -82,8 +86,12 @@ def test_names_are_stable_across_builds_and_independent_of_automatic_numbering()
 def test_mismatched_variables_are_refused_with_the_names_that_differ() -> None:
     model = build_keras_model("mlp", in_features=3, hidden=[4])
     weights = get_weights(model)
-    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dense(1, name="logits")])
-    with pytest.raises(UsageError, match=r"lack \['hidden/kernel', 'hidden/bias'\].*no \['hidden_0/bias', 'hidden_0/kernel'\]"):
+    other = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dense(1, name="logits")]
+    )
+    with pytest.raises(
+        UsageError, match=r"lack \['hidden/kernel', 'hidden/bias'\].*no \['hidden_0/bias', 'hidden_0/kernel'\]"
+    ):
         check_weights(other, weights)
     wrong = {**weights, "hidden_0/kernel": np.zeros((3, 5), np.float32)}
     with pytest.raises(UsageError, match=r"hidden_0/kernel: model float32 \[3, 4\], weights float32 \[3, 5\]"):
@@ -179,12 +187,21 @@ def test_fedavg_one_worker_one_round_equals_local_model_fit() -> None:
     local.fit(x, y, batch_size=16, epochs=2, shuffle=True, verbose=0)
 
     server = attested_server()
-    ps = ParameterServer(server, make_strategy("fedavg", TorchMirror(initial)), workers=["a"], total=1, round_timeout_s=60)
+    ps = ParameterServer(
+        server, make_strategy("fedavg", TorchMirror(initial)), workers=["a"], total=1, round_timeout_s=60
+    )
     fed = Federation(server, ps)
     # The worker's model starts from other weights: the server's state is what it trains.
     worker_model = build_keras_model("mlp", in_features=5, hidden=[8])
-    fed.worker("a", lambda c: Worker(c, KerasTrainer(worker_model, BCE, keras.optimizers.SGD(0.05, momentum=0.9),
-                                                     (x, y), batch_size=16, local_epochs=2)))
+    fed.worker(
+        "a",
+        lambda c: Worker(
+            c,
+            KerasTrainer(
+                worker_model, BCE, keras.optimizers.SGD(0.05, momentum=0.9), (x, y), batch_size=16, local_epochs=2
+            ),
+        ),
+    )
     summary = fed.run()
     assert not fed.errors, fed.errors
     assert summary["version"] == 1
@@ -204,16 +221,28 @@ def test_sync_sgd_steps_with_the_gradient_tape_gradients() -> None:
     keras.utils.set_random_seed(5)
     initial = build_keras_model("mlp", in_features=5, hidden=[8])
     start = get_weights(initial)
-    reference = KerasTrainer(build_keras_model("mlp", in_features=5, hidden=[8]), BCE, keras.optimizers.SGD(0.1),
-                             (x, y), batch_size=32, shuffle=False)
+    reference = KerasTrainer(
+        build_keras_model("mlp", in_features=5, hidden=[8]),
+        BCE,
+        keras.optimizers.SGD(0.1),
+        (x, y),
+        batch_size=32,
+        shuffle=False,
+    )
     grads = reference.gradients(start, {"round": 1}).gradients
 
     server = attested_server()
     ps = ParameterServer(server, make_strategy("sync-sgd", TorchMirror(initial), lr=0.5), workers=["a"], total=1,
                          round_timeout_s=60)  # fmt: skip
     fed = Federation(server, ps)
-    trainer = KerasTrainer(build_keras_model("mlp", in_features=5, hidden=[8]), BCE, keras.optimizers.SGD(0.1),
-                           (x, y), batch_size=32, shuffle=False)
+    trainer = KerasTrainer(
+        build_keras_model("mlp", in_features=5, hidden=[8]),
+        BCE,
+        keras.optimizers.SGD(0.1),
+        (x, y),
+        batch_size=32,
+        shuffle=False,
+    )
     fed.worker("a", lambda c: Worker(c, trainer))
     fed.run()
     assert not fed.errors, fed.errors
@@ -230,8 +259,14 @@ def test_keras_bottom_steps_like_the_torch_bottom() -> None:
     reference = BottomMLP(4, out_features=3, hidden=(6,))
     half = KerasHalf(build_keras_model("bottom_mlp", in_features=4, out_features=3, hidden=[6]))
     linears = [m for m in reference.net if isinstance(m, torch.nn.Linear)]
-    half.load_state_dict({"hidden_0/kernel": linears[0].weight.detach().T, "hidden_0/bias": linears[0].bias.detach(),
-                          "out/kernel": linears[1].weight.detach().T, "out/bias": linears[1].bias.detach()})
+    half.load_state_dict(
+        {
+            "hidden_0/kernel": linears[0].weight.detach().T,
+            "hidden_0/bias": linears[0].bias.detach(),
+            "out/kernel": linears[1].weight.detach().T,
+            "out/bias": linears[1].bias.detach(),
+        }
+    )
     optimizer = KerasOptimizer([(half, keras.optimizers.SGD(0.1, momentum=0.9))])
     torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     x = torch.from_numpy(data(32, 4)[0])
@@ -306,8 +341,14 @@ print(json.dumps({"names": variable_names(model), "auc": trainer.evaluate(fit.we
 
 def test_torch_backend() -> None:
     env = {**os.environ, "KERAS_BACKEND": "torch"}
-    done = subprocess.run([sys.executable, "-c", "import json\n" + TORCH_BACKEND_CHECK], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", "import json\n" + TORCH_BACKEND_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["names"] == ["hidden_0/kernel", "hidden_0/bias", "logits/kernel", "logits/bias"]
@@ -323,7 +364,9 @@ def test_without_the_extra_a_keras_job_names_the_pip_command(monkeypatch: pytest
     from enclavefl.cli import main
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.partition(".")[0] == "keras" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.partition(".")[0] == "keras" else real(name, *a)
+    )
     job = EXAMPLES / "vfl_default_credit_keras.yaml"
     result = CliRunner().invoke(main, ["run", str(job)])
     assert result.exit_code == 2, result.output
@@ -353,8 +396,15 @@ def _job_copy(example: str, tmp_path: Path, tabular_dir: Path) -> Path:
 
 
 def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "enclavefl", *args], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600, check=False, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "enclavefl", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_keras_hfl_fedavg_reaches_the_auc_of_the_torch_example(tmp_path: Path, tabular_dir: Path) -> None:
@@ -381,7 +431,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(tmp_path: Path, tabular_dir: Path) -> None:
+def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(
+    tmp_path: Path, tabular_dir: Path
+) -> None:
     job = yaml.safe_load((EXAMPLES / "vfl_default_credit_keras.yaml").read_text())
     job["parties"][0]["address"] = f"localhost:{_free_port()}"
     for party in job["parties"]:
@@ -397,8 +449,14 @@ def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(t
     job_file.write_text(yaml.safe_dump(job))
 
     def enclavefl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "enclavefl", *args], capture_output=True, text=True, cwd=tmp_path,
-                              timeout=600, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "enclavefl", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+            check=False,
+        )
 
     trained = enclavefl("run", str(job_file))
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -419,11 +477,19 @@ def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(t
     with open(guest_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     ids = np.array([r["id"] for r in rows])
-    storage = Storage(config.storage.party_dir("guest"), parse_key_spec(f"file:{tmp_path / 'job.key'}"), config.job.id, "guest")
+    storage = Storage(
+        config.storage.party_dir("guest"), parse_key_spec(f"file:{tmp_path / 'job.key'}"), config.job.id, "guest"
+    )
     aligned = storage.load_alignment(ids)
     assert aligned is not None
-    plan = Plan(TRAIN, aligned.size, job["training"]["batch_size"], job["training"]["epochs"], job["job"]["seed"],
-                job["training"]["validation_fraction"])
+    plan = Plan(
+        TRAIN,
+        aligned.size,
+        job["training"]["batch_size"],
+        job["training"]["epochs"],
+        job["job"]["seed"],
+        job["training"]["validation_fraction"],
+    )
     validation = aligned.rows[plan.split()[1]]
     subset = tmp_path / "validation_guest.csv"
     with open(subset, "w", newline="") as handle:
@@ -439,8 +505,13 @@ def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(t
 
 @pytest.mark.slow  # a fourth multi-process Keras job; the path it adds (trainer: and a Keras factory) is its own
 def test_api_hfl_keras_example_runs_a_three_worker_fedavg_job(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(EXAMPLES / "api_hfl_keras.py"), "--out", str(tmp_path), "--rounds", "2"],
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "api_hfl_keras.py"), "--out", str(tmp_path), "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["strategy"] == "fedavg" and summary["rounds"] == 2

@@ -165,9 +165,8 @@ def test_wait_ready_times_out_on_a_closed_port() -> None:
     server = make_server()
     port = server.port
     server.stop(0)
-    with make_client(port) as client:
-        with pytest.raises(ConnectFailed, match="not ready after"):
-            client.wait_ready(timeout_s=0.1)
+    with make_client(port) as client, pytest.raises(ConnectFailed, match="not ready after"):
+        client.wait_ready(timeout_s=0.1)
 
 
 def test_handler_errors_reach_the_client_typed(server: AttestedServer, caplog: pytest.LogCaptureFixture) -> None:

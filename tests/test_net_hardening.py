@@ -46,11 +46,15 @@ JOB = "hardening"
 
 
 def credentials(party: str) -> PartyCredentials:
-    return PartyCredentials(make_identity(SimulatedAttester(GOOD), POLICY, party=party), POLICY, party, JOB, Mode.TWO_WAY)
+    return PartyCredentials(
+        make_identity(SimulatedAttester(GOOD), POLICY, party=party), POLICY, party, JOB, Mode.TWO_WAY
+    )
 
 
 def client(port: int, party: str, host: str = "127.0.0.1") -> AttestedClient:
-    return AttestedClient(f"{host}:{port}", credentials(party), retry=RetryPolicy(max_attempts=5, initial_backoff_s=0.05))
+    return AttestedClient(
+        f"{host}:{port}", credentials(party), retry=RetryPolicy(max_attempts=5, initial_backoff_s=0.05)
+    )
 
 
 def echo(peer: object, request: Message) -> Message:
@@ -120,7 +124,9 @@ def test_job_completes_and_good_peer_is_admitted_under_1000_stalled_calls(server
 
     def work(party: str, seed: int) -> None:
         try:
-            Worker.for_model(client(server.port, party), copy.deepcopy(model), _blobs(32, seed), batch_size=8, lr=0.1).run()
+            Worker.for_model(
+                client(server.port, party), copy.deepcopy(model), _blobs(32, seed), batch_size=8, lr=0.1
+            ).run()
         except BaseException as exc:  # reported below
             errors[party] = exc
 
@@ -166,7 +172,7 @@ def test_nonce_store_capacity_evicts_from_the_largest_source() -> None:
     clock = Clock()
     store = NonceStore(capacity=20, per_source=20, rate_per_s=1e9, clock=clock)
     good = store.issue("10.0.0.1")
-    for i in range(19):
+    for _ in range(19):
         store.issue("10.0.0.66")
     for i in range(50):
         clock.now += 1e-6
@@ -377,7 +383,9 @@ def test_received_arrays_are_writable_and_exact() -> None:
     from enclavefl.net.tensors import encode_message
 
     value = np.arange(12, dtype=np.complex128).reshape(3, 4)
-    _, message = decode_message(iter(encode_message(Message(tensors={"v": value, "e": np.zeros((0, 5))}), chunk_size=7)))
+    _, message = decode_message(
+        iter(encode_message(Message(tensors={"v": value, "e": np.zeros((0, 5))}), chunk_size=7))
+    )
     assert np.array_equal(message.tensors["v"], value) and message.tensors["v"].flags.writeable
     assert message.tensors["e"].shape == (0, 5)
 

@@ -477,7 +477,7 @@ def test_bad_parties_are_config_errors(parties: Any, problem: str) -> None:
 # -- CCZoo's TDX form, debuggable switch and trailing commas (issue 13) -------------------------
 
 # CCZoo's TDX dynamic_config.json (grpc-ra-tls README, TDX backend), values filled in.
-CCZOO_TDX_CONFIG = """{
+CCZOO_TDX_CONFIG = f"""{{
     "verify_mr_seam" : "off",
     "verify_mrsigner_seam" : "off",
     "verify_mr_td" : "on",
@@ -489,24 +489,24 @@ CCZOO_TDX_CONFIG = """{
     "verify_rt_mr2" : "on",
     "verify_rt_mr3" : "off",
     "tdx_mrs": [
-        {
+        {{
             "mr_seam" : "",
             "mrsigner_seam" : "",
-            "mr_td" : "%s",
+            "mr_td" : "{MR_TD}",
             "mr_config_id" : "",
             "mr_owner" : "",
             "mr_owner_config" : "",
-            "rt_mr0" : "%s",
-            "rt_mr1" : "%s",
-            "rt_mr2" : "%s",
+            "rt_mr0" : "{RTMRS[0]}",
+            "rt_mr1" : "{RTMRS[1]}",
+            "rt_mr2" : "{RTMRS[2]}",
             "rt_mr3" : ""
-        }
+        }}
     ]
-}
-""" % (MR_TD, RTMRS[0], RTMRS[1], RTMRS[2])
+}}
+"""
 
 # CCZoo's SGX form with the in-enclave verification and debuggable switches (Occlum, grpc_ratls).
-CCZOO_SGX_DEBUGGABLE = """{
+CCZOO_SGX_DEBUGGABLE = f"""{{
     "verify_in_enclave" : "on",
     "verify_mr_enclave" : "on",
     "verify_mr_signer" : "off",
@@ -514,16 +514,16 @@ CCZOO_SGX_DEBUGGABLE = """{
     "verify_isv_svn" : "off",
     "verify_enclave_debuggable" : "on",
     "sgx_mrs": [
-        {
-            "mr_enclave" : "%s",
+        {{
+            "mr_enclave" : "{MR_A}",
             "mr_signer" : "",
             "isv_prod_id" : 0,
             "isv_svn" : 0,
             "debuggable" : false
-        }
+        }}
     ]
-}
-""" % MR_A
+}}
+"""
 
 
 def test_cczoo_tdx_dynamic_config_loads_unchanged(tmp_path: Path) -> None:

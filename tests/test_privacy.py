@@ -151,7 +151,10 @@ def test_dp_sgd_noise_std_is_sigma_times_c() -> None:
 def test_worker_update_clipping_bounds_norms() -> None:
     generator = torch.Generator().manual_seed(3)
     for scale in (1e-3, 0.5, 1.0, 7.0, 1e4):
-        update = {"a": torch.randn(30, generator=generator) * scale, "b": torch.randn(4, 5, generator=generator) * scale}
+        update = {
+            "a": torch.randn(30, generator=generator) * scale,
+            "b": torch.randn(4, 5, generator=generator) * scale,
+        }
         clipped, norm = clip_to_norm(update, 1.0)
         assert norm == pytest.approx(global_norm(update))
         assert global_norm(clipped) <= 1.0 + 1e-6
@@ -175,7 +178,9 @@ def test_aggregate_noise_std_is_sigma_times_c() -> None:
 
 def test_model_with_batchnorm_is_refused_naming_the_layer() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
-    with pytest.raises(UsageError, match=r"1 \(BatchNorm1d\): BatchNorm cannot support training with differential privacy"):
+    with pytest.raises(
+        UsageError, match=r"1 \(BatchNorm1d\): BatchNorm cannot support training with differential privacy"
+    ):
         check_model(model)
     check_model(nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Linear(8, 1)))
 
@@ -246,7 +251,9 @@ def test_planned_steps_over_budget_are_refused_before_training(tmp_path: Path) -
     model = nn.Sequential(nn.Linear(23, 8), nn.ReLU(), nn.Linear(8, 1))
     job = _job(tmp_path, privacy={"mechanism": "dp-sgd", "noise_multiplier": 0.8}, budget=RECORD_3, rounds=50)
     assert planned_dp_sgd_steps(job, rows) == 50 * 4
-    with pytest.raises(PrivacyBudgetExceeded, match=r"200 planned DP-SGD steps .* spend epsilon .* more than the policy's budget"):
+    with pytest.raises(
+        PrivacyBudgetExceeded, match=r"200 planned DP-SGD steps .* spend epsilon .* more than the policy's budget"
+    ):
         plan_dp_sgd(job, Policy.load(job.policy).privacy, model, train)
     job = _job(tmp_path, privacy={"mechanism": "dp-sgd"}, budget=RECORD_3, rounds=50)
     dp = plan_dp_sgd(job, Policy.load(job.policy).privacy, model, train)
@@ -259,13 +266,27 @@ def test_dp_sgd_rounds_spend_what_was_planned() -> None:
     x = torch.randn(512, 6)
     y = (x[:, 0] > 0).float()
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
-    dp = DpSgd(model, (x, y), batch_size=64, delta=1e-5, planned_steps=24, max_grad_norm=1.0,
-               target_epsilon=2.0, max_epsilon=2.0)
+    dp = DpSgd(
+        model,
+        (x, y),
+        batch_size=64,
+        delta=1e-5,
+        planned_steps=24,
+        max_grad_norm=1.0,
+        target_epsilon=2.0,
+        max_epsilon=2.0,
+    )
     losses = []
     for _ in range(3):
         assert dp.fits(dp.steps_per_epoch)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        losses.append(dp.train(optimizer, epochs=1, loss_fn=lambda out, lab: nn.functional.binary_cross_entropy_with_logits(out.reshape(-1), lab)))
+        losses.append(
+            dp.train(
+                optimizer,
+                epochs=1,
+                loss_fn=lambda out, lab: nn.functional.binary_cross_entropy_with_logits(out.reshape(-1), lab),
+            )
+        )
     assert dp.accountant.steps == 24
     assert 1.99 <= dp.epsilon <= 2.0
     assert not dp.fits(dp.steps_per_epoch)  # a fourth round would exceed the budget
@@ -334,8 +355,16 @@ def test_linear_fast_clipping_equals_opacus() -> None:
     loss = fast.step((x, y), default_loss, clip=0.3, std=0.0, expected_batch_size=40, generator=torch.Generator())
     assert loss == pytest.approx(float(default_loss(twin(x), y)))
     loader = DataLoader(TensorDataset(x, y), batch_size=40)
-    private = make_private(twin, torch.optim.SGD(twin.parameters(), lr=0.1), loader, target_epsilon=None,
-                           noise_multiplier=0.0, delta=1e-5, steps=1, max_grad_norm=0.3)
+    private = make_private(
+        twin,
+        torch.optim.SGD(twin.parameters(), lr=0.1),
+        loader,
+        target_epsilon=None,
+        noise_multiplier=0.0,
+        delta=1e-5,
+        steps=1,
+        max_grad_norm=0.3,
+    )
     private.optimizer.zero_grad()
     default_loss(private.model(x), y).backward()
     private.optimizer.expected_batch_size = 40
@@ -358,5 +387,9 @@ def test_label_privacy_is_secret_and_reproducible_from_its_sealed_seed() -> None
     assert torch.equal(first.with_seed(first.seed_hex).randomize(labels), noisy)
     assert not torch.equal(second.randomize(labels), noisy)
     assert float((noisy == labels).float().mean()) == pytest.approx(keep_probability(2.0, 2), abs=0.02)
-    assert first.report() == {"label_epsilon": 2.0, "label_delta": 0.0, "label_mechanism": "randomized-response",
-                              "label_keep_probability": keep_probability(2.0, 2)}
+    assert first.report() == {
+        "label_epsilon": 2.0,
+        "label_delta": 0.0,
+        "label_mechanism": "randomized-response",
+        "label_keep_probability": keep_probability(2.0, 2),
+    }

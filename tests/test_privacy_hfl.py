@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from enclavefl.errors import Rejected
 from enclavefl.hfl import wire
@@ -100,8 +99,7 @@ def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp
     latest = store.load_latest()
     assert latest is not None and latest[0] == 2
     # A worker that left may not come back (a restart would reset its accountant).
-    with client(port, "a") as again:
-        with pytest.raises((Rejected, PeerRefused), match="left this run") as refused:
-            again.call(wire.JOIN, Message({"protocol": wire.PROTOCOL, "evaluates": False}))
+    with client(port, "a") as again, pytest.raises((Rejected, PeerRefused), match="left this run") as refused:
+        again.call(wire.JOIN, Message({"protocol": wire.PROTOCOL, "evaluates": False}))
     assert refused.value.check == "privacy"
     server.stop(grace_s=0)

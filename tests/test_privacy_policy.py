@@ -119,7 +119,8 @@ def test_same_budget_other_policy_difference_is_a_hash_mismatch() -> None:
 @pytest.fixture
 def server() -> Iterator[AttestedServer]:
     mine = policy(RECORD_3)
-    credentials = PartyCredentials(make_identity(SimulatedAttester(GOOD), mine, party="server"), mine, "server", "job-1")
+    identity = make_identity(SimulatedAttester(GOOD), mine, party="server")
+    credentials = PartyCredentials(identity, mine, "server", "job-1")
     server = AttestedServer(credentials, port=0)
     server.start()
     yield server

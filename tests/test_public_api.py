@@ -66,7 +66,7 @@ def test_insecure_namespace_and_deprecated_old_names() -> None:
     assert insecure.SimulatedAttester is SimulatedAttester
     assert insecure.FileKeySource is keys.FileKeySource and insecure.create_key_file is keys.create_key_file
     assert (insecure.VERIFY_SERVER_ONLY, insecure.VERIFY_CLIENT_ONLY) == (Mode.SERVER, Mode.CLIENT)
-    import enclavefl.seal as seal
+    from enclavefl import seal
 
     with pytest.warns(DeprecationWarning, match="import it from enclavefl.insecure"):
         assert seal.FileKeySource is keys.FileKeySource

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import cbor2
 import pytest
@@ -68,8 +68,8 @@ def build_cert(
     extensions: dict[x509.ObjectIdentifier, bytes],
     *,
     signer: ec.EllipticCurvePrivateKey | None = None,
-    not_before: datetime = datetime(2020, 1, 1, tzinfo=timezone.utc),
-    not_after: datetime = datetime(2030, 12, 31, tzinfo=timezone.utc),
+    not_before: datetime = datetime(2020, 1, 1, tzinfo=UTC),
+    not_after: datetime = datetime(2030, 12, 31, tzinfo=UTC),
     subject: str = "CN=RATLS,O=GramineDevelopers,C=US",
     san: x509.SubjectAlternativeName | None = None,
 ) -> bytes:
@@ -323,7 +323,7 @@ def test_extra_claims_are_validated(attester):
     with pytest.raises(UsageError, match="pubkey-hash"):
         make_certificate(attester, extra_claims={"pubkey-hash": b"x"})
     with pytest.raises(UsageError):
-        make_certificate(attester, extra_claims={"when": datetime.now(timezone.utc)})
+        make_certificate(attester, extra_claims={"when": datetime.now(UTC)})
     with pytest.raises(UsageError):
         make_certificate(attester, extra_claims={"": b"x"})
 

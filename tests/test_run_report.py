@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,9 @@ class _Proc:
         return self.returncode
 
 
-def _party(tmp_path: Path, name: str, code: int, exited_at: float, lines: list[str], stopped: bool = False) -> PartyProcess:
+def _party(
+    tmp_path: Path, name: str, code: int, exited_at: float, lines: list[str], stopped: bool = False
+) -> PartyProcess:
     log = tmp_path / f"{name}.log"
     log.write_text("\n".join(lines) + "\n")
     proc = PartyProcess(name, "x", _Proc(code), log, None, exit_code=code)  # type: ignore[arg-type]
@@ -72,14 +73,19 @@ def _party(tmp_path: Path, name: str, code: int, exited_at: float, lines: list[s
 
 
 def test_the_first_failure_is_reported_first_with_its_own_error(tmp_path: Path) -> None:
-    retries = [f"2026-01-01 INFO enclavefl.net: connecting to localhost:50192 failed (attempt {i} of 5)" for i in range(5)]
+    retries = [
+        f"2026-01-01 INFO enclavefl.net: connecting to localhost:50192 failed (attempt {i} of 5)" for i in range(5)
+    ]
     guest = _party(tmp_path, "guest", 2, 20.0, [*retries, "enclavefl: error: follower host left the federation"])
     host = _party(tmp_path, "host", 2, 10.0, ["enclavefl: error: cannot read data.csv: No such file or directory"])
     failures = failure_report([guest, host])
     assert [f["party"] for f in failures] == ["host", "guest"]
     assert failures[0]["first"] and "data.csv" in failures[0]["error"]
-    summary = {"job": "j", "failures": failures,
-               "parties": {"guest": {"attested": True}, "host": {"attested": False, "exit_code": 2}}}
+    summary = {
+        "job": "j",
+        "failures": failures,
+        "parties": {"guest": {"attested": True}, "host": {"attested": False, "exit_code": 2}},
+    }
     notes = result_notes(summary)
     assert notes[0] == "j: host failed first (exit 2): cannot read data.csv: No such file or directory"
     assert "j: host not attested: exited 2 before attestation completed" in notes
@@ -134,13 +140,20 @@ def test_predict_keeps_the_leader_order_and_counts_dropped_rows(vfl: dict[str, A
     leader_rows = rows[:60][::-1]  # a new order, reversed
     leader_ids = {row[0] for row in rows[:60]}
     # The follower holds 50 of the leader's 60 ids and 10 the leader does not have.
-    follower_rows = ([r for r in f_rows if r[0] in {row[0] for row in rows[:50]}]
-                     + [r for r in f_rows if r[0] not in leader_ids][:10])
+    follower_rows = [r for r in f_rows if r[0] in {row[0] for row in rows[:50]}] + [
+        r for r in f_rows if r[0] not in leader_ids
+    ][:10]
     for name, head, body in (("leader_in.csv", header, leader_rows), ("follower_in.csv", f_header, follower_rows)):
         with open(work / name, "w", newline="") as handle:
             csv.writer(handle).writerows([head, *body])
-    done = enclavefl("predict", str(vfl["job"]), "--input", f"leader={work / 'leader_in.csv'}",
-                     "--input", f"follower={work / 'follower_in.csv'}")
+    done = enclavefl(
+        "predict",
+        str(vfl["job"]),
+        "--input",
+        f"leader={work / 'leader_in.csv'}",
+        "--input",
+        f"follower={work / 'follower_in.csv'}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     predicted = [line.split(",")[0] for line in (vfl["out"] / "predictions.csv").read_text().splitlines()[1:]]
     held_by_both = {row[0] for row in rows[:50]}
@@ -176,18 +189,30 @@ def test_predict_with_wide_and_deep_data(tmp_path: Path) -> None:
     generate = {"rows": 300, "fields_per_party": 8, "vocab_size": 11}
     job["parties"][0]["data"] = {"kind": "wide-deep", "path": "wd/leader.npz", "generate": generate}
     job["parties"][1]["data"] = {"kind": "wide-deep", "path": "wd/follower_0.npz", "generate": generate}
-    job["model"] = {"bottom": {"name": "wide_deep_follower", "args": {"num_fields": 8, "vocab_size": 11,
-                                                                     "embedding_dim": 4, "out_features": 8}},
-                    "top": {"name": "wide_deep_leader", "args": {"num_fields": 8, "vocab_size": 11,
-                                                                 "embedding_dim": 4, "hidden": [16, 8]}},
-                    "leader_bottom": False}
+    job["model"] = {
+        "bottom": {
+            "name": "wide_deep_follower",
+            "args": {"num_fields": 8, "vocab_size": 11, "embedding_dim": 4, "out_features": 8},
+        },
+        "top": {
+            "name": "wide_deep_leader",
+            "args": {"num_fields": 8, "vocab_size": 11, "embedding_dim": 4, "hidden": [16, 8]},
+        },
+        "leader_bottom": False,
+    }
     job["training"].update(epochs=1, alignment="tee-join", optimizer="adagrad")
     job_file.write_text(yaml.safe_dump(job))
     done = enclavefl("run", str(job_file))
     assert done.returncode == 0, done.stderr[-3000:]
     make_wide_deep_data(tmp_path / "new", 40, fields_per_party=8, vocab_size=11, seed=7)
-    done = enclavefl("predict", str(job_file), "--input", f"leader={tmp_path / 'new' / 'leader.npz'}",
-                     "--input", f"follower={tmp_path / 'new' / 'follower_0.npz'}")
+    done = enclavefl(
+        "predict",
+        str(job_file),
+        "--input",
+        f"leader={tmp_path / 'new' / 'leader.npz'}",
+        "--input",
+        f"follower={tmp_path / 'new' / 'follower_0.npz'}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "out-vfl" / "summary-predict.json").read_text())
     lines = (tmp_path / "out-vfl" / "predictions.csv").read_text().splitlines()
@@ -209,14 +234,17 @@ def test_standardize_fits_each_party_on_its_training_rows_and_seals_it(vfl: dict
     job = load_job(vfl["job"])
     held_out = set((vfl["out"] / "validation_ids.csv").read_text().split()[1:])
     key = FileKeySource(vfl["work"] / "keys" / "demo.key")
-    for party, file, build in (("leader", "breast_leader.csv", build_leader_model),
-                               ("follower", "breast_follower.csv", build_bottom)):
+    for party, file, build in (
+        ("leader", "breast_leader.csv", build_leader_model),
+        ("follower", "breast_follower.csv", build_bottom),
+    ):
         with open(vfl["work"] / file, newline="") as handle:
             header, *rows = list(csv.reader(handle))
         first = 2 if party == "leader" else 1  # id, (y,) x0..
         train = np.array([[float(v) for v in r[first:]] for r in rows if r[0] not in held_out], dtype=np.float32)
-        model = load_model(build(job, train.shape[1]), model_path(vfl["out"], party), key=key,
-                           job_id=job.job.id, party=party)
+        model = load_model(
+            build(job, train.shape[1]), model_path(vfl["out"], party), key=key, job_id=job.job.id, party=party
+        )
         scaler = next(m for m in model.modules() if isinstance(m, Standardize))
         assert train.shape[0] == 455
         assert torch.allclose(scaler.mean, torch.from_numpy(train.mean(axis=0)), atol=1e-4)
@@ -266,7 +294,9 @@ def test_per_party_training_metrics_hfl(tmp_path: Path) -> None:
     result = run_job(job_file, timeout_s=300)
     assert result.ok, result.summary
     parties = _party_records(result.out_dir)
-    assert sorted((r["party"], r["step"]) for r in parties) == [(w, s) for w in ("worker-a", "worker-b") for s in (1, 2)]
+    assert sorted((r["party"], r["step"]) for r in parties) == [
+        (w, s) for w in ("worker-a", "worker-b") for s in (1, 2)
+    ]
     for record in parties:
         assert record["loss"] > 0 and record["compute_s"] > 0 and record["examples"] > 600
         assert record["bytes_sent"] > 0 and record["bytes_received"] > 0

@@ -38,7 +38,7 @@ def project(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 
 
 def test_project_is_complete_and_valid(project: Path) -> None:
-    assert COMMON_FILES <= {p.name for p in project.iterdir()}
+    assert {p.name for p in project.iterdir()} >= COMMON_FILES
     for path in project.rglob("*"):
         if path.is_file():
             assert "{{" not in path.read_text(encoding="utf-8"), f"unrendered placeholder in {path}"

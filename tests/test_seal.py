@@ -384,10 +384,9 @@ class _Boom(Exception):
 
 def test_crash_mid_write_leaves_nothing(workdir: Path, key: FileKeySource) -> None:
     dst = workdir / "ckpt.sealed"
-    with pytest.raises(_Boom):
-        with write_sealed(dst, key=key, **BINDING) as f:
-            f.write(_data(3 * SEGMENT_SIZE))
-            raise _Boom
+    with pytest.raises(_Boom), write_sealed(dst, key=key, **BINDING) as f:
+        f.write(_data(3 * SEGMENT_SIZE))
+        raise _Boom
     assert list(workdir.iterdir()) == []
 
 
@@ -396,10 +395,9 @@ def test_crash_mid_write_keeps_previous_file(workdir: Path, key: FileKeySource) 
     with write_sealed(dst, key=key, **BINDING) as f:
         f.write(b"old checkpoint")
     before = dst.read_bytes()
-    with pytest.raises(_Boom):
-        with write_sealed(dst, key=key, **{**BINDING, "version": 4}) as f:
-            f.write(_data(SEGMENT_SIZE))
-            raise _Boom
+    with pytest.raises(_Boom), write_sealed(dst, key=key, **{**BINDING, "version": 4}) as f:
+        f.write(_data(SEGMENT_SIZE))
+        raise _Boom
     assert dst.read_bytes() == before
     assert [p.name for p in workdir.iterdir()] == ["ckpt.sealed"]
 
@@ -482,9 +480,8 @@ def test_tampered_unseal_keeps_previous_destination(sealed: tuple[Path, bytes], 
     [{"job_id": ""}, {"name": ""}, {"version": -1}, {"version": True}, {"version": "3"}],
 )
 def test_bad_binding_is_a_usage_error(workdir: Path, key: FileKeySource, binding: dict) -> None:
-    with pytest.raises(UsageError):
-        with write_sealed(workdir / "x", key=key, **{**BINDING, **binding}):
-            pass
+    with pytest.raises(UsageError), write_sealed(workdir / "x", key=key, **{**BINDING, **binding}):
+        pass
     assert list(workdir.iterdir()) == []
 
 

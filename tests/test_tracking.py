@@ -63,7 +63,10 @@ def test_tensorboard_and_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.M
     experiment = client.get_experiment_by_name("demo-vfl-breast")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "validation.auc")] == [(1, 0.8), (2, 0.9)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "validation.auc")] == [
+        (1, 0.8),
+        (2, 0.9),
+    ]
     assert run.data.metrics["best.auc"] == 0.9
     assert run.data.params["training.lr"] == "0.01" and run.data.params["model.top.name"] == "top_mlp"
     summary = json.loads(Path(run.info.artifact_uri.removeprefix("file://"), "summary.json").read_text())
@@ -81,11 +84,13 @@ def test_job_params_hold_no_paths_or_keys(tmp_path: Path) -> None:
     assert not any(isinstance(v, str) and "/" in v for v in params.values())
 
 
-def test_a_tracking_job_without_the_extra_names_the_pip_command(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tracking_job_without_the_extra_names_the_pip_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.partition(".")[0] == "mlflow" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.partition(".")[0] == "mlflow" else real(name, *a)
+    )
     result = CliRunner().invoke(main, ["run", str(_job(tmp_path, mlflow="file:/tmp/mlruns"))])
     assert result.exit_code == 2, result.output
     assert "pip install 'enclavefl[tracking]'" in result.output and "mlflow not importable" in result.output

@@ -229,7 +229,7 @@ def local_training(
         step = plan.step(iteration)
         rows = torch.from_numpy(np.array(step.positions))
         with torch.set_grad_enabled(step.kind == TRAIN):
-            logits = leader(xg[rows], [f(x[rows]) for f, x in zip(followers, xh)])
+            logits = leader(xg[rows], [f(x[rows]) for f, x in zip(followers, xh, strict=False)])
         if step.kind == TRAIN:
             loss = F.binary_cross_entropy_with_logits(logits[:, 0], y[rows].float())
             optimizer.zero_grad()
@@ -389,7 +389,7 @@ def test_training_sends_only_aligned_rows_and_activations_never_labels_or_ids(br
     followers = [
         Follower(recorders[name], X=table.X, ids=table.ids, model=model, optimizer=adam(model),
                  alignment="ecdh-psi", alignment_workers=1, poll_s=POLL_S)  # fmt: skip
-        for (name, table), model in zip(hosts.items(), follower_models)
+        for (name, table), model in zip(hosts.items(), follower_models, strict=False)
     ]
     summary, results = run_job(server, leader, followers)
     n = len(common)
@@ -887,7 +887,7 @@ def test_export_then_joint_prediction_reproduces_the_validation_auc(
     followed = box["result"]
     assert followed["intersection"] == predictions.ids.size == validation_rows.size
     assert inputs.y is not None
-    labels = dict(zip(inputs.ids, inputs.y))
+    labels = dict(zip(inputs.ids, inputs.y, strict=False))
     y = torch.tensor([labels[i] for i in predictions.ids])
     assert binary_auc(torch.from_numpy(predictions.logits), y) == pytest.approx(summary["final"]["val_auc"], abs=1e-9)
     lines = (tmp_path / "predictions.csv").read_text().splitlines()

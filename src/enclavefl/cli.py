@@ -146,7 +146,12 @@ def _verify_result(claims: Any, error: Rejected | None) -> dict[str, Any]:
 @click.option("--url", help="HOST:PORT of a live RA-TLS server to probe.")
 @click.option("--collateral", type=click.Path(path_type=Path), help="Offline collateral JSON file.")
 @click.option("--pccs", help="PCCS URL to fetch collateral from (cached until nextUpdate).")
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy JSON (default: UpToDate only, no debug, no simulated).")
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(path_type=Path),
+    help="Policy JSON (default: UpToDate only, no debug, no simulated).",
+)
 @click.option("--at", type=int, help="Verification time, unix seconds (default: now).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @typed_errors
@@ -268,7 +273,9 @@ def _simulated_measurement(job_file: Path | None, *, isv_prod_id: int = 0, isv_s
     default="auto",
     show_default=True,
 )
-@click.option("--job", "job_file", type=click.Path(path_type=Path), help="Job file to include in the simulated measurement.")
+@click.option(
+    "--job", "job_file", type=click.Path(path_type=Path), help="Job file to include in the simulated measurement."
+)
 @click.option(
     "--allow-simulated-insecure",
     is_flag=True,
@@ -298,7 +305,9 @@ def attest(out: Path | None, attester: str, job_file: Path | None, allow_simulat
 
 @main.command()
 @click.option("--sig", type=click.Path(path_type=Path), help="Read the measurement from a Gramine .sig (SIGSTRUCT).")
-@click.option("--job", "job_file", type=click.Path(path_type=Path), help="Job file measured with the package (simulated).")
+@click.option(
+    "--job", "job_file", type=click.Path(path_type=Path), help="Job file measured with the package (simulated)."
+)
 @click.option("--isv-prod-id", type=int, default=0, show_default=True)
 @click.option("--isv-svn", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -329,7 +338,13 @@ def policy() -> None:
 
 @policy.command("init")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Policy file to write.")
-@click.option("--from-measure", "from_measure", type=click.Path(path_type=Path), help="JSON written by `enclavefl measure --json` (repeatable via several files).", multiple=True)
+@click.option(
+    "--from-measure",
+    "from_measure",
+    type=click.Path(path_type=Path),
+    help="JSON written by `enclavefl measure --json` (repeatable via several files).",
+    multiple=True,
+)
 @click.option("--mr-enclave", multiple=True, help="Allowed mr_enclave (hex); repeat for several.")
 @click.option("--mr-signer", help="Required mr_signer (hex).")
 @click.option("--isv-prod-id", type=int, help="Required isv_prod_id.")
@@ -339,8 +354,11 @@ def policy() -> None:
 @click.option("--allow-simulated-insecure", is_flag=True, help="Accept simulated evidence (INSECURE).")
 @click.option("--max-epsilon", type=float, help="Differential-privacy budget: the largest epsilon any party may spend.")
 @click.option("--delta", type=float, help="Differential-privacy delta of the budget (0 only for --privacy-unit label).")
-@click.option("--privacy-unit", type=click.Choice(["record", "worker", "label"]),
-              help="What the budget protects: a training record, a worker's whole data, or the vfl leader's labels.")
+@click.option(
+    "--privacy-unit",
+    type=click.Choice(["record", "worker", "label"]),
+    help="What the budget protects: a training record, a worker's whole data, or the vfl leader's labels.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @typed_errors
 def policy_init(
@@ -378,7 +396,9 @@ def policy_init(
     privacy_flags = {"--max-epsilon": max_epsilon, "--delta": delta, "--privacy-unit": privacy_unit}
     missing = [flag for flag, value in privacy_flags.items() if value is None]
     if missing and len(missing) < len(privacy_flags):
-        raise UsageError(f"a privacy budget needs --max-epsilon, --delta and --privacy-unit; missing {', '.join(missing)}")
+        raise UsageError(
+            f"a privacy budget needs --max-epsilon, --delta and --privacy-unit; missing {', '.join(missing)}"
+        )
     privacy = None if missing else {"unit": privacy_unit, "max_epsilon": max_epsilon, "delta": delta}
     if not entries and not overrides and not (allow_simulated_insecure and privacy):
         raise UsageError("nothing to pin: give --from-measure, --mr-enclave or --mr-signer")
@@ -411,14 +431,35 @@ def policy_show(path: Path) -> None:
 
 
 def _seal_options(fn: F) -> F:
-    fn = click.option("--policy", "policy_path", type=click.Path(path_type=Path),
-                      help="With --key broker:...: the policy the key broker must satisfy.")(fn)
-    fn = click.option("--attester", type=click.Choice(["auto", "gramine", "tdx", "simulated"]), default="auto",
-                      show_default=True, help="With --key broker:...: how this process attests to the broker.")(fn)
-    fn = click.option("--version", "artifact_version", type=int, default=1, show_default=True, help="Artifact version (an older one is refused).")(fn)
+    fn = click.option(
+        "--policy",
+        "policy_path",
+        type=click.Path(path_type=Path),
+        help="With --key broker:...: the policy the key broker must satisfy.",
+    )(fn)
+    fn = click.option(
+        "--attester",
+        type=click.Choice(["auto", "gramine", "tdx", "simulated"]),
+        default="auto",
+        show_default=True,
+        help="With --key broker:...: how this process attests to the broker.",
+    )(fn)
+    fn = click.option(
+        "--version",
+        "artifact_version",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Artifact version (an older one is refused).",
+    )(fn)
     fn = click.option("--job-id", default="default", show_default=True, help="Job the artifact belongs to.")(fn)
     fn = click.option("--name", required=True, help="Artifact name bound into the file.")(fn)
-    fn = click.option("--key", "key_spec", required=True, help="Key source: file:PATH, sgx-seal:mrenclave|mrsigner, broker:HOST:PORT/NAME.")(fn)
+    fn = click.option(
+        "--key",
+        "key_spec",
+        required=True,
+        help="Key source: file:PATH, sgx-seal:mrenclave|mrsigner, broker:HOST:PORT/NAME.",
+    )(fn)
     fn = click.argument("dst", type=click.Path(path_type=Path))(fn)
     fn = click.argument("src", type=click.Path(path_type=Path))(fn)
     return fn
@@ -431,8 +472,13 @@ def _key_source(spec: str, *, job_id: str, attester: str, policy_path: Path | No
     if spec.startswith("broker:"):
         from enclavefl.net import configure_broker_access
 
-        setup = _PartySetup(policy_path=policy_path, attester=attester, allow_simulated_insecure=False,
-                            party="enclavefl-cli", job_id=job_id)
+        setup = _PartySetup(
+            policy_path=policy_path,
+            attester=attester,
+            allow_simulated_insecure=False,
+            party="enclavefl-cli",
+            job_id=job_id,
+        )
         configure_broker_access(setup.credentials())
     return parse_key_spec(spec)
 
@@ -440,8 +486,16 @@ def _key_source(spec: str, *, job_id: str, attester: str, policy_path: Path | No
 @main.command()
 @_seal_options
 @typed_errors
-def seal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int,
-         attester: str, policy_path: Path | None) -> None:
+def seal(
+    src: Path,
+    dst: Path,
+    key_spec: str,
+    name: str,
+    job_id: str,
+    artifact_version: int,
+    attester: str,
+    policy_path: Path | None,
+) -> None:
     """Encrypt and authenticate SRC into DST, bound to (job id, name, version)."""
     from enclavefl.seal import seal_file
 
@@ -453,8 +507,16 @@ def seal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_v
 @main.command()
 @_seal_options
 @typed_errors
-def unseal(src: Path, dst: Path, key_spec: str, name: str, job_id: str, artifact_version: int,
-           attester: str, policy_path: Path | None) -> None:
+def unseal(
+    src: Path,
+    dst: Path,
+    key_spec: str,
+    name: str,
+    job_id: str,
+    artifact_version: int,
+    attester: str,
+    policy_path: Path | None,
+) -> None:
     """Check and decrypt SRC into DST; refuses altered, truncated or swapped files."""
     from enclavefl.seal import unseal_file
 
@@ -502,8 +564,9 @@ class _PartySetup:
         policy = _load_policy(self.policy_path)
         source = collateral_source(self.collateral, self.pccs)
         att = make_attester(self.attester, allow_simulated_insecure=self.allow_simulated_insecure)
-        return PartyCredentials.create(att, policy, party=self.party, job_id=self.job_id, mode=self.mode,
-                                       collateral=source)
+        return PartyCredentials.create(
+            att, policy, party=self.party, job_id=self.job_id, mode=self.mode, collateral=source
+        )
 
 
 def _party_options(
@@ -513,25 +576,48 @@ def _party_options(
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
-        def wrapper(*args: Any, policy_path: Path | None, attester: str, allow_simulated_insecure: bool,
-                    party: str, job_id: str, mode: str, collateral: Path | None, pccs: str | None,
-                    **kwargs: Any) -> Any:
+        def wrapper(
+            *args: Any,
+            policy_path: Path | None,
+            attester: str,
+            allow_simulated_insecure: bool,
+            party: str,
+            job_id: str,
+            mode: str,
+            collateral: Path | None,
+            pccs: str | None,
+            **kwargs: Any,
+        ) -> Any:
             setup = _PartySetup(policy_path, attester, allow_simulated_insecure, party, job_id, mode, collateral, pccs)
             return fn(*args, setup=setup, **kwargs)
 
         options = [
-            click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=policy_required,
-                         help=policy_help),
-            click.option("--attester", type=click.Choice(["auto", "gramine", "tdx", "simulated"]), default="auto",
-                         show_default=True, help="How this party attests ('simulated' is INSECURE)."),
-            click.option("--allow-simulated-insecure", is_flag=True,
-                         help="Let 'auto' fall back to INSECURE simulated evidence when no TEE is present."),
+            click.option(
+                "--policy", "policy_path", type=click.Path(path_type=Path), required=policy_required, help=policy_help
+            ),
+            click.option(
+                "--attester",
+                type=click.Choice(["auto", "gramine", "tdx", "simulated"]),
+                default="auto",
+                show_default=True,
+                help="How this party attests ('simulated' is INSECURE).",
+            ),
+            click.option(
+                "--allow-simulated-insecure",
+                is_flag=True,
+                help="Let 'auto' fall back to INSECURE simulated evidence when no TEE is present.",
+            ),
             click.option("--party", default=default_party, show_default=True, help="This party's name."),
-            click.option("--job-id", default=default_job_id, show_default=True,
-                         help="Job id; both ends must use the same."),
-            click.option("--mode", type=click.Choice(["two-way", "server", "client"]), default="two-way",
-                         show_default=True, help="Who is attested: both ends, only the server or only the client "
-                         "(both ends must agree)."),
+            click.option(
+                "--job-id", default=default_job_id, show_default=True, help="Job id; both ends must use the same."
+            ),
+            click.option(
+                "--mode",
+                type=click.Choice(["two-way", "server", "client"]),
+                default="two-way",
+                show_default=True,
+                help="Who is attested: both ends, only the server or only the client (both ends must agree).",
+            ),
             click.option("--collateral", type=click.Path(path_type=Path), help="Offline collateral JSON file."),
             click.option("--pccs", help="PCCS URL to fetch collateral from (cached until nextUpdate)."),
         ]
@@ -563,8 +649,11 @@ def _stop_on_signals() -> None:
 @main.command("echo-server")
 @click.option("--port", type=click.IntRange(0, 65535), required=True, help="Port to listen on (0: any free port).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@_party_options(default_party="echo-server", default_job_id=_ECHO_JOB,
-                policy_help="Policy clients must satisfy (default: UpToDate only, no debug, no simulated).")
+@_party_options(
+    default_party="echo-server",
+    default_job_id=_ECHO_JOB,
+    policy_help="Policy clients must satisfy (default: UpToDate only, no debug, no simulated).",
+)
 @typed_errors
 def echo_server(port: int, host: str, setup: _PartySetup) -> None:
     """A minimal attested echo server, for checking a deployment; serves until interrupted."""
@@ -577,13 +666,27 @@ def echo_server(port: int, host: str, setup: _PartySetup) -> None:
 
 @main.command("echo-client")
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--megabytes", type=click.FloatRange(min=0), default=16.0, show_default=True,
-              help="Payload to echo (10**6 bytes each way).")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds to wait for the server to be up.")
+@click.option(
+    "--megabytes",
+    type=click.FloatRange(min=0),
+    default=16.0,
+    show_default=True,
+    help="Payload to echo (10**6 bytes each way).",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the server to be up.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_party_options(default_party="echo-client", default_job_id=_ECHO_JOB,
-                policy_help="Policy the server must satisfy (default: UpToDate only, no debug, no simulated).")
+@_party_options(
+    default_party="echo-client",
+    default_job_id=_ECHO_JOB,
+    policy_help="Policy the server must satisfy (default: UpToDate only, no debug, no simulated).",
+)
 @typed_errors
 def echo_client(target: str, megabytes: float, wait_s: float, as_json: bool, setup: _PartySetup) -> None:
     """Attest the echo server at HOST:PORT, echo a payload through it, print its claims and the throughput."""
@@ -597,8 +700,7 @@ def echo_client(target: str, megabytes: float, wait_s: float, as_json: bool, set
     try:
         echo = run_echo_client(target, credentials, megabytes=megabytes, wait_s=wait_s)
         server_party, claims = echo.server.party, echo.server.claims
-        figures = {key: value for key, value in echo.to_json().items()
-                   if key not in ("server_party", "server_claims")}
+        figures = {key: value for key, value in echo.to_json().items() if key not in ("server_party", "server_claims")}
     except Rejected as err:
         error, claims = err, err.claims
     result = {"server": target, "server_party": server_party, **_verify_result(claims, error), **figures}
@@ -611,13 +713,27 @@ def keybroker() -> None:
 
 
 @keybroker.command("serve")
-@click.option("--keys", "keys_dir", type=click.Path(path_type=Path), required=True,
-              help="Directory of key files (make them with `keybroker create-key`).")
-@click.option("--port", type=click.IntRange(0, 65535), default=50070, show_default=True,
-              help="Port to listen on (0: any free port).")
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory of key files (make them with `keybroker create-key`).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=50070,
+    show_default=True,
+    help="Port to listen on (0: any free port).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@_party_options(default_party="keybroker", default_job_id="default", policy_required=True,
-                policy_help="Policy a client must satisfy to get keys.")
+@_party_options(
+    default_party="keybroker",
+    default_job_id="default",
+    policy_required=True,
+    policy_help="Policy a client must satisfy to get keys.",
+)
 @typed_errors
 def keybroker_serve(keys_dir: Path, port: int, host: str, setup: _PartySetup) -> None:
     """Serve the keys in --keys to attested clients (`--key broker:HOST:PORT/NAME`) until interrupted.
@@ -632,8 +748,13 @@ def keybroker_serve(keys_dir: Path, port: int, host: str, setup: _PartySetup) ->
 
 
 @keybroker.command("create-key")
-@click.option("--keys", "keys_dir", type=click.Path(path_type=Path), required=True,
-              help="The broker's key directory (created, mode 0700, if missing).")
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The broker's key directory (created, mode 0700, if missing).",
+)
 @click.argument("name")
 @typed_errors
 def keybroker_create_key(keys_dir: Path, name: str) -> None:
@@ -650,10 +771,15 @@ def keybroker_create_key(keys_dir: Path, name: str) -> None:
 
 @main.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir)."
+)
 @click.option("--resume", is_flag=True, help="Resume every party from its newest sealed checkpoint.")
-@click.option("--write-split", is_flag=True,
-              help="Write the validation ids (each party's own file in the output folder; never sent anywhere).")
+@click.option(
+    "--write-split",
+    is_flag=True,
+    help="Write the validation ids (each party's own file in the output folder; never sent anywhere).",
+)
 @typed_errors
 def run(job_file: Path, out_dir: Path | None, resume: bool, write_split: bool) -> None:
     """Run every party of JOB_FILE as a local process, with progress; writes summary.json."""
@@ -672,23 +798,37 @@ def _raise_if_failed(result: Any) -> None:
         return
     first, *others = result.summary.get("failures", [])
     then = "".join(f"; then {f['party']} (exit {f['exit_code']})" for f in others)
-    raise JobFailed(f"party {first['party']} failed first (exit {first['exit_code']}): {first['error']}{then}; "
-                    f"logs in {result.out_dir}/logs")
+    raise JobFailed(
+        f"party {first['party']} failed first (exit {first['exit_code']}): {first['error']}{then}; "
+        f"logs in {result.out_dir}/logs"
+    )
 
 
 @main.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--name", required=True, help="Which party of the job this process is.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir)."
+)
 @click.option("--resume", is_flag=True, help="Resume from this party's newest sealed checkpoint.")
-@click.option("--task", type=click.Choice(["train", "align", "predict"]), default="train", show_default=True,
-              help="align and predict: vertical jobs only.")
-@click.option("--input", "input_path", type=click.Path(path_type=Path),
-              help="predict: this party's rows to predict (same columns as its training data).")
+@click.option(
+    "--task",
+    type=click.Choice(["train", "align", "predict"]),
+    default="train",
+    show_default=True,
+    help="align and predict: vertical jobs only.",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    help="predict: this party's rows to predict (same columns as its training data).",
+)
 @click.option("--write-split", is_flag=True, help="Write this party's validation ids to its output folder.")
 @typed_errors
-def party(job_file: Path, name: str, out_dir: Path | None, resume: bool, task: str, input_path: Path | None,
-          write_split: bool) -> None:
+def party(
+    job_file: Path, name: str, out_dir: Path | None, resume: bool, task: str, input_path: Path | None, write_split: bool
+) -> None:
     """Run one party of JOB_FILE (for separate hosts, containers or Gramine)."""
     from enclavefl.jobs.party import run_party
 
@@ -700,15 +840,22 @@ def _run_task(job_file: Path, out_dir: Path | None, task: str, inputs: dict[str,
     from enclavefl.jobs.launcher import run_job
 
     with stderr_console.status(f"{task}: attesting parties…") as status:
-        result = run_job(job_file, out_dir=out_dir, task=task, inputs=inputs,
-                         on_phase=lambda phase: status.update(f"{task}: {phase}…"))
+        result = run_job(
+            job_file,
+            out_dir=out_dir,
+            task=task,
+            inputs=inputs,
+            on_phase=lambda phase: status.update(f"{task}: {phase}…"),
+        )
     _raise_if_failed(result)
     return result
 
 
 @main.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir).")
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: the job's output.dir)."
+)
 @typed_errors
 def align(job_file: Path, out_dir: Path | None) -> None:
     """Only align the samples of a vertical job (kept sealed when the job has storage; training reuses it)."""
@@ -727,10 +874,20 @@ def _party_input(value: str) -> tuple[str, Path]:
 
 @main.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
-@click.option("--input", "inputs", multiple=True, required=True, metavar="NAME=PATH",
-              help="Each party's rows to predict (same columns as its training data); repeat for every party.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Output directory of the training run (default: the job's output.dir).")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    required=True,
+    metavar="NAME=PATH",
+    help="Each party's rows to predict (same columns as its training data); repeat for every party.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Output directory of the training run (default: the job's output.dir).",
+)
 @typed_errors
 def predict(job_file: Path, inputs: tuple[str, ...], out_dir: Path | None) -> None:
     """Joint prediction of a trained vertical job through the attested bridge; writes the leader's predictions."""
@@ -742,17 +899,26 @@ def predict(job_file: Path, inputs: tuple[str, ...], out_dir: Path | None) -> No
     result = _run_task(job_file, out_dir, "predict", dict(pairs))
     summary = result.summary
     scored = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if isinstance(v, float))
-    click.echo(f"{summary.get('rows')} predictions written to {summary.get('predictions')}"
-               + (f" (labelled input: {scored})" if scored else ""))
+    click.echo(
+        f"{summary.get('rows')} predictions written to {summary.get('predictions')}"
+        + (f" (labelled input: {scored})" if scored else "")
+    )
     for name, info in summary.get("parties", {}).items():
         if info.get("dropped_rows"):
-            click.echo(f"{name}: {info['dropped_rows']} of its {info['input_rows']} input rows are not held by "
-                       "every party: no prediction for them")
+            click.echo(
+                f"{name}: {info['dropped_rows']} of its {info['input_rows']} input rows are not held by "
+                "every party: no prediction for them"
+            )
 
 
 @main.command()
-@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
-              help="Where the demo writes its data, jobs and outputs.")
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Where the demo writes its data, jobs and outputs.",
+)
 @typed_errors
 def demo(work: Path) -> None:
     """Run a small horizontal (digits) and vertical (breast cancer) job in INSECURE simulation mode."""
@@ -760,7 +926,9 @@ def demo(work: Path) -> None:
     from enclavefl.jobs.demo import run_demo
     from enclavefl.jobs.report import print_results
 
-    stdout_console.print("[yellow]enclavefl demo: SIMULATED attestation (no TEE): INSECURE, for trying things out[/yellow]")
+    stdout_console.print(
+        "[yellow]enclavefl demo: SIMULATED attestation (no TEE): INSECURE, for trying things out[/yellow]"
+    )
     results = run_demo(work)
     print_results(stdout_console, [r.summary for r in results])
     failed = [f"{r.summary.get('job')}: {', '.join(r.failed)}" for r in results if not r.ok]
@@ -771,8 +939,9 @@ def demo(work: Path) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
-@click.option("-t", "--template", default="hfl-tabular", show_default=True,
-              help="Project template (`--list` shows them).")
+@click.option(
+    "-t", "--template", default="hfl-tabular", show_default=True, help="Project template (`--list` shows them)."
+)
 @click.option("--list", "list_templates", is_flag=True, help="List the project templates and exit.")
 @typed_errors
 def new(directory: Path | None, template: str, list_templates: bool) -> None:
@@ -802,33 +971,68 @@ def gramine() -> None:
 @gramine.command("build")
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--name", "party", required=True, help="The party whose enclave to build.")
-@click.option("--key", "signing_key", type=click.Path(path_type=Path),
-              help="Enclave signing key, RSA-3072 PEM (default: Gramine's ~/.config/gramine/enclave-key.pem).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Build directory (default: build/gramine/<job name>/<party>).")
+@click.option(
+    "--key",
+    "signing_key",
+    type=click.Path(path_type=Path),
+    help="Enclave signing key, RSA-3072 PEM (default: Gramine's ~/.config/gramine/enclave-key.pem).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Build directory (default: build/gramine/<job name>/<party>).",
+)
 @click.option("--enclave-size", default="8G", show_default=True, help="sgx.enclave_size.")
 @click.option("--max-threads", type=int, default=64, show_default=True, help="sgx.max_threads.")
 @click.option("--torch-threads", type=int, default=4, show_default=True, help="Torch/OpenMP threads in the enclave.")
 @click.option("--isv-prod-id", type=int, default=0, show_default=True)
 @click.option("--isv-svn", type=int, default=0, show_default=True)
 @click.option("--edmm", is_flag=True, help="sgx.edmm_enable (SGX2, Linux 6.0+).")
-@click.option("--measure-policy/--no-measure-policy", default=None,
-              help="Measure the policy file (default: unless it pins mr_enclave).")
+@click.option(
+    "--measure-policy/--no-measure-policy",
+    default=None,
+    help="Measure the policy file (default: unless it pins mr_enclave).",
+)
 @click.option("--template", type=click.Path(path_type=Path), help="Manifest template (default: the shipped one).")
 @typed_errors
-def gramine_build(job_file: Path, party: str, signing_key: Path | None, out_dir: Path | None, enclave_size: str,
-                  max_threads: int, torch_threads: int, isv_prod_id: int, isv_svn: int, edmm: bool,
-                  measure_policy: bool | None, template: Path | None) -> None:
+def gramine_build(
+    job_file: Path,
+    party: str,
+    signing_key: Path | None,
+    out_dir: Path | None,
+    enclave_size: str,
+    max_threads: int,
+    torch_threads: int,
+    isv_prod_id: int,
+    isv_svn: int,
+    edmm: bool,
+    measure_policy: bool | None,
+    template: Path | None,
+) -> None:
     """Render (and, where Gramine is installed, sign) the manifest of one party's enclave."""
     from enclavefl.jobs.config import load_job
     from enclavefl.jobs.gramine import EnclaveParams, build_enclave
 
-    params = EnclaveParams(enclave_size=enclave_size, max_threads=max_threads, isv_prod_id=isv_prod_id,
-                           isv_svn=isv_svn, edmm=edmm, torch_threads=torch_threads)
+    params = EnclaveParams(
+        enclave_size=enclave_size,
+        max_threads=max_threads,
+        isv_prod_id=isv_prod_id,
+        isv_svn=isv_svn,
+        edmm=edmm,
+        torch_threads=torch_threads,
+    )
     if out_dir is None:
         out_dir = Path("build") / "gramine" / load_job(job_file).job.name / party
-    result = build_enclave(job_file, party, out_dir=out_dir, signing_key=signing_key, params=params,
-                           template=template, measure_policy=measure_policy)
+    result = build_enclave(
+        job_file,
+        party,
+        out_dir=out_dir,
+        signing_key=signing_key,
+        params=params,
+        template=template,
+        measure_policy=measure_policy,
+    )
     for note in result.plan.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {result.template} (policy {'measured' if result.plan.policy_measured else 'not measured'})")
@@ -849,16 +1053,27 @@ def gramine_build(job_file: Path, party: str, signing_key: Path | None, out_dir:
 
 @main.command()
 @click.argument("target")
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path),
-              help="Also verify the party's evidence against this policy.")
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(path_type=Path),
+    help="Also verify the party's evidence against this policy.",
+)
 @click.option("--collateral", type=click.Path(path_type=Path), help="Offline collateral JSON file.")
 @click.option("--pccs", help="PCCS URL to fetch collateral from.")
 @click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True, help="Seconds for one probe.")
 @click.option("--wait", "wait_s", type=float, help="Probe until ready, for at most this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @typed_errors
-def health(target: str, policy_path: Path | None, collateral: Path | None, pccs: str | None,
-           timeout_s: float, wait_s: float | None, as_json: bool) -> None:
+def health(
+    target: str,
+    policy_path: Path | None,
+    collateral: Path | None,
+    pccs: str | None,
+    timeout_s: float,
+    wait_s: float | None,
+    as_json: bool,
+) -> None:
     """Is the party listening at TARGET (HOST:PORT) up and ready? Exit 0 ready, 1 not."""
     from enclavefl.net.health import check_health, wait_healthy
     from enclavefl.tee.collateral import collateral_source

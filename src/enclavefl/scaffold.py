@@ -98,14 +98,27 @@ def _vfl_tabular_data(data: Path, rng: np.random.Generator) -> None:
 TEMPLATES: dict[str, ProjectTemplate] = {
     t.name: t
     for t in (
-        ProjectTemplate("hfl-tabular", "horizontal FL: a server and two workers with their own rows (FedAvg, own model.py)",
-                        _hfl_tabular_data),
-        ProjectTemplate("hfl-custom-loop", "horizontal FL with your own PyTorch loop (trainer.py: a TorchTrainer)",
-                        _hfl_tabular_data),
-        ProjectTemplate("vfl-tabular", "vertical FL: a leader with labels and a follower with other columns (split model)",
-                        _vfl_tabular_data),
-        ProjectTemplate("vfl-keras", "vertical FL with Keras 3 models (needs the [tf] extra)", _vfl_tabular_data,
-                        extras=("ml", "tf")),
+        ProjectTemplate(
+            "hfl-tabular",
+            "horizontal FL: a server and two workers with their own rows (FedAvg, own model.py)",
+            _hfl_tabular_data,
+        ),
+        ProjectTemplate(
+            "hfl-custom-loop",
+            "horizontal FL with your own PyTorch loop (trainer.py: a TorchTrainer)",
+            _hfl_tabular_data,
+        ),
+        ProjectTemplate(
+            "vfl-tabular",
+            "vertical FL: a leader with labels and a follower with other columns (split model)",
+            _vfl_tabular_data,
+        ),
+        ProjectTemplate(
+            "vfl-keras",
+            "vertical FL with Keras 3 models (needs the [tf] extra)",
+            _vfl_tabular_data,
+            extras=("ml", "tf"),
+        ),
     )
 }
 
@@ -151,8 +164,10 @@ def project_name(directory: Path) -> str:
 def create_project(directory: Path, template: str, *, seed: int = 0) -> Path:
     """Write a project from `template` into `directory` (new or empty); returns its job file."""
     if template not in TEMPLATES:
-        raise UsageError(f"no project template {template!r}: choose one of {', '.join(TEMPLATES)} "
-                         "(`enclavefl new --list` describes them)")
+        raise UsageError(
+            f"no project template {template!r}: choose one of {', '.join(TEMPLATES)} "
+            "(`enclavefl new --list` describes them)"
+        )
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise UsageError(f"{directory} exists and is not an empty directory: choose a new one")

@@ -120,5 +120,7 @@ class DpFedAvg:
         if state["strategy"] != self.name:
             raise ConfigError(f"checkpoint is of strategy {state['strategy']!r}, this job runs {self.name!r}")
         if state["hyper"] != self.hyper():
-            raise ConfigError(f"checkpoint {self.name} parameters {state['hyper']} differ from this job's {self.hyper()}")
+            raise ConfigError(
+                f"checkpoint {self.name} parameters {state['hyper']} differ from this job's {self.hyper()}"
+            )
         self.central.accountant.load_state_dict(state["accountant"])

@@ -81,7 +81,7 @@ class Accumulator:
         ints = self.ints_sum if kind == "update" else self.ints_max
         unpacked = wire.Unpacked(dense, rows, ints)
         cls = UpdateContribution if kind == "update" else GradContribution
-        return self._layout.contribution(unpacked, kind=cls, worker="aggregate", weight=self.weight, version=version)
+        return self._layout.contribution(unpacked, kind=cls, worker="aggregate", weight=self.weight, version=version)  # type: ignore[return-value, type-var]
 
 
 def _no_rows(layout: wire.Layout, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +144,9 @@ class StrategyDriver:
         if config is None:
             config = {}
         if not isinstance(config, Mapping):
-            raise UsageError(f"strategy {self.name}: configure_round must return a mapping, got {type(config).__name__}")
+            raise UsageError(
+                f"strategy {self.name}: configure_round must return a mapping, got {type(config).__name__}"
+            )
         try:
             json.dumps(dict(config))
         except (TypeError, ValueError) as exc:
@@ -177,7 +179,9 @@ class StrategyDriver:
         self._check_version()
         return _metrics(self.name, metrics)
 
-    def apply_async(self, worker: str, unpacked: wire.Unpacked, weight: int, version: int) -> tuple[bool, dict[str, float]]:
+    def apply_async(
+        self, worker: str, unpacked: wire.Unpacked, weight: int, version: int
+    ) -> tuple[bool, dict[str, float]]:
         """An asynchronous strategy's step with one gradient; (accepted, metrics)."""
         round_ = self.version + 1
         if self.streaming:

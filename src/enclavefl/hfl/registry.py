@@ -128,7 +128,7 @@ def entry_for_class(name: str, cls: type) -> StrategyEntry:
     kind = getattr(cls, "kind", "update")
     if kind not in ("update", "grad"):
         raise ConfigError(f"strategy {name}: kind must be 'update' or 'grad', got {kind!r}")
-    return StrategyEntry(name, name, params or NoParams, kind)
+    return StrategyEntry(name, name, params or NoParams, kind)  # type: ignore[arg-type]
 
 
 def strategy_class(entry: StrategyEntry) -> type:

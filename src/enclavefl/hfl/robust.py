@@ -76,7 +76,9 @@ class _RobustAggregator:
         if state["strategy"] != self.name:
             raise ConfigError(f"checkpoint is of strategy {state['strategy']!r}, this job runs {self.name!r}")
         if state["hyper"] != self.hyper():
-            raise ConfigError(f"checkpoint {self.name} parameters {state['hyper']} differ from this job's {self.hyper()}")
+            raise ConfigError(
+                f"checkpoint {self.name} parameters {state['hyper']} differ from this job's {self.hyper()}"
+            )
 
 
 class CoordinateMedian(_RobustAggregator):
@@ -97,8 +99,10 @@ class TrimmedMean(_RobustAggregator):
 
     def __init__(self, trim_fraction: float = 0.1) -> None:
         super().__init__()
-        if isinstance(trim_fraction, bool) or not isinstance(trim_fraction, (int, float)) or not (
-            0 <= trim_fraction < 0.5
+        if (
+            isinstance(trim_fraction, bool)
+            or not isinstance(trim_fraction, (int, float))
+            or not (0 <= trim_fraction < 0.5)
         ):
             raise UsageError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
         self.trim_fraction = float(trim_fraction)

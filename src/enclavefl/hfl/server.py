@@ -482,7 +482,7 @@ class ParameterServer:
                     return Message({**self._reply_meta_locked("granted"), "lease": token})
                 if now >= end:
                     return Message(self._reply_meta_locked("pending"))
-                self._cond.wait(min(end, min(e for _, e in self._leases.values())) - now)
+                self._cond.wait(min(end, *(e for _, e in self._leases.values())) - now)
         # The run ended: the reply carries the final state, so the worker stops here.
         return self._download(lambda: self._state_reply_locked("done", {}))
 

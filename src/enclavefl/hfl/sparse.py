@@ -150,7 +150,7 @@ def weighted_average(rows: Sequence[SparseRows], weights: Sequence[float]) -> Sp
             )
     total = float(sum(weights))
     indices = torch.cat([r.indices for r in rows])
-    values = torch.cat([r.values * (w / total) for r, w in zip(rows, weights)])
+    values = torch.cat([r.values * (w / total) for r, w in zip(rows, weights, strict=False)])
     return SparseRows(indices, values, first.num_rows).coalesce()
 
 

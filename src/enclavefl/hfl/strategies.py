@@ -212,7 +212,7 @@ def _average(updates: Sequence[Mapping[str, Update]], weights: Sequence[float]) 
         dense = [v.to_dense() if isinstance(v, SparseRows) else v for v in values]
         acc = torch.zeros_like(dense[0])
         with torch.no_grad():
-            for value, weight in zip(dense, weights):
+            for value, weight in zip(dense, weights, strict=False):
                 acc.add_(value, alpha=weight / total)
         out[name] = acc
     return out
@@ -241,7 +241,8 @@ def _average_buffers(
     for name in contributions[0].buffer_deltas:
         deltas = [c.buffer_deltas[name] for c in contributions]
         if deltas[0].is_floating_point():
-            out[name] = sum((d.double() * (w / total) for d, w in zip(deltas, weights)), torch.zeros_like(deltas[0], dtype=torch.float64))
+            zero = torch.zeros_like(deltas[0], dtype=torch.float64)
+            out[name] = sum((d.double() * (w / total) for d, w in zip(deltas, weights, strict=False)), zero)
         elif integer_rule == "max":
             out[name] = torch.stack(deltas).amax(dim=0)
         else:
@@ -365,14 +366,10 @@ class Strategy(ABC):
 
     def _check(self, contributions: Sequence[Contribution], *, allow_stale: bool) -> None:
         if not contributions:
-            raise NoContributions(
-                f"{self.name}: cannot aggregate zero contributions (version {self.version})"
-            )
+            raise NoContributions(f"{self.name}: cannot aggregate zero contributions (version {self.version})")
         for c in contributions:
             if not isinstance(c, self.contribution_type):
-                raise UsageError(
-                    f"{self.name} takes {self.contribution_type.__name__}, got {type(c).__name__}"
-                )
+                raise UsageError(f"{self.name} takes {self.contribution_type.__name__}, got {type(c).__name__}")
         workers = [c.worker for c in contributions]
         duplicates = sorted({w for w in workers if workers.count(w) > 1})
         if duplicates:
@@ -423,9 +420,7 @@ class Strategy(ABC):
                 raise UsageError(f"worker {c.worker!r} sent a delta for unknown buffer {name!r}")
             _check_update(f"worker {c.worker!r} buffer {name!r}", value, self._buffers[name])
 
-    def _apply_buffer_deltas(
-        self, contributions: Sequence[Contribution], integer_rule: Literal["max", "sum"]
-    ) -> None:
+    def _apply_buffer_deltas(self, contributions: Sequence[Contribution], integer_rule: Literal["max", "sum"]) -> None:
         weights = [c.weight for c in contributions]
         total = float(sum(weights))
         with torch.no_grad():
@@ -436,7 +431,7 @@ class Strategy(ABC):
                     if len(deltas) == 1:  # in the delta's precision (the server's mean is float64)
                         target.copy_(target.to(deltas[0].dtype).add_(deltas[0]))
                         continue
-                    for delta, weight in zip(deltas, weights):
+                    for delta, weight in zip(deltas, weights, strict=False):
                         target.add_(delta.to(target.dtype), alpha=weight / total)
                 elif integer_rule == "max":
                     target.add_(torch.stack(deltas).amax(dim=0))
@@ -460,19 +455,13 @@ class _GradientStrategy(Strategy):
         self._grad_form: dict[str, sparse.GradForm] = {}
         for optimizer in self.optimizers:
             if not isinstance(optimizer, torch.optim.Optimizer):
-                raise UsageError(
-                    f"the optimizer factory returned {type(optimizer).__name__}, not a torch optimizer"
-                )
+                raise UsageError(f"the optimizer factory returned {type(optimizer).__name__}, not a torch optimizer")
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if id(p) not in names:
-                        raise UsageError(
-                            "the server optimizer holds a tensor that is not a trainable model parameter"
-                        )
+                        raise UsageError("the server optimizer holds a tensor that is not a trainable model parameter")
                     if names[id(p)] in self._grad_form:
-                        raise UsageError(
-                            f"parameter {names[id(p)]!r} is held by more than one server optimizer"
-                        )
+                        raise UsageError(f"parameter {names[id(p)]!r} is held by more than one server optimizer")
                     self._grad_form[names[id(p)]] = sparse.grad_form(optimizer)
         uncovered = sorted(set(self._params) - set(self._grad_form))
         if uncovered:
@@ -501,13 +490,11 @@ class _GradientStrategy(Strategy):
                 f"checkpoint holds {len(state) if isinstance(state, list) else 'no list of'} server "
                 f"optimizer states, this job has {len(self.optimizers)}"
             )
-        for i, (saved, optimizer) in enumerate(zip(state, self.optimizers)):
+        for i, (saved, optimizer) in enumerate(zip(state, self.optimizers, strict=False)):
             groups = saved.get("param_groups") if isinstance(saved, dict) else None
             if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-                raise ConfigError(
-                    f"checkpoint server optimizer {i} does not match this job's parameter groups"
-                )
-            for j, (saved_group, group) in enumerate(zip(groups, optimizer.param_groups)):
+                raise ConfigError(f"checkpoint server optimizer {i} does not match this job's parameter groups")
+            for j, (saved_group, group) in enumerate(zip(groups, optimizer.param_groups, strict=False)):
                 for key, mine in group.items():
                     if key != "params" and saved_group.get(key) != mine:
                         raise ConfigError(
@@ -516,7 +503,7 @@ class _GradientStrategy(Strategy):
                         )
 
     def _load_optimizer_state(self, state: list[dict[str, Any]]) -> None:
-        for saved, optimizer in zip(state, self.optimizers):
+        for saved, optimizer in zip(state, self.optimizers, strict=False):
             optimizer.load_state_dict(copy.deepcopy(saved))
 
 
@@ -572,9 +559,7 @@ class AsyncSGD(_GradientStrategy):
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
             raise UsageError(f"max_staleness must be an int >= 0, got {max_staleness!r}")
         if staleness_policy not in STALENESS_POLICIES:
-            raise UsageError(
-                f"staleness_policy must be one of {list(STALENESS_POLICIES)}, got {staleness_policy!r}"
-            )
+            raise UsageError(f"staleness_policy must be one of {list(STALENESS_POLICIES)}, got {staleness_policy!r}")
         super().__init__(model, optimizer_factory)
         self.max_staleness = max_staleness
         self.staleness_policy = staleness_policy

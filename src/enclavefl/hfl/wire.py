@@ -196,7 +196,7 @@ class Layout:
             if theirs == value:
                 continue
             if isinstance(value, list) and isinstance(theirs, list):
-                for i, (a, b) in enumerate(zip(value, theirs)):
+                for i, (a, b) in enumerate(zip(value, theirs, strict=False)):
                     if a != b:
                         raise UsageError(f"model differs from the server's: {key}[{i}] is {a}, the server has {b}")
                 raise UsageError(f"model differs from the server's: {len(value)} {key}, the server has {len(theirs)}")

@@ -130,14 +130,14 @@ def builtin_trainer(
         loss_fn or default_loss,
         # torch.optim.SGD's arithmetic without torch.optim, whose first optimizer imports
         # torch._dynamo (seconds, in every worker's first round); DP-SGD wraps a torch one.
-        plain_sgd_factory(lr, momentum, weight_decay) if privacy is None else sgd_factory(lr, momentum, weight_decay),
+        plain_sgd_factory(lr, momentum, weight_decay) if privacy is None else sgd_factory(lr, momentum, weight_decay),  # type: ignore[arg-type]
         TensorBatches(train, batch_size, shuffle=shuffle, seed=seed),
         TensorBatches(eval_data, eval_batch_size, shuffle=False) if eval_data is not None else None,
         device=device,
         local_epochs=local_epochs,
         rows_of=rows_of,
     )
-    trainer.privacy = privacy
+    trainer.privacy = privacy  # type: ignore[attr-defined]
     return trainer
 
 
@@ -351,7 +351,7 @@ class Worker:
         for name, (num_rows, _dim) in layout.tables.items():
             delta = torch.from_numpy(new[name]) - torch.from_numpy(start[name])
             values[name] = SparseRows.from_dense(delta)
-            assert values[name].num_rows == num_rows
+            assert values[name].num_rows == num_rows  # type: ignore[union-attr]
         for entry in layout.ints:
             buffers[entry.name] = torch.from_numpy(np.asarray(new[entry.name] - start[entry.name], dtype=np.int64))
         return UpdateContribution(self.party, int(result.num_examples), values, version, buffers)
@@ -481,13 +481,6 @@ class Worker:
         except TransportError as exc:
             log.warning("party %s: could not tell the server it left: %s", self.party, exc.reason)
 
-    def _leave(self, reason: str) -> None:
-        """Tell the server this worker is gone for good (one try: it stops either way)."""
-        try:
-            self._client.call(wire.LEAVE, Message({"reason": reason}), timeout_s=self._call_timeout_s)
-        except TransportError as exc:
-            log.warning("party %s: could not tell the server it left: %s", self.party, exc.reason)
-
     def _call(self, method: str, message: Message) -> Message:
         """One call; after a transport failure or a server restart, the reply is the rejoin's."""
         try:
@@ -548,7 +541,8 @@ class Worker:
             raise Rejected(
                 f"party {self.party}: the parameter server came back at version {version}, but it had sealed a "
                 f"checkpoint of version {self._durable_seen} before (this worker was told so): its newer checkpoints "
-                "were deleted or rolled back; refusing to continue (peer-based rollback protection)", check=Check.FRESHNESS,
+                "were deleted or rolled back; refusing to continue (peer-based rollback protection)",
+                check=Check.FRESHNESS,
             )
         self._durable_seen = max(self._durable_seen, durable)
         self._kind = kind
@@ -572,8 +566,10 @@ class Worker:
             full = tensors.get(f"table/{name}")
             if full is not None:
                 if tuple(full.shape) != (num_rows, dim) or full.dtype != layout.dtype:
-                    raise UsageError(f"table {name!r} from the server is {full.dtype} {list(full.shape)}, "
-                                     f"expected {layout.dtype} {[num_rows, dim]}")
+                    raise UsageError(
+                        f"table {name!r} from the server is {full.dtype} {list(full.shape)}, "
+                        f"expected {layout.dtype} {[num_rows, dim]}"
+                    )
                 self._tables[name] = full.numpy().copy()
             elif name not in self._tables:
                 raise UsageError(f"the server sent no table {name!r} at join")
@@ -617,7 +613,7 @@ class Worker:
         summary = {"examples": float(result.num_examples), **result.metrics}
         if "log_loss" not in summary:
             summary["loss"] = result.loss
-        summary = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in summary.items()}
+        summary = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in summary.items()}  # type: ignore[misc]
         record = {"event": "eval", "where": "worker", "party": self.party, "version": self._version, **summary}
         self.evaluations.append(record)
         self._emit(record)
@@ -662,9 +658,13 @@ def _check_weights_match(layout: wire.Layout, weights: Mapping[str, Any]) -> Non
     mine = {name: tuple(np.shape(value)) for name, value in weights.items()}
     for name, shape in expected.items():
         if name not in mine:
-            raise UsageError(f"model differs from the server's: the server has {name} {list(shape)}, this model has not")
+            raise UsageError(
+                f"model differs from the server's: the server has {name} {list(shape)}, this model has not"
+            )
         if mine[name] != shape:
-            raise UsageError(f"model differs from the server's: {name} is {list(mine[name])}, the server has {list(shape)}")
+            raise UsageError(
+                f"model differs from the server's: {name} is {list(mine[name])}, the server has {list(shape)}"
+            )
     extra = sorted(set(mine) - set(expected))
     if extra:
         raise UsageError(f"model differs from the server's: this model has {extra[:5]}, the server has not")

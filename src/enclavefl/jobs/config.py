@@ -422,7 +422,7 @@ class WideDeepData(_Section):
 
 
 DataSpec = Annotated[
-    Union[CsvData, Cifar10Data, CriteoData, SklearnData, WideDeepData, PythonData],
+    CsvData | Cifar10Data | CriteoData | SklearnData | WideDeepData | PythonData,
     Field(discriminator="kind"),
 ]
 
@@ -669,7 +669,12 @@ def _user_strategy_units(strategy: StrategyConfig) -> list[tuple[str, str]]:
     if strategy.name in STRATEGY_REGISTRY or not is_ref(strategy.name):
         return []
     if (strategy.rounds is None) == (strategy.steps is None):
-        return [("strategy.rounds", f"a 'package.module:Class' strategy needs exactly one of rounds (kind update) or steps (kind grad)")]
+        return [
+            (
+                "strategy.rounds",
+                "a 'package.module:Class' strategy needs exactly one of rounds (kind update) or steps (kind grad)",
+            )
+        ]
     if strategy.steps is not None and strategy.local_epochs is not None:
         return [("strategy.local_epochs", "only with rounds")]
     return []
@@ -890,7 +895,9 @@ class JobConfig(_Section):
         for party in self.parties:
             if party.name == name:
                 return party
-        raise UsageError(f"no party {name!r} in job {self.job.name!r}; parties: {', '.join(p.name for p in self.parties)}")
+        raise UsageError(
+            f"no party {name!r} in job {self.job.name!r}; parties: {', '.join(p.name for p in self.parties)}"
+        )
 
     def coordinator(self) -> PartyConfig:
         """The party that listens: the hfl server or the vfl leader."""
@@ -915,17 +922,30 @@ class JobConfig(_Section):
         for i, party in enumerate(self.parties):
             at = f"parties[{i}]"
             if party.name in first_index:
-                issues.append((f"{at}.name", f"{party.name!r} is already the name of parties[{first_index[party.name]}]"))
+                issues.append(
+                    (f"{at}.name", f"{party.name!r} is already the name of parties[{first_index[party.name]}]")
+                )
             first_index.setdefault(party.name, i)
             if party.role not in ROLES[mode]:
                 issues.append((f"{at}.role", f"{party.role!r} is not a role in {mode} mode ({', '.join(ROLES[mode])})"))
                 continue
             if party.role == coordinator:
                 if coordinators:
-                    issues.append((f"{at}.role", f"a second {coordinator}: parties[{coordinators[0]}] is the {coordinator}; {mode} jobs have exactly one"))
+                    issues.append(
+                        (
+                            f"{at}.role",
+                            f"a second {coordinator}: parties[{coordinators[0]}] is the {coordinator}; "
+                            f"{mode} jobs have exactly one",
+                        )
+                    )
                 coordinators.append(i)
                 if party.address is None:
-                    issues.append((f"{at}.address", f"required for the {coordinator}: it listens there and every {member} dials it"))
+                    issues.append(
+                        (
+                            f"{at}.address",
+                            f"required for the {coordinator}: it listens there and every {member} dials it",
+                        )
+                    )
             else:
                 members += 1
             issues.extend(self._party_data_issues(at, party))
@@ -937,7 +957,9 @@ class JobConfig(_Section):
         if self.privacy is not None:
             runs_in = PRIVACY_MECHANISMS[self.privacy.mechanism][1]
             if runs_in != mode:
-                issues.append(("privacy.mechanism", f"{self.privacy.mechanism} is for {runs_in} jobs (job.mode is {mode!r})"))
+                issues.append(
+                    ("privacy.mechanism", f"{self.privacy.mechanism} is for {runs_in} jobs (job.mode is {mode!r})")
+                )
         return issues
 
     @abstractmethod
@@ -963,8 +985,13 @@ def _auc_issues(at: str, metrics: tuple[str, ...], args: dict[str, Any], model_a
     for name in ("out_features", "num_classes"):
         classes = args.get(name)
         if isinstance(classes, int) and classes > 1:
-            return [(at, f"auc needs a binary task (one output), but {model_at}.{name} is {classes}: "
-                         "a multi-class model; use accuracy and logloss")]
+            return [
+                (
+                    at,
+                    f"auc needs a binary task (one output), but {model_at}.{name} is {classes}: "
+                    "a multi-class model; use accuracy and logloss",
+                )
+            ]
     return []
 
 
@@ -1001,13 +1028,21 @@ class HflJobConfig(JobConfig):
     def _party_data_issues(self, at: str, party: PartyConfig) -> list[tuple[str, str]]:
         if party.role == "server":
             if party.data is not None:
-                return [(f"{at}.data", "the server trains on no data; give its test data as evaluation.data (evaluation.where: server)")]
+                return [
+                    (
+                        f"{at}.data",
+                        "the server trains on no data; "
+                        "give its test data as evaluation.data (evaluation.where: server)",
+                    )
+                ]
             return []
         if party.data is None:
             return [(f"{at}.data", "required for a worker")]
         issues = _kind_issues(f"{at}.data", party.data, "hfl")
         if isinstance(party.data, CsvData) and party.data.label is None:
-            issues.append((f"{at}.data.label", "required: a worker trains on labelled rows (FATE files call the column y)"))
+            issues.append(
+                (f"{at}.data.label", "required: a worker trains on labelled rows (FATE files call the column y)")
+            )
         return issues
 
     def _mode_issues(self) -> list[tuple[str, str]]:
@@ -1021,11 +1056,18 @@ class HflJobConfig(JobConfig):
         issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics, self.model.args, "model.args"))
         issues.extend(_user_strategy_units(self.strategy))
         if self.preprocess.standardize:
-            issues.append(("preprocess.standardize", "vertical (vfl) jobs only for now: in hfl every worker would "
-                                                     "scale differently under one shared model"))
+            issues.append(
+                (
+                    "preprocess.standardize",
+                    "vertical (vfl) jobs only for now: in hfl every worker would "
+                    "scale differently under one shared model",
+                )
+            )
         workers = len(self.members())
         if self.strategy.min_workers is not None and workers and self.strategy.min_workers > workers:
-            issues.append(("strategy.min_workers", f"{self.strategy.min_workers} is more than the {workers} worker(s) in parties"))
+            issues.append(
+                ("strategy.min_workers", f"{self.strategy.min_workers} is more than the {workers} worker(s) in parties")
+            )
         return issues
 
     def _shared_rows_issues(self) -> list[tuple[str, str]]:
@@ -1042,13 +1084,29 @@ class HflJobConfig(JobConfig):
                 at = f"parties[{i}].data"
                 j, first = earlier[0]
                 if part is None or first is None:
-                    issues.append((at, f"reads the same rows as parties[{j}] ({source[1]}); give each worker its own source or a partition"))
+                    issues.append(
+                        (
+                            at,
+                            f"reads the same rows as parties[{j}] ({source[1]}); "
+                            f"give each worker its own source or a partition",
+                        )
+                    )
                 elif (part.method, part.num_parts, part.alpha) != (first.method, first.num_parts, first.alpha):
-                    issues.append((f"{at}.partition", f"parties[{j}] cuts the same source differently; use the same method, num_parts and alpha"))
+                    issues.append(
+                        (
+                            f"{at}.partition",
+                            f"parties[{j}] cuts the same source differently; use the same method, num_parts and alpha",
+                        )
+                    )
                 else:
                     clash = next((k for k, p in earlier if p is not None and p.index == part.index), None)
                     if clash is not None:
-                        issues.append((f"{at}.partition.index", f"{part.index} is also the part of parties[{clash}]; each worker needs its own"))
+                        issues.append(
+                            (
+                                f"{at}.partition.index",
+                                f"{part.index} is also the part of parties[{clash}]; each worker needs its own",
+                            )
+                        )
             earlier.append((i, part))
         return issues
 
@@ -1075,7 +1133,9 @@ class VflJobConfig(JobConfig):
             if party.role == "leader" and party.data.label is None:
                 issues.append((f"{at}.data.label", "required: the leader holds the labels"))
             if party.role == "follower" and party.data.label is not None:
-                issues.append((f"{at}.data.label", "a follower holds no labels in vfl (only the leader does); remove it"))
+                issues.append(
+                    (f"{at}.data.label", "a follower holds no labels in vfl (only the leader does); remove it")
+                )
         return issues
 
     def _mode_issues(self) -> list[tuple[str, str]]:
@@ -1085,13 +1145,32 @@ class VflJobConfig(JobConfig):
             first_i, first = specs[0]
             for i, data in specs[1:]:
                 if data.kind != first.kind:
-                    issues.append((f"parties[{i}].data.kind", f"{data.kind!r} differs from parties[{first_i}]'s {first.kind!r}; vfl parties hold the same kind of data"))
-                elif isinstance(data, WideDeepData) and isinstance(first, WideDeepData) and data.generate != first.generate:
-                    issues.append((f"parties[{i}].data.generate", f"differs from parties[{first_i}]'s: the parties' files are generated together"))
+                    issues.append(
+                        (
+                            f"parties[{i}].data.kind",
+                            f"{data.kind!r} differs from parties[{first_i}]'s {first.kind!r}; "
+                            f"vfl parties hold the same kind of data",
+                        )
+                    )
+                elif (
+                    isinstance(data, WideDeepData)
+                    and isinstance(first, WideDeepData)
+                    and data.generate != first.generate
+                ):
+                    issues.append(
+                        (
+                            f"parties[{i}].data.generate",
+                            f"differs from parties[{first_i}]'s: the parties' files are generated together",
+                        )
+                    )
         issues.extend(_auc_issues("training.metrics", self.training.metrics, self.model.top.args, "model.top.args"))
         if self.preprocess.standardize and specs and not isinstance(specs[0][1], CsvData):
-            issues.append(("preprocess.standardize", f"scales numeric csv columns; {specs[0][1].kind!r} data are "
-                                                     "categorical ids (remove it)"))
+            issues.append(
+                (
+                    "preprocess.standardize",
+                    f"scales numeric csv columns; {specs[0][1].kind!r} data are categorical ids (remove it)",
+                )
+            )
         return issues
 
 
@@ -1132,8 +1211,10 @@ def load_job(path: Path) -> JobConfig:
         data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         # PyYAML composes nested nodes recursively: a deep enough document overflows it.
-        raise ConfigError(f"{path}: invalid YAML: nested deeper than this parser can read "
-                          f"(a job file nests at most {MAX_DEPTH} levels)") from None
+        raise ConfigError(
+            f"{path}: invalid YAML: nested deeper than this parser can read "
+            f"(a job file nests at most {MAX_DEPTH} levels)"
+        ) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -1149,7 +1230,9 @@ def parse_job(data: Any, *, base_dir: Path, source: str = "job") -> JobConfig:
     if data is None:
         raise ConfigError(f"{source}: empty job file")
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a job file is a mapping of sections (job, parties, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: a job file is a mapping of sections (job, parties, ...), got {type(data).__name__}"
+        )
     _check_size(data, source)
     job = data.get("job")
     mode = job.get("mode") if isinstance(job, dict) else None
@@ -1182,9 +1265,13 @@ def _check_size(data: Any, source: str) -> None:
         node, depth, where = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
-            raise ConfigError(f"{source}: invalid job file: more than {MAX_NODES} values (YAML aliases count at each use)")
+            raise ConfigError(
+                f"{source}: invalid job file: more than {MAX_NODES} values (YAML aliases count at each use)"
+            )
         if depth > MAX_DEPTH:
-            raise ConfigError(f"{source}: invalid job file: {where or '(top level)'} nests deeper than {MAX_DEPTH} levels")
+            raise ConfigError(
+                f"{source}: invalid job file: {where or '(top level)'} nests deeper than {MAX_DEPTH} levels"
+            )
         if isinstance(node, dict):
             stack.extend((v, depth + 1, f"{where}.{k}" if where else str(k)) for k, v in node.items())
         elif isinstance(node, list | tuple):
@@ -1198,7 +1285,20 @@ def dump_job(config: JobConfig) -> str:
     return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
 
 
-_SECTION_ORDER = ("job", "parties", "tee", "policy", "privacy", "model", "strategy", "training", "evaluation", "storage", "output", "code")
+_SECTION_ORDER = (
+    "job",
+    "parties",
+    "tee",
+    "policy",
+    "privacy",
+    "model",
+    "strategy",
+    "training",
+    "evaluation",
+    "storage",
+    "output",
+    "code",
+)
 
 
 # --------------------------------------------------------------------------- error messages

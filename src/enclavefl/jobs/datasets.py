@@ -114,7 +114,9 @@ def _python_data(spec: PythonData, code: JobCode | None) -> PartyData:
         raise UsageError(f"data.factory {spec.factory}: not arrays: {exc}") from None
     rows = {a.shape[0] if a.ndim else -1 for a in arrays}
     if len(rows) != 1 or -1 in rows or 0 in rows:
-        raise UsageError(f"data.factory {spec.factory}: arrays must have the same number of rows >= 1, got {sorted(rows)}")
+        raise UsageError(
+            f"data.factory {spec.factory}: arrays must have the same number of rows >= 1, got {sorted(rows)}"
+        )
     inputs = tuple(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a for a in arrays[:-1])
     count = rows.pop()
     return PartyData(inputs, _labels(arrays[-1]), np.array([str(i) for i in range(count)]))
@@ -122,8 +124,9 @@ def _python_data(spec: PythonData, code: JobCode | None) -> PartyData:
 
 def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
     if isinstance(spec, CsvData):
-        table = load_fate_csv(spec.path, id_column=spec.id_column, label_column=spec.label or "",
-                              require_label=spec.label is not None)
+        table = load_fate_csv(
+            spec.path, id_column=spec.id_column, label_column=spec.label or "", require_label=spec.label is not None
+        )
         X, y, ids = table.X, table.y, table.ids
         if spec.limit is not None:
             X, y, ids = X[: spec.limit], None if y is None else y[: spec.limit], ids[: spec.limit]
@@ -154,8 +157,13 @@ def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
             if spec.generate is None:
                 raise UsageError(f"{path} does not exist (add `generate:` to make the synthetic data)")
             log.info("generating wide&deep data in %s", path.parent)
-            make_wide_deep_data(path.parent, spec.generate.rows, fields_per_party=spec.generate.fields_per_party,
-                                vocab_size=spec.generate.vocab_size, seed=seed)
+            make_wide_deep_data(
+                path.parent,
+                spec.generate.rows,
+                fields_per_party=spec.generate.fields_per_party,
+                vocab_size=spec.generate.vocab_size,
+                seed=seed,
+            )
         party = load_wide_deep_party(path)
         data = PartyData((party.x,), _labels(party.y), party.ids)
     elif isinstance(spec, PythonData):

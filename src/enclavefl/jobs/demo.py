@@ -55,11 +55,11 @@ def write_hfl_demo(work: Path, *, seed: int = 0) -> Path:
     """Digits (1,797 images, 10 classes): two workers with IID halves, 20% held out on the server."""
     table = load_sklearn("digits")
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(table.y))
+    order = rng.permutation(len(table.y))  # type: ignore[arg-type]
     test, train = order[: len(order) // 5], order[len(order) // 5 :]
     halves = np.array_split(train, 2)
     for name, rows in (("worker-a", halves[0]), ("worker-b", halves[1]), ("test", test)):
-        _write_csv(work / f"digits_{name}.csv", table.ids[rows], table.X[rows], table.y[rows])
+        _write_csv(work / f"digits_{name}.csv", table.ids[rows], table.X[rows], table.y[rows])  # type: ignore[index]
     job = {
         "job": {"name": "demo-hfl-digits", "mode": "hfl", "seed": seed},
         "parties": [
@@ -85,7 +85,8 @@ def write_vfl_demo(work: Path, *, seed: int = 0) -> Path:
     table = load_sklearn("breast_cancer")
     _write_csv(work / "breast_leader.csv", table.ids, table.X[:, :10], table.y)
     rng = np.random.default_rng(seed)
-    follower_rows = rng.permutation(len(table.y))  # the follower's own order: alignment restores it
+    # The follower's own order: alignment restores it.
+    follower_rows = rng.permutation(len(table.y))  # type: ignore[arg-type]
     _write_csv(work / "breast_follower.csv", table.ids[follower_rows], table.X[follower_rows, 10:], None)
     job = {
         "job": {"name": "demo-vfl-breast", "mode": "vfl", "seed": seed},

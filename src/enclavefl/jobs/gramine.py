@@ -340,7 +340,7 @@ def plan_manifest(
                   if not any(_inside(path, d) for d in code_dirs) and not _inside(path, job_file.parent)]
     if code_roots:
         env["PYTHONPATH"] = ":".join(dict.fromkeys([env["PYTHONPATH"], *map(str, code_roots)]))
-    if job.model.uses_keras():
+    if job.model.uses_keras():  # type: ignore[attr-defined]
         env.update(_keras_env(params, code_dirs))
     if CA_BUNDLE.is_file():
         env["SSL_CERT_FILE"] = str(CA_BUNDLE)

@@ -130,7 +130,7 @@ def _record(runtime: PartyRuntime, event: dict[str, Any]) -> None:
     record = _job_names({k: v for k, v in event.items() if not isinstance(v, dict | list)})
     record["step"] = event.get("version")
     if event.get("event") == "eval":
-        record["unit"] = "round" if runtime.job.strategy.rounds else "step"
+        record["unit"] = "round" if runtime.job.strategy.rounds else "step"  # type: ignore[attr-defined]
     append_metrics(runtime.out_dir, record)
 
 
@@ -178,7 +178,7 @@ def job_trainer(
         from enclavefl.jobs.privacy import plan_dp_sgd
 
         # Refused here, before connecting, when the planned steps exceed the budget.
-        privacy = plan_dp_sgd(job, runtime.privacy, model, train)
+        privacy = plan_dp_sgd(job, runtime.privacy, model, train)  # type: ignore[arg-type]
     trainer = builtin_trainer(
         model,
         train,
@@ -276,11 +276,14 @@ def run_worker(
                           "a worker with its own trainer cannot promise it")
     client = runtime.client()
     runtime.connected(client)
-    worker = Worker(client, trainer, on_metrics=(lambda event: _record(runtime, event)) if privacy is not None else None)
+    on_metrics = (lambda event: _record(runtime, event)) if privacy is not None else None
+    worker = Worker(client, trainer, on_metrics=on_metrics)
     try:
         summary = worker.run()
     finally:
         client.close()
     if privacy is not None:
-        runtime.write_party_record(privacy=privacy.report(), **({"stopped": summary["stopped"]} if "stopped" in summary else {}))
+        runtime.write_party_record(
+            privacy=privacy.report(), **({"stopped": summary["stopped"]} if "stopped" in summary else {})
+        )
     return summary

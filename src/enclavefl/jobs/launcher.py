@@ -183,7 +183,8 @@ def start_party(
         stderr=subprocess.STDOUT,
         env=_child_env(parties),
         start_new_session=True,
-        preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        # Only prctl(PR_SET_PDEATHSIG) runs there, async-signal-safe; the launcher's threads hold no lock it needs.
+        preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509
     )
     return PartyProcess(name, role, process, log_path, log_file)
 
@@ -502,7 +503,8 @@ def build_summary(
     if failures:
         summary["failures"] = failures
     summary.update(result.get("extra", {}))
-    stopped = sorted({p["stopped"] for p in parties.values() if "stopped" in p} | ({result["stopped"]} if "stopped" in result else set()))
+    stopped_here = {result["stopped"]} if "stopped" in result else set()
+    stopped = sorted({p["stopped"] for p in parties.values() if "stopped" in p} | stopped_here)
     if stopped:
         summary["stopped"] = "; ".join(stopped)
     spent = {name: p["privacy"] for name, p in parties.items() if "privacy" in p}
@@ -523,13 +525,20 @@ def _hfl_split(
     where = job.evaluation.where  # type: ignore[attr-defined]
     if where == "workers":
         n_valid: Any = sum(int(r.get("n_valid", 0)) for r in workers)
-        drawn = ("each worker holds out round(rows * holdout_fraction) of its own rows, by "
-                 "numpy.random.default_rng(seed).permutation(rows); --write-split writes each worker's ids")
+        drawn = (
+            "each worker holds out round(rows * holdout_fraction) of its own rows, by "
+            "numpy.random.default_rng(seed).permutation(rows); --write-split writes each worker's ids"
+        )
     else:
         n_valid = metrics.get("count")
         drawn = "the server evaluates on evaluation.data, every row of it"
-    return {"n_train": sum(int(r["n_train"]) for r in workers), "n_valid": n_valid, "seed": job.job.seed,
-            "evaluation": where, "drawn": drawn}
+    return {
+        "n_train": sum(int(r["n_train"]) for r in workers),
+        "n_valid": n_valid,
+        "seed": job.job.seed,
+        "evaluation": where,
+        "drawn": drawn,
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -91,6 +91,13 @@ def plan_dp_sgd(job: HflJobConfig, budget: PrivacyBudget, model: Any, train: Seq
             f"{dp.sample_rate:.4g} spend epsilon {planned:.3f} ({dp.accountant.name} accountant), more than the "
             f"policy's budget ({budget.describe()}): lower rounds or local_epochs, or raise noise_multiplier"
         )
-    log.info("DP-SGD: %d planned steps, noise multiplier %.4f, clipping %g, sampling rate %.4g: epsilon %.3f at delta %g",
-             steps, dp.noise_multiplier, dp.max_grad_norm, dp.sample_rate, planned, budget.delta)
+    log.info(
+        "DP-SGD: %d planned steps, noise multiplier %.4f, clipping %g, sampling rate %.4g: epsilon %.3f at delta %g",
+        steps,
+        dp.noise_multiplier,
+        dp.max_grad_norm,
+        dp.sample_rate,
+        planned,
+        budget.delta,
+    )
     return dp

@@ -38,7 +38,9 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str) -> No
                 panels[panel][party or ""].append((x, value))
     if not panels:
         return
-    ordered = sorted(p for p in panels if not p.startswith("party ")) + sorted(p for p in panels if p.startswith("party "))
+    ordered = sorted(p for p in panels if not p.startswith("party ")) + sorted(
+        p for p in panels if p.startswith("party ")
+    )
     fig, axes = plt.subplots(1, len(ordered), figsize=(4 * len(ordered), 3.2), squeeze=False)
     unit = next((r["unit"] for r in reversed(records) if "unit" in r), "round")
     for ax, name in zip(axes[0], ordered, strict=True):
@@ -95,11 +97,16 @@ def result_notes(summary: dict[str, Any]) -> list[str]:
     notes = []
     for failure in summary.get("failures", []):
         lead = "failed first" if failure.get("first") else "then failed"
-        notes.append(f"{summary.get('job')}: {failure['party']} {lead} (exit {failure['exit_code']}): {failure['error']}")
+        notes.append(
+            f"{summary.get('job')}: {failure['party']} {lead} (exit {failure['exit_code']}): {failure['error']}"
+        )
     for name, party in summary.get("parties", {}).items():
         if not party.get("attested"):
-            why = party.get("note") or (f"exited {party.get('exit_code')} before attestation completed"
-                                        if party.get("exit_code") not in (0, None) else "never attested to its peers")
+            why = party.get("note") or (
+                f"exited {party.get('exit_code')} before attestation completed"
+                if party.get("exit_code") not in (0, None)
+                else "never attested to its peers"
+            )
             notes.append(f"{summary.get('job')}: {name} not attested: {why}")
     notes.extend(f"{summary.get('job')}: WARNING: {w}" for w in summary.get("health", {}).get("warnings", []))
     return notes

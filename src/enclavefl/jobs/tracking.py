@@ -67,6 +67,7 @@ def _series(records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
         if not isinstance(step, int):
             continue
         kind = record.get("event", "eval")
+        names: tuple[str, ...]
         if kind == "eval":
             names, prefix = _EVAL_METRICS, "validation" if record.get("unit") == "epoch" else "eval"
         elif kind == "party":

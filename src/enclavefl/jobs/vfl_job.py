@@ -69,12 +69,18 @@ def run_role(
     data = _party_data(runtime, job, input_path if task == "predict" else None)
     leader = runtime.party.role == "leader"
     if task == "align":
-        return _align_leader(runtime, job, data) if leader else _align_follower(runtime, job, data)
-    if task == "predict":
-        return _predict_leader(runtime, job, data) if leader else _predict_follower(runtime, job, data)
-    if leader:
+        if leader:
+            return _align_leader(runtime, job, data)
+        _align_follower(runtime, job, data)
+    elif task == "predict":
+        if leader:
+            return _predict_leader(runtime, job, data)
+        _predict_follower(runtime, job, data)
+    elif leader:
         return _train_leader(runtime, job, data, resume=resume, write_split=write_split)
-    return _train_follower(runtime, job, data, resume=resume)
+    else:
+        _train_follower(runtime, job, data, resume=resume)
+    return None
 
 
 # --------------------------------------------------------------------------- data and models
@@ -120,7 +126,7 @@ def _bottom_width(job: VflJobConfig, spec: ModelSpec, where: str) -> int:
             raise ConfigError(f"{where}.args.out_features: must be an int >= 1, got {width!r}")
         return width
     factory = model_factory(spec, job, what=f"{where}.name")
-    parameter = inspect.signature(factory).parameters.get("out_features") if factory else None
+    parameter = inspect.signature(factory).parameters.get("out_features") if factory else None  # type: ignore[truthy-function]
     if parameter is None or parameter.default is inspect.Parameter.empty:
         raise ConfigError(f"{where}.args.out_features: required, the leader sizes its top model by it")
     return int(parameter.default)
@@ -208,7 +214,8 @@ def _optimizer(job: VflJobConfig, model: nn.Module) -> Any:
             return keras.optimizers.Adagrad(training.lr, initial_accumulator_value=0.0)
         return keras.optimizers.SGD(training.lr, momentum=training.momentum)
 
-    return KerasOptimizer([(h, keras_optimizer()) for _, h in halves], _torch_optimizer(job, params) if params else None)
+    torch_optimizer = _torch_optimizer(job, params) if params else None
+    return KerasOptimizer([(h, keras_optimizer()) for _, h in halves], torch_optimizer)  # type: ignore[misc]
 
 
 def _torch_optimizer(job: VflJobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -451,8 +458,9 @@ def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -
     extra: dict[str, Any] = {"task": "predict", "predictions": str(out_path), "rows": rows}
     metrics: dict[str, Any] = {}
     if data.labels is not None:  # labelled input: report how the predictions score
-        rows = {str(i): r for r, i in enumerate(data.ids.tolist())}
-        labels = torch.as_tensor(data.labels[np.array([rows[str(i)] for i in predictions.ids.tolist()], dtype=np.int64)])
+        row_of = {str(i): r for r, i in enumerate(data.ids.tolist())}
+        order = np.array([row_of[str(i)] for i in predictions.ids.tolist()], dtype=np.int64)
+        labels = torch.as_tensor(data.labels[order])
         scores = evaluate(torch.from_numpy(predictions.logits), labels)
         metrics = {("logloss" if k == "log_loss" else k): v for k, v in scores.items()}
     return {"metrics": metrics, "extra": extra}

@@ -59,7 +59,7 @@ class DLRM(nn.Module):
         for table, size in zip(self.embeddings, sizes, strict=True):
             # The DLRM reference initialization: U(-sqrt(1/n), sqrt(1/n)) per table.
             bound = math.sqrt(1.0 / size)
-            nn.init.uniform_(table.weight, -bound, bound)
+            nn.init.uniform_(table.weight, -bound, bound)  # type: ignore[arg-type]
         # The bottom output is a feature vector like the embeddings, hence ReLU after it.
         self.bottom = nn.Sequential(mlp(num_dense, bottom_mlp[:-1], bottom_mlp[-1]), nn.ReLU())
         num_vectors = num_sparse + 1
@@ -80,7 +80,7 @@ class DLRM(nn.Module):
         vectors = [bottom] + [table(sparse[:, i]) for i, table in enumerate(self.embeddings)]
         stacked = torch.stack(vectors, dim=1)
         dots = torch.bmm(stacked, stacked.transpose(1, 2))
-        interactions = dots[:, self._pair_rows, self._pair_cols]
+        interactions = dots[:, self._pair_rows, self._pair_cols]  # type: ignore[index]
         return self.top(torch.cat([bottom, interactions], dim=1))
 
     @torch.no_grad()

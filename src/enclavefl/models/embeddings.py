@@ -50,7 +50,7 @@ class FieldEmbedding(nn.Module):
             raise UsageError(
                 f"expected categorical input of shape [N, {self.num_fields}], got {list(x.shape)}"
             )
-        return self.table(x + self.offsets)
+        return self.table(x + self.offsets)  # type: ignore[operator]
 
 
 def embedding_parameter_names(model: nn.Module) -> list[str]:

@@ -27,13 +27,13 @@ class Standardize(nn.Module):
 
     def fit(self, x: torch.Tensor) -> None:
         """Statistics of `x` [rows, num_features] (the party's training rows)."""
-        x = x.to(self.mean.dtype)
-        self.mean.copy_(x.mean(dim=0))
+        x = x.to(self.mean.dtype)  # type: ignore[arg-type]
+        self.mean.copy_(x.mean(dim=0))  # type: ignore[operator]
         std = x.std(dim=0, unbiased=False)
-        self.std.copy_(torch.where(std < _MIN_STD, torch.ones_like(std), std))
+        self.std.copy_(torch.where(std < _MIN_STD, torch.ones_like(std), std))  # type: ignore[operator]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std  # type: ignore[operator]
 
 
 def fit_standardizers(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -43,6 +43,6 @@ def fit_standardizers(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tens
         if isinstance(module, Standardize):
             module.fit(x)
             prefix = f"{name}." if name else ""
-            updated[f"{prefix}mean"] = module.mean.detach().clone()
-            updated[f"{prefix}std"] = module.std.detach().clone()
+            updated[f"{prefix}mean"] = module.mean.detach().clone()  # type: ignore[operator]
+            updated[f"{prefix}std"] = module.std.detach().clone()  # type: ignore[operator]
     return updated

@@ -237,7 +237,7 @@ class AttestedClient:
                 self._identity, nonce=nonce.nonce, server_cert_der=probed.der, job_id=self._job_id, party=self.party
             )
             try:
-                return admission.Admit(
+                return admission.Admit(  # type: ignore[no-any-return]
                     pb.AdmitRequest(
                         version=PROTOCOL_VERSION,
                         party=request.party,
@@ -255,7 +255,9 @@ class AttestedClient:
                 )
                 if attempt == 2 or not nonce_refused:
                     raise
-                log.info("%s refused our admission nonce (%s); retrying once with a fresh one", self.target, exc.details())
+                log.info(
+                    "%s refused our admission nonce (%s); retrying once with a fresh one", self.target, exc.details()
+                )
         raise AssertionError("unreachable")
 
     # --- calls --------------------------------------------------------------------------
@@ -330,7 +332,7 @@ class AttestedClient:
         """The server's readiness report (one attempt)."""
         connection = self._acquire()
         try:
-            return pb_grpc.HealthStub(connection.channel).Check(
+            return pb_grpc.HealthStub(connection.channel).Check(  # type: ignore[no-any-return]
                 pb.HealthRequest(version=PROTOCOL_VERSION), timeout=self._connect_timeout_s
             )
         except grpc.RpcError as exc:

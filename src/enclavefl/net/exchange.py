@@ -95,6 +95,7 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, che
     if check is not None:
         context.set_trailing_metadata(((CHECK_METADATA_KEY, check.value),))
     context.abort(code, reason)
+    raise AssertionError("grpc's context.abort returns only by raising")
 
 
 class ExchangeServicer:

@@ -80,7 +80,9 @@ class _KeyHandler:
     def __call__(self, peer: Peer, request: Message) -> Message:
         name = _check_key_name(request.meta.get("key"))
         if peer.claims is None:
-            raise Rejected(f"party {peer.party} is not attested: keys go only to attested peers", check=Check.ATTESTATION)
+            raise Rejected(
+                f"party {peer.party} is not attested: keys go only to attested peers", check=Check.ATTESTATION
+            )
         path = self._keys_dir / name
         if not path.is_file():
             raise Rejected(f"key {name!r} is not held by this broker", check=Check.KEY_NAME)
@@ -123,7 +125,9 @@ class VersionRegister:
 
     def __call__(self, peer: Peer, request: Message) -> Message:
         if peer.claims is None:
-            raise Rejected(f"party {peer.party} is not attested: versions go only to attested peers", check=Check.ATTESTATION)
+            raise Rejected(
+                f"party {peer.party} is not attested: versions go only to attested peers", check=Check.ATTESTATION
+            )
         artifact = _check_key_name(request.meta.get("artifact"))
         entry = f"{peer.party}/{artifact}"
         record = request.meta.get("record")
@@ -135,7 +139,8 @@ class VersionRegister:
                 if current is not None and record < current:
                     raise Rejected(
                         f"{artifact} of party {peer.party}: version {record} is older than version {current} "
-                        "this key broker recorded: the party's state would roll back", check=Check.FRESHNESS,
+                        "this key broker recorded: the party's state would roll back",
+                        check=Check.FRESHNESS,
                     )
                 if record != current:
                     self._versions[entry] = record

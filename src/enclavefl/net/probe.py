@@ -77,9 +77,11 @@ def fetch_certificate(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2", "http/1.1"])  # gRPC servers refuse clients that do not offer h2
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            with context.wrap_socket(sock, server_hostname=server_name) as tls:
-                der = tls.getpeercert(binary_form=True)
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as sock,
+            context.wrap_socket(sock, server_hostname=server_name) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError) as exc:
         raise ConnectFailed(f"cannot read the TLS certificate of {host}:{port}: {exc}") from exc
     if not der:

@@ -52,7 +52,7 @@ def _denying_handler(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc
     return grpc.stream_unary_rpc_method_handler(deny)
 
 
-class _SessionInterceptor(grpc.ServerInterceptor):
+class _SessionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Admits an RPC only with a live session token (admission and health aside)."""
 
     def __init__(self, sessions: SessionStore) -> None:
@@ -183,7 +183,9 @@ class AttestedServer:
         health = _HealthServicer(self)
         services = {
             "enclavefl.v1.Admission": {
-                "GetNonce": guard.handler("GetNonce", admission.GetNonce, pb.NonceRequest, pb.NonceResponse.SerializeToString),
+                "GetNonce": guard.handler(
+                    "GetNonce", admission.GetNonce, pb.NonceRequest, pb.NonceResponse.SerializeToString
+                ),
                 "Admit": guard.handler("Admit", admission.Admit, pb.AdmitRequest, pb.AdmitResponse.SerializeToString),
             },
             "enclavefl.v1.Health": {
@@ -244,7 +246,7 @@ class AttestedServer:
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until the server stops (or `timeout_s` passes); True if it stopped."""
-        return self._server.wait_for_termination(timeout_s)
+        return bool(self._server.wait_for_termination(timeout_s))
 
     def __enter__(self) -> AttestedServer:
         self.start()

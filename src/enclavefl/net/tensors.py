@@ -168,7 +168,7 @@ class Message:
         if _is_torch(value):
             if value.dtype == _torch().bfloat16:
                 raise UsageError(f"tensor {name!r} is bfloat16, which numpy cannot hold: use .torch()")
-            return value.numpy()
+            return value.numpy()  # type: ignore[no-any-return]
         return np.asarray(value)
 
     def torch(self, name: str) -> Any:
@@ -225,7 +225,7 @@ def serialize_frame(frame: Frame) -> bytes:
         inner = bytes((_OFFSET_TAG,)) + _varint(frame.offset) + bytes((_DATA_TAG,)) + _varint(len(frame.data))
         prefix = bytes((_CHUNK_FRAME_TAG,)) + _varint(len(inner) + len(frame.data)) + inner
         return b"".join((prefix, frame.data))
-    return frame.SerializeToString()
+    return frame.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _fast_chunk(raw: bytes) -> Chunk | None:
@@ -261,7 +261,7 @@ def parse_frame(raw: bytes) -> Frame | Malformed:
         return Malformed(f"frame does not parse: {exc}")
     if frame.WhichOneof("kind") == "chunk":
         return Chunk(frame.chunk.offset, frame.chunk.data)
-    return frame
+    return frame  # type: ignore[no-any-return]
 
 
 # --- sending -------------------------------------------------------------------------

@@ -49,7 +49,9 @@ __all__ = ["DpSgd", "PrivateTraining", "check_model", "make_private"]
 
 # Opacus's per-sample hooks are full backward hooks on modules whose inputs (data) need no
 # gradient; torch warns about it on every step although it is exactly what Opacus expects.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+)
 
 
 def check_model(model: nn.Module) -> None:
@@ -216,7 +218,7 @@ class _LinearClipping:
                 return None
             if own:
                 layers.append(module)
-        return cls(model, layers) if layers else None
+        return cls(model, layers) if layers else None  # type: ignore[arg-type]
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         if self._seen is not None:
@@ -404,9 +406,14 @@ class DpSgd:
                     self._noise_only_step(private)
                     continue
                 if self._linear is not None:
-                    loss = self._linear.step(batch, loss_fn, clip=self.max_grad_norm,
-                                             std=self.noise_multiplier * self.max_grad_norm,
-                                             expected_batch_size=self.expected_batch_size, generator=self._generator)
+                    loss = self._linear.step(
+                        batch,
+                        loss_fn,
+                        clip=self.max_grad_norm,
+                        std=self.noise_multiplier * self.max_grad_norm,
+                        expected_batch_size=self.expected_batch_size,
+                        generator=self._generator,
+                    )
                     if loss is not None:
                         self._add_penalty(penalty, private.params)
                         optimizer.step()
@@ -417,12 +424,12 @@ class DpSgd:
                     self._linear = None  # the model is not a plain stack of linear layers: Opacus from here
                 module = self.module
                 module.train()
-                loss = loss_fn(module(*batch[:-1]), batch[-1])
-                loss.backward()
+                loss = loss_fn(module(*batch[:-1]), batch[-1])  # type: ignore[assignment]
+                loss.backward()  # type: ignore[union-attr]
                 if private.pre_step():
                     self._add_penalty(penalty, private.params)
                     optimizer.step()
-                total += float(loss.detach())
+                total += float(loss.detach())  # type: ignore[union-attr]
                 batches += 1
         private.zero_grad(set_to_none=True)
         return total / max(batches, 1)
@@ -434,7 +441,7 @@ class DpSgd:
         extra = torch.autograd.grad(penalty(), list(params), allow_unused=True)
         for param, grad in zip(params, extra, strict=True):
             if grad is not None:
-                param.grad += grad
+                param.grad += grad  # type: ignore[operator]
 
     def _noise_only_step(self, private: DPOptimizer) -> None:
         std = self.noise_multiplier * self.max_grad_norm

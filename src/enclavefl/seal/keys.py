@@ -21,7 +21,8 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from cryptography.hazmat.primitives import hashes

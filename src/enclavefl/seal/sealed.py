@@ -39,7 +39,8 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, cast
+from collections.abc import Iterator
 
 import cbor2
 import tink
@@ -240,7 +241,7 @@ def _open_stream(
             f"{path}: authentication failed: header or wrapped data key altered", check=Check.INTEGRITY
         ) from exc
     handle = tink.proto_keyset_format.parse(keyset, secret_key_access.TOKEN)
-    return handle.primitive(streaming_aead.StreamingAead).new_decrypting_stream(f, ad)
+    return handle.primitive(streaming_aead.StreamingAead).new_decrypting_stream(f, ad)  # type: ignore[no-any-return]
 
 
 def _unbuffered(stream: BinaryIO) -> BinaryIO:
@@ -251,7 +252,7 @@ def _unbuffered(stream: BinaryIO) -> BinaryIO:
     one extra pass over every byte.
     """
     if isinstance(stream, (io.BufferedReader, io.BufferedWriter)):
-        return stream.raw
+        return cast(BinaryIO, stream.raw)
     return stream
 
 
@@ -341,8 +342,7 @@ def unseal_file(src: StrPath, dst: StrPath, *, key: KeySource, job_id: str, name
 def read_sealed(path: StrPath, *, key: KeySource, job_id: str, name: str, version: int) -> bytes:
     """The whole plaintext of a sealed file, returned only after all of it authenticated."""
     path = Path(path)
-    with _open_source(path) as fin:
-        with _open_stream(fin, path, key, job_id, name, version) as stream:
-            out = io.BytesIO()
-            _copy_plaintext(stream, out, path)
+    with _open_source(path) as fin, _open_stream(fin, path, key, job_id, name, version) as stream:
+        out = io.BytesIO()
+        _copy_plaintext(stream, out, path)
     return out.getvalue()

@@ -303,10 +303,7 @@ def pccs_url_from_qcnl(path: str | os.PathLike[str] = DEFAULT_QCNL_CONF) -> str 
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {conf}: {exc}") from None
-    if text.lstrip()[:1] in ("{", "["):
-        values = _parse_qcnl_json(conf, text)
-    else:
-        values = _parse_qcnl_legacy(text)
+    values = _parse_qcnl_json(conf, text) if text.lstrip()[:1] in ("{", "[") else _parse_qcnl_legacy(text)
     url = values.get("collateral_service") or values.get("pccs_url")
     if not url:
         raise ConfigError(f"{conf} sets neither pccs_url nor collateral_service")

@@ -90,7 +90,7 @@ _RA_TLS_VARIABLES = {
 
 def _parse_hex(value: Any, size: int) -> str | None:
     """Lower-case hex of exactly `size` bytes; "" and None mean "not given"."""
-    if value is None or value == "" or value == b"":
+    if value is None or value in {"", b""}:
         return None
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).hex()
@@ -124,7 +124,7 @@ def _tcb_status(value: Any) -> str:
         raise ValueError("Revoked can never be allowed")
     if value not in TCB_STATUSES:
         raise ValueError(f"unknown TCB status {value!r} (known: {', '.join(TCB_STATUSES)})")
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 TcbStatus = Annotated[str, BeforeValidator(_tcb_status)]
@@ -323,7 +323,7 @@ class Policy(BaseModel):
                         continue
                     if key in _CCZOO_TDX_NAMES and value in (None, ""):
                         raise ValueError(f"tdx_mrs[{index}].{key} is empty but verify_{key} is on")
-                    row[name] = value
+                    row[name] = value  # type: ignore[index]
                 rows.append(row)
             converted["tdx_mrs"] = rows
         return converted
@@ -567,7 +567,7 @@ class Policy(BaseModel):
             if name == "isv_svn":
                 matching = [e for e in candidates if got >= e.isv_svn]
                 if not matching:
-                    minimum = min(e.isv_svn for e in candidates)
+                    minimum = min(e.isv_svn for e in candidates if e.isv_svn is not None)
                     raise PolicyRejected(f"isv_svn {got} below minimum {minimum}", check=Check.ISV_SVN)
             else:
                 want = got.hex() if isinstance(got, bytes) else got

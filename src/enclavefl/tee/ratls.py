@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -140,7 +140,7 @@ def make_certificate(
     evidence = cbor2.dumps(cbor2.CBORTag(tag, [quote, claims]))
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     public_key = private_key.public_key()
     certificate = (
         x509.CertificateBuilder()
@@ -344,7 +344,7 @@ def _check_self_signed(certificate: x509.Certificate, at: int | None) -> None:
         ) from exc
     except (TypeError, UnsupportedAlgorithm) as exc:
         raise FormatError(f"certificate signature algorithm is not supported: {exc}") from exc
-    when = datetime.now(timezone.utc) if at is None else datetime.fromtimestamp(at, timezone.utc)
+    when = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
     try:
         not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     except ValueError as exc:

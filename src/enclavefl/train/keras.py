@@ -21,7 +21,7 @@ imports it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -106,13 +106,17 @@ def check_weights(model: Any, weights: Weights) -> None:
             differences.append(f"the weights lack {missing}")
         if unexpected:
             differences.append(f"the model has no {unexpected}")
-        raise UsageError(f"Keras model {model.name!r} does not match the weights it was given: {'; '.join(differences)}")
+        raise UsageError(
+            f"Keras model {model.name!r} does not match the weights it was given: {'; '.join(differences)}"
+        )
     wrong = []
     for name, variable in zip(names, model.weights, strict=True):
         value = weights[name]
         shape, dtype = tuple(variable.shape), np.dtype(variable.dtype)
         if tuple(np.shape(value)) != shape or np.asarray(value).dtype != dtype:
-            wrong.append(f"{name}: model {dtype} {list(shape)}, weights {np.asarray(value).dtype} {list(np.shape(value))}")
+            wrong.append(
+                f"{name}: model {dtype} {list(shape)}, weights {np.asarray(value).dtype} {list(np.shape(value))}"
+            )
     if wrong:
         raise UsageError(f"Keras model {model.name!r} does not match the weights it was given: {'; '.join(wrong)}")
 
@@ -175,7 +179,9 @@ def value_and_grad(
     if backend == "torch":
         total = _total_loss(model, loss, x, y, penalty)
         grads = torch.autograd.grad(total, [v.value for v in trainable], allow_unused=True)
-        return float(total.detach()), [g if g is not None else torch.zeros_like(v.value) for g, v in zip(grads, trainable, strict=True)]
+        return float(total.detach()), [
+            g if g is not None else torch.zeros_like(v.value) for g, v in zip(grads, trainable, strict=True)
+        ]
     raise UsageError(f"per-step gradients support KERAS_BACKEND tensorflow or torch, not {backend!r}")
 
 
@@ -264,7 +270,11 @@ class KerasTrainer:
         seed: int = 0,
         eval_batch_size: int = 1024,
     ) -> None:
-        for name, value in {"batch_size": batch_size, "local_epochs": local_epochs, "eval_batch_size": eval_batch_size}.items():
+        for name, value in {
+            "batch_size": batch_size,
+            "local_epochs": local_epochs,
+            "eval_batch_size": eval_batch_size,
+        }.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(model, keras.Model):
@@ -310,7 +320,9 @@ class KerasTrainer:
         x, y = self.eval_data
         logits = self.predict_logits(x)
         stats = eval_stats(torch.from_numpy(logits), torch.from_numpy(np.asarray(y)))
-        loss = float(keras.ops.convert_to_numpy(self.loss(keras.ops.convert_to_tensor(y), keras.ops.convert_to_tensor(logits))))
+        loss = float(
+            keras.ops.convert_to_numpy(self.loss(keras.ops.convert_to_tensor(y), keras.ops.convert_to_tensor(logits)))
+        )
         pooled = {name: t.numpy() for name, t in stats.to_tensors().items()}
         return EvalResult(loss, stats.count, stats.summary(), stats=pooled)
 
@@ -322,7 +334,9 @@ class KerasTrainer:
         index = next(self._batches)
         x, y = self.train_data
         loss, grads = value_and_grad(self.model, self.loss, _take(x, index), y[index])
-        out = {name: np.asarray(keras.ops.convert_to_numpy(g)) for name, g in zip(self.trainable_names, grads, strict=True)}
+        out = {
+            name: np.asarray(keras.ops.convert_to_numpy(g)) for name, g in zip(self.trainable_names, grads, strict=True)
+        }
         return GradResult(out, len(index), {"loss": loss})
 
     # -- local training --------------------------------------------------------------------
@@ -348,7 +362,9 @@ class KerasTrainer:
         start = [keras.ops.copy(v.value) for v in trainable]
 
         def proximal() -> Any:
-            return (mu / 2) * sum(keras.ops.sum(keras.ops.square(v.value - s)) for v, s in zip(trainable, start, strict=True))
+            return (mu / 2) * sum(
+                keras.ops.sum(keras.ops.square(v.value - s)) for v, s in zip(trainable, start, strict=True)
+            )
 
         x, y = self.train_data
         total, steps = 0.0, 0
@@ -377,7 +393,11 @@ def predict_logits(model: Any, x: Any, *, batch_size: int = 1024) -> np.ndarray:
     """`model`'s outputs on `x` (an array, a list or a dict of arrays) in inference mode, as float32 numpy."""
     rows = _rows(x)
     parts = [
-        np.asarray(keras.ops.convert_to_numpy(model(_tensor(_take(x, np.arange(s, min(s + batch_size, rows)))), training=False)))
+        np.asarray(
+            keras.ops.convert_to_numpy(
+                model(_tensor(_take(x, np.arange(s, min(s + batch_size, rows)))), training=False)
+            )
+        )
         for s in range(0, rows, batch_size)
     ]
     return np.concatenate(parts).astype(np.float32, copy=False)
@@ -385,4 +405,6 @@ def predict_logits(model: Any, x: Any, *, batch_size: int = 1024) -> np.ndarray:
 
 def keras_eval_stats(model: Any, x: Any, y: np.ndarray, *, batch_size: int = 1024) -> Any:
     """The shared evaluation statistics (`enclavefl.train.metrics.EvalStats`) of `model` on (x, y)."""
-    return eval_stats(torch.from_numpy(predict_logits(model, x, batch_size=batch_size)), torch.from_numpy(np.asarray(y)))
+    return eval_stats(
+        torch.from_numpy(predict_logits(model, x, batch_size=batch_size)), torch.from_numpy(np.asarray(y))
+    )

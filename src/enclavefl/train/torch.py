@@ -94,7 +94,7 @@ class TensorBatches:
         self._passes = 0
 
     def __len__(self) -> int:
-        return -(-self.rows // self.batch_size)
+        return (self.rows + self.batch_size - 1) // self.batch_size
 
     @property
     def rows(self) -> int:

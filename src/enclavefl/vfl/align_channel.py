@@ -193,7 +193,9 @@ class AlignmentEndpoint:
             known = self._answers.get(party)
             if known is not None:
                 if known != digest:
-                    raise Rejected(f"alignment answer from {party}: a second, different answer", check=Check.VFL_PROTOCOL)
+                    raise Rejected(
+                        f"alignment answer from {party}: a second, different answer", check=Check.VFL_PROTOCOL
+                    )
                 return Message(meta={"status": "duplicate"})
             self._machine.receive(party, answer_cls.from_arrays(arrays))
             self._answers[party] = digest
@@ -293,4 +295,3 @@ def align_as_follower(
         storage.clear_checkpoints()  # they were made in the old alignment's order
         storage.save_alignment(aligned, ids)
     return aligned
-

@@ -382,7 +382,9 @@ class LeaderBridge:
                 return self._rejoin()
             plan = self._require_plan()
             if committed > self._opened:
-                raise Rejected(f"{what}: commits iteration {committed}, which was never opened", check=Check.VFL_PROTOCOL)
+                raise Rejected(
+                    f"{what}: commits iteration {committed}, which was never opened", check=Check.VFL_PROTOCOL
+                )
             if committed > self._committed[party]:
                 self._committed[party] = committed
                 if plan.is_checkpoint(committed):
@@ -398,7 +400,8 @@ class LeaderBridge:
                     return Message(meta={"status": "open", "iteration": iteration, "sealed": self._sealed})
                 if iteration > self._opened + 1:
                     raise Rejected(
-                        f"{what}: asks for iteration {iteration}, but only {self._opened} is open", check=Check.VFL_PROTOCOL
+                        f"{what}: asks for iteration {iteration}, but only {self._opened} is open",
+                        check=Check.VFL_PROTOCOL,
                     )
                 need = plan.total - 1 if iteration == plan.total else plan.required(iteration)
                 if iteration == plan.total and self._closing:
@@ -452,9 +455,7 @@ class LeaderBridge:
                     f"{what}: iteration {iteration} is committed or not open (open through {self._opened})",
                     check=Check.VFL_PROTOCOL,
                 )
-            return self._await_reply(party, request.meta, (iteration, name, party)) or Message(
-                meta={"status": "wait"}
-            )
+            return self._await_reply(party, request.meta, (iteration, name, party)) or Message(meta={"status": "wait"})
 
     def _on_leave(self, peer: Peer, request: Message) -> Message:
         party = self._party(peer)

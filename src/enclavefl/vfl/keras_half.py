@@ -86,10 +86,14 @@ def _record(
         def torch_pullback(grad: np.ndarray) -> tuple[list[np.ndarray | None], list[Any]]:
             sources = [t for t in ts if t.requires_grad]
             params = [v.value for v in trainable]
-            grads = torch.autograd.grad(out, [*sources, *params], grad_outputs=torch.from_numpy(grad), allow_unused=True)
+            grads = torch.autograd.grad(
+                out, [*sources, *params], grad_outputs=torch.from_numpy(grad), allow_unused=True
+            )
             found = iter(grads[: len(sources)])
             inputs_grad = [next(found).detach().numpy() if t.requires_grad else None for t in ts]
-            var_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(sources) :], params, strict=True)]
+            var_grads = [
+                g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(sources) :], params, strict=True)
+            ]
             return inputs_grad, var_grads
 
         return out.detach().numpy(), torch_pullback
@@ -150,7 +154,7 @@ class KerasHalf(nn.Module):
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         parts = [x] if isinstance(x, torch.Tensor) else list(x)
-        if len(parts) > 1 and len(self.keras_model.inputs) == 1:
+        if len(parts) > 1 and len(self.keras_model.inputs) == 1:  # type: ignore[arg-type, union-attr]
             parts = [torch.cat(parts, dim=1)]
         parts = [p.float() for p in parts]
         if self.training and torch.is_grad_enabled():
@@ -184,7 +188,10 @@ class KerasHalf(nn.Module):
     ) -> None:  # fmt: skip
         mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
-            set_weights(self.keras_model, {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in mine.items()})
+            set_weights(
+                self.keras_model,
+                {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in mine.items()},
+            )
         except UsageError as exc:
             error_msgs.append(str(exc))
         unexpected_keys.extend(prefix + k for k in mine if k not in self.names)
@@ -195,13 +202,15 @@ class KerasOptimizer:
     gradients with its Keras optimizer, and steps an optional torch optimizer for the
     torch parameters beside them (a torch bottom under a Keras top, say)."""
 
-    def __init__(self, parts: Sequence[tuple[KerasHalf, Any]], torch_optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self, parts: Sequence[tuple[KerasHalf, Any]], torch_optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
         self.parts = list(parts)
         self.torch_optimizer = torch_optimizer
         self._apply = []
         for half, optimizer in self.parts:
-            optimizer.build(half.keras_model.trainable_variables)
-            self._apply.append(_compiled_apply(optimizer, half.keras_model.trainable_variables))
+            optimizer.build(half.keras_model.trainable_variables)  # type: ignore[union-attr]
+            self._apply.append(_compiled_apply(optimizer, half.keras_model.trainable_variables))  # type: ignore[arg-type, union-attr]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for half, _ in self.parts:
@@ -219,7 +228,9 @@ class KerasOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "keras": [[torch.from_numpy(np.array(v.numpy())) for v in optimizer.variables] for _, optimizer in self.parts],
+            "keras": [
+                [torch.from_numpy(np.array(v.numpy())) for v in optimizer.variables] for _, optimizer in self.parts
+            ],
             "torch": self.torch_optimizer.state_dict() if self.torch_optimizer is not None else None,
         }
 
@@ -230,7 +241,8 @@ class KerasOptimizer:
         for values, (_, optimizer) in zip(saved, self.parts, strict=True):
             if len(values) != len(optimizer.variables):
                 raise UsageError(
-                    f"optimizer state: {len(values)} Keras optimizer variables saved, this optimizer has {len(optimizer.variables)}"
+                    f"optimizer state: {len(values)} Keras optimizer variables saved, "
+                    f"this optimizer has {len(optimizer.variables)}"
                 )
             for value, variable in zip(values, optimizer.variables, strict=True):
                 variable.assign(value.numpy())
@@ -241,9 +253,7 @@ class KerasOptimizer:
 # -- export ----------------------------------------------------------------------------------
 
 
-def export_keras(
-    model: Any, path: str | os.PathLike[str], *, key: KeySource, job_id: str, artifact: str
-) -> Path:
+def export_keras(model: Any, path: str | os.PathLike[str], *, key: KeySource, job_id: str, artifact: str) -> Path:
     """Seal `model` as a native `.keras` archive to `path` (the archive never touches the disk in clear)."""
     buffer = io.BytesIO()
     saving_lib.save_model(model, buffer)
@@ -254,9 +264,7 @@ def export_keras(
     return path
 
 
-def load_keras(
-    model: Any, path: str | os.PathLike[str], *, key: KeySource, job_id: str, artifact: str
-) -> Any:
+def load_keras(model: Any, path: str | os.PathLike[str], *, key: KeySource, job_id: str, artifact: str) -> Any:
     """Unseal the `.keras` archive at `path` and copy its weights, by name, into `model`."""
     plain = read_sealed(path, key=key, job_id=job_id, name=artifact, version=KERAS_MODEL_VERSION)
     try:

@@ -482,9 +482,10 @@ class Leader(_Coordinator):
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Followers start their backward pass while the leader steps.
-        gradients = {f: Message(tensors={GRADIENTS: a.grad}) for f, a in zip(self._followers, activations)}
+        pairs = zip(self._followers, activations, strict=False)
+        gradients = {f: Message(tensors={GRADIENTS: a.grad}) for f, a in pairs}
         self._compute_s += time.perf_counter() - computing
-        for follower, a in zip(self._followers, activations):  # (activations in, gradients out)
+        for follower, a in zip(self._followers, activations, strict=False):  # (activations in, gradients out)
             self._traffic[follower][0] += a.nbytes
             self._traffic[follower][1] += a.grad.nbytes if a.grad is not None else 0
         self._bridge.post(step.iteration, GRADIENTS, gradients)
@@ -583,10 +584,10 @@ class Predictions:
         probabilities = self.probabilities()
         if probabilities.ndim == 1:
             writer.writerow(["id", "probability"])
-            writer.writerows((str(i), repr(float(p))) for i, p in zip(self.ids.tolist(), probabilities))
+            writer.writerows((str(i), repr(float(p))) for i, p in zip(self.ids.tolist(), probabilities, strict=False))
         else:
             writer.writerow(["id", "prediction", *(f"p{c}" for c in range(probabilities.shape[1]))])
-            for i, row in zip(self.ids.tolist(), probabilities):
+            for i, row in zip(self.ids.tolist(), probabilities, strict=False):
                 writer.writerow([str(i), int(row.argmax()), *(repr(float(p)) for p in row)])
         return text.getvalue().encode("utf-8")
 
