@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +29,17 @@ def missing_shared_data(path: Path) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"shared test data not found at {path}: CI must run with ../shared beside the clone")
     pytest.skip(f"shared test data not found at {path} (clone with ../shared beside the repo)")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test: parties started in one process do not oversubscribe the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

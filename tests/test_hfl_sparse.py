@@ -3,7 +3,7 @@ that must equal dense ones (or torch's own sparse optimizers) on the same data."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,12 +31,8 @@ from enclavefl.hfl.strategies import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Parties share the two cores: one torch thread each (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyRec(nn.Module):

@@ -55,12 +55,8 @@ SPAWN = mp.get_context("spawn")
 POLL_S = 0.5  # long polls answer within this: short, so that tests end quickly
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Parties share the two cores: one torch thread each (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def credentials(party: str, measurement: Measurement = GOOD) -> PartyCredentials:
