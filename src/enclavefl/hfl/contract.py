@@ -22,6 +22,10 @@ and optionally:
   num_examples-weighted mean of the contributions (FedAvg, FedAdam, sync-sgd); the server
   then adds contributions into one running sum as they arrive instead of holding every
   worker's, and calls this with the mean as one internal contribution.
+* `stop_reason() -> str | None`: asked after each version is published (evaluated and
+  sealed) while versions remain; a reason (e.g. `"privacy budget"`, when one more round
+  would spend more than it) ends the run there: that state is final and `stopped` in the
+  summary says why.
 
 `round` is 1-based: the round (or step) being configured or closed. `state` maps every
 parameter and persistent buffer of the global model to a numpy array (read-only; it is

@@ -12,7 +12,8 @@ clip / (fraction * population)). Integer buffers (BatchNorm counters) are left u
 they would count the sampled workers' batches. Workers receive only the noised state.
 
 The accountant (RDP, one sampled Gaussian step per round) is part of `state_dict`, so a
-server resumed from its sealed checkpoint keeps counting.
+server resumed from its sealed checkpoint keeps counting. With `max_epsilon` (the policy's
+budget), `stop_reason` ends the run before a round that would spend more than it.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class DpFedAvg:
                for n in names}  # fmt: skip
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return new, {**numbers, "dp_sampled_workers": float(len(updates))}
+
+    def stop_reason(self) -> str | None:
+        """"privacy budget" when one more round would spend more than `max_epsilon`."""
+        return None if self.central.fits(1) else "privacy budget"
 
     def state_dict(self) -> dict[str, Any]:
         return {"strategy": self.name, "hyper": self.hyper(), "accountant": self.central.accountant.state_dict()}

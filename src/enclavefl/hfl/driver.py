@@ -213,6 +213,16 @@ class StrategyDriver:
     def evaluates(self) -> bool:
         return callable(getattr(self.strategy, "evaluate", None))
 
+    def stop_reason(self) -> str | None:
+        """Why the strategy ends the run at the current version (its optional hook), if it does."""
+        hook = getattr(self.strategy, "stop_reason", None)
+        if not callable(hook):
+            return None
+        reason = hook()
+        if reason is not None and not (isinstance(reason, str) and reason):
+            raise UsageError(f"strategy {self.name}: stop_reason() must return a non-empty str or None, got {reason!r}")
+        return reason
+
     # -- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

@@ -437,16 +437,16 @@ class ParameterServer:
             if self._done:
                 pass
             elif len(remaining) < self._min_workers:
-                self._guarded(self._stop_locked, now, reason)
+                self._guarded(self._stop_locked, now, reason,
+                              f"too few workers remain for a quorum of {self._min_workers}")
             else:
                 self._close_if_complete_locked(now)
             return Message(self._reply_meta_locked("left"))
 
-    def _stop_locked(self, now: float, reason: str) -> None:
+    def _stop_locked(self, now: float, reason: str, why: str) -> None:
         """End the run before its last version: the current state is sealed and final."""
         version = self._strategy.version
-        log.warning("stopped: %s (version %d of %d; too few workers remain for a quorum of %d)",
-                    reason, version, self._total, self._min_workers)
+        log.warning("stopped: %s (version %d of %d; %s)", reason, version, self._total, why)
         self._stopped = reason
         # Publishing this version evaluated and sealed it unless it was off their period.
         if version == 0 or version % self._eval_every != 0:
@@ -718,6 +718,9 @@ class ParameterServer:
             if not self._done:
                 log.info("reached version %d of %d", version, self._total)
             self._done = True
+        elif not self._done and (reason := self._strategy.stop_reason()) is not None:
+            self._stop_locked(now, reason, f"the strategy {self._strategy.name} ends the run")
+            return
         self._cond.notify_all()
 
     def _evaluate_locked(self, version: int, now: float) -> None:

@@ -788,6 +788,7 @@ class OutputConfig(_Section):
 # mechanism -> (the policy's privacy unit it protects, the modes that run it)
 PRIVACY_MECHANISMS: dict[str, tuple[str, str]] = {
     "dp-sgd": ("record", "hfl"),
+    "dp-fedavg": ("worker", "hfl"),
     "randomized-response": ("label", "vfl"),
 }
 
@@ -796,22 +797,28 @@ class PrivacyConfig(_Section):
     """How this job spends the policy's differential-privacy budget (policy `privacy:`).
 
     dp-sgd (hfl, unit record): every worker trains with DP-SGD (Opacus, extra [dp]);
+    dp-fedavg (hfl, unit worker): the parameter server samples, clips and noises the
+    workers' updates inside its enclave (`enclavefl.hfl.dp.DpFedAvg`; strategy fedavg);
     randomized-response (vfl, unit label): the leader trains on randomized labels.
     """
 
-    mechanism: Literal["dp-sgd", "randomized-response"]
+    mechanism: Literal["dp-sgd", "dp-fedavg", "randomized-response"]
     target_epsilon: float | None = Field(None, gt=0)
     """The epsilon to spend over the whole job (default: the policy's max_epsilon)."""
     noise_multiplier: float | None = Field(None, gt=0)
-    """dp-sgd: a fixed noise multiplier instead of one calibrated to target_epsilon."""
+    """dp-sgd, dp-fedavg: a fixed noise multiplier instead of one calibrated to target_epsilon."""
     max_grad_norm: float | None = Field(None, gt=0, validate_default=True)
     """dp-sgd: the per-sample clipping norm C (default 1.0)."""
+    max_update_norm: float | None = Field(None, gt=0, validate_default=True)
+    """dp-fedavg: the L2 norm each worker's update is clipped to (default 1.0)."""
+    fraction: float | None = Field(None, gt=0, le=1, validate_default=True)
+    """dp-fedavg: the probability that each worker's update is used in a round (default 1.0)."""
 
     @field_validator("noise_multiplier")
     @classmethod
     def _one_noise_source(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value is not None and info.data.get("mechanism") != "dp-sgd":
-            raise _invalid("only used by mechanism dp-sgd")
+        if value is not None and info.data.get("mechanism") not in ("dp-sgd", "dp-fedavg"):
+            raise _invalid("only used by mechanisms dp-sgd and dp-fedavg")
         if value is not None and info.data.get("target_epsilon") is not None:
             raise _invalid("give either target_epsilon or noise_multiplier, not both")
         return value
@@ -821,6 +828,16 @@ class PrivacyConfig(_Section):
     def _clipping_for_dp_sgd(cls, value: float | None, info: ValidationInfo) -> float | None:
         mechanism = info.data.get("mechanism")
         if mechanism != "dp-sgd":
+            if value is not None:
+                raise _invalid(f"not used by mechanism {mechanism}")
+            return None
+        return 1.0 if value is None else value
+
+    @field_validator("max_update_norm", "fraction")
+    @classmethod
+    def _central_dp_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        mechanism = info.data.get("mechanism")
+        if mechanism != "dp-fedavg":
             if value is not None:
                 raise _invalid(f"not used by mechanism {mechanism}")
             return None
@@ -959,6 +976,18 @@ class JobConfig(_Section):
             if runs_in != mode:
                 issues.append(
                     ("privacy.mechanism", f"{self.privacy.mechanism} is for {runs_in} jobs (job.mode is {mode!r})")
+                )
+            elif (
+                self.privacy.mechanism == "dp-fedavg"
+                and isinstance(self, HflJobConfig)
+                and self.strategy.name != "fedavg"
+            ):
+                issues.append(
+                    (
+                        "privacy.mechanism",
+                        "dp-fedavg is the server's noised FedAvg: set strategy.name "
+                        f"to fedavg (it is {self.strategy.name!r})",
+                    )
                 )
         return issues
 

@@ -134,12 +134,22 @@ def _record(runtime: PartyRuntime, event: dict[str, Any]) -> None:
     append_metrics(runtime.out_dir, record)
 
 
+def _record_level(runtime: PartyRuntime, job: HflJobConfig) -> bool:
+    """Whether this job's workers enforce record-level DP-SGD (worker-level DP is the server's)."""
+    return job.privacy is not None and runtime.privacy is not None and job.privacy.mechanism == "dp-sgd"
+
+
+def _central_dp(runtime: PartyRuntime, job: HflJobConfig) -> bool:
+    """Whether this job's parameter server enforces worker-level DP-FedAvg."""
+    return job.privacy is not None and runtime.privacy is not None and job.privacy.mechanism == "dp-fedavg"
+
+
 def job_trainer(
     runtime: PartyRuntime, job: HflJobConfig, device: torch.device, *, write_split: bool = False
 ) -> tuple[Any, Any]:
     """The worker's trainer: the job's `trainer:` function, or local SGD over the party's data
     (DP-SGD when the job has record-level privacy); and the DP-SGD state, if any."""
-    private = job.privacy is not None and runtime.privacy is not None
+    private = _record_level(runtime, job)
     if job.trainer is not None:
         if private:
             raise ConfigError("trainer: record-level DP-SGD (privacy:) is enforced by the built-in trainer; "
@@ -201,7 +211,18 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
     strategy_cfg = job.strategy
     device = resolve_device(runtime.party.device)
     model, keras_model = _server_model(job)
-    if strategy is None:
+    central_dp = _central_dp(runtime, job)
+    if central_dp and strategy is not None:
+        raise ConfigError("privacy: worker-level DP-FedAvg (privacy.mechanism dp-fedavg) is the server's strategy; "
+                          "a server with another strategy cannot promise it")
+    if central_dp:
+        from enclavefl.jobs.privacy import plan_central_dp
+
+        assert runtime.privacy is not None
+        # Refused here, before listening, when the planned rounds exceed the budget.
+        strategy = plan_central_dp(job, runtime.privacy)
+        model = model.to(device)
+    elif strategy is None:
         model = model.to(device)
         strategy = make_job_strategy(job, model)
     else:
@@ -248,6 +269,9 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
         for party, peer in server.admitted().items():
             runtime.record_peer(party, peer.claims)
         server.stop(grace_s=2.0)
+    if central_dp:
+        runtime.write_party_record(privacy=strategy.central.report(),
+                                   **({"stopped": summary["stopped"]} if "stopped" in summary else {}))
     final = summary.get("final_metrics", {})
     metrics = _job_names(final.get(evaluation.where) or next(iter(final.values()), {}))
     wanted = set(evaluation.metrics) | {"count"}
@@ -271,7 +295,7 @@ def run_worker(
     privacy = None
     if trainer is None:
         trainer, privacy = job_trainer(runtime, job, resolve_device(runtime.party.device), write_split=write_split)
-    elif job.privacy is not None and runtime.privacy is not None:
+    elif _record_level(runtime, job):
         raise ConfigError("record-level DP-SGD (privacy:) is enforced by the built-in trainer; "
                           "a worker with its own trainer cannot promise it")
     client = runtime.client()

@@ -3,7 +3,9 @@
 Every party runs `check_job_privacy` at start: a policy with a budget needs a job that
 spends it with a mechanism for that unit, and a job's target epsilon may not exceed it.
 A worker then plans its DP-SGD (`plan_dp_sgd`): the noise multiplier for the whole job's
-steps, refused when those steps would spend more than the budget.
+steps, refused when those steps would spend more than the budget. The parameter server of
+a worker-level job plans its DP-FedAvg the same way (`plan_central_dp`), over the planned
+rounds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from enclavefl.errors import ConfigError, PrivacyBudgetExceeded
 from enclavefl.jobs.config import HflJobConfig, JobConfig, PrivacyConfig
 from enclavefl.tee.policy import Policy, PrivacyBudget
 
-__all__ = ["check_job_privacy", "plan_dp_sgd", "planned_dp_sgd_steps", "target_epsilon"]
+__all__ = ["check_job_privacy", "plan_central_dp", "plan_dp_sgd", "planned_dp_sgd_steps", "target_epsilon"]
 
 log = logging.getLogger("enclavefl.jobs")
 
@@ -101,3 +103,36 @@ def plan_dp_sgd(job: HflJobConfig, budget: PrivacyBudget, model: Any, train: Seq
         budget.delta,
     )
     return dp
+
+
+def plan_central_dp(job: HflJobConfig, budget: PrivacyBudget) -> Any:
+    """The server's `DpFedAvg` strategy, refused when the planned rounds exceed the budget.
+
+    Its worker sampling and noise come from secret randomness, never from the job's seed."""
+    from enclavefl.hfl.dp import DpFedAvg
+
+    settings, rounds = job.privacy, job.strategy.rounds
+    assert settings is not None and settings.fraction is not None and settings.max_update_norm is not None
+    assert rounds is not None
+    strategy = DpFedAvg(
+        fraction=settings.fraction,
+        clip=settings.max_update_norm,
+        delta=budget.delta,
+        rounds=rounds,
+        population=len(job.workers()),
+        target_epsilon=None if settings.noise_multiplier is not None else target_epsilon(settings, budget),
+        noise_multiplier=settings.noise_multiplier,
+        max_epsilon=budget.max_epsilon,
+    )
+    central = strategy.central
+    if not central.fits(rounds):
+        raise PrivacyBudgetExceeded(
+            f"privacy: {rounds} planned DP-FedAvg rounds at noise multiplier {central.noise_multiplier:g} and worker "
+            f"sampling rate {central.fraction:g} spend epsilon {central.planned_epsilon():.3f} "
+            f"({central.accountant.name} accountant), more than the policy's budget ({budget.describe()}): "
+            "lower strategy.rounds or privacy.fraction, or raise noise_multiplier"
+        )
+    log.info("DP-FedAvg: %d planned rounds, %d workers sampled at %g, noise multiplier %.4f, clipping %g: "
+             "epsilon %.3f at delta %g", rounds, strategy.population, central.fraction, central.noise_multiplier,
+             central.clip, central.planned_epsilon(), budget.delta)
+    return strategy

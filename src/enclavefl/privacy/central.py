@@ -80,9 +80,14 @@ class CentralDp:
         """Whether `rounds` more rounds keep the spent epsilon within max_epsilon."""
         if self.max_epsilon is None:
             return True
+        return self.planned_epsilon(rounds) <= self.max_epsilon
+
+    def planned_epsilon(self, rounds: int | None = None) -> float:
+        """The epsilon spent after `rounds` more rounds (default: the rest of the planned ones)."""
+        more = max(self.rounds - self.accountant.steps, 0) if rounds is None else rounds
         probe = RdpAccountant(history=list(self.accountant.history))
-        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.fraction, steps=rounds)
-        return probe.epsilon(self.delta) <= self.max_epsilon
+        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.fraction, steps=more)
+        return probe.epsilon(self.delta)
 
     def sample(self, workers: Sequence[str]) -> list[str]:
         """The workers of this round: each independently with probability `fraction`."""
