@@ -82,8 +82,9 @@ def test_over_budget_central_dp_job_is_refused_before_training_naming_privacy(tm
     job_file = central_dp_job(tmp_path, {"mechanism": "dp-fedavg", "noise_multiplier": 0.3})
     out = tmp_path / "out"
     done = enclavefl("run", str(job_file), "--out", str(out), timeout=120)
-    assert done.returncode != 0
-    assert "privacy" in done.stderr and "planned DP-FedAvg rounds" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1
+    assert "rejected: privacy: 3 planned DP-FedAvg rounds" in done.stderr, done.stderr[-3000:]
+    assert "spend epsilon 42.8" in done.stderr  # RDP of 3 Gaussian steps at sigma 0.3, delta 1e-5
     assert "Traceback" not in done.stderr.splitlines()[-1]
     assert not (out / "metrics.jsonl").exists() or not any(
         json.loads(line).get("event") == "round" for line in (out / "metrics.jsonl").read_text().splitlines())
