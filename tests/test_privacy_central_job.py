@@ -104,6 +104,7 @@ def test_dp_fedavg_needs_strategy_fedavg_and_its_own_settings(tmp_path: Path) ->
         load_job(job_file)
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # parties share the cores in this process
 def test_server_stops_at_the_budget_with_its_last_checkpoint_sealed(tmp_path: Path) -> None:
     good = Measurement(hashlib.sha256(b"central dp").digest(), hashlib.sha256(b"signer").digest())
     # A budget for exactly 2 rounds at sigma 1 (every worker sampled); the run plans 6.
@@ -118,7 +119,6 @@ def test_server_stops_at_the_budget_with_its_last_checkpoint_sealed(tmp_path: Pa
     def credentials(party: str) -> PartyCredentials:
         return PartyCredentials.create(SimulatedAttester(good), policy, party=party, job_id="central-dp")
 
-    torch.set_num_threads(1)
     store = CheckpointStore(tmp_path / "ckpt", key=FileKeySource(create_key_file(tmp_path / "k").path),
                             job_id="central-dp")
     torch.manual_seed(0)
