@@ -88,6 +88,8 @@ def test_all_examples_are_present() -> None:
         "vfl_default_credit_label_dp.yaml",
         "vfl_default_credit_keras.yaml",
         "hfl_default_credit_keras.yaml",
+        "hfl_diabetes_regression.yaml",
+        "vfl_diabetes_regression.yaml",
     }
 
 
@@ -359,7 +361,7 @@ def test_data_kind_must_fit_the_mode(tmp_path: Path) -> None:
     job = vfl_job()
     job["parties"][1]["data"] = {"kind": "cifar10", "root": "c"}
     message = config_error(tmp_path / "a", job)
-    assert "parties[1].data.kind: 'cifar10' is not available in vfl mode (csv, wide-deep)" in message
+    assert "parties[1].data.kind: 'cifar10' is not available in vfl mode (csv, wide-deep, sklearn)" in message
     job["parties"][1]["data"] = {"kind": "parquet"}
     message = config_error(tmp_path / "b", job)
     assert "parties[1].data.kind: unknown kind 'parquet'" in message

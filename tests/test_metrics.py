@@ -20,8 +20,10 @@ from enclavefl.train.metrics import (
     aggregate_stats,
     binary_auc,
     eval_stats,
+    compute_metrics,
     histogram_auc,
     log_loss,
+    macro_f1,
 )
 
 
@@ -177,3 +179,62 @@ def test_eval_stats_rejects_a_bad_bin_count() -> None:
         eval_stats(*binary_data(5, seed=9), auc_bins=1)
     assert eval_stats(*binary_data(5, seed=9), auc_bins=None).auc_positive is None
     assert np.isfinite(eval_stats(*binary_data(5, seed=9)).loss_sum)
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_macro_f1_matches_sklearn_and_aggregates_exactly(task: str) -> None:
+    logits, labels = binary_data(2001, seed=10) if task == "binary" else multiclass_data(2001, 6, seed=10)
+    predicted = (logits > 0).long() if task == "binary" else logits.argmax(1)
+    expected = skm.f1_score(labels.numpy(), predicted.numpy(), average="macro")
+    assert macro_f1(logits, labels) == pytest.approx(expected, rel=1e-12)
+    shards = [eval_stats(logits[a:b], labels[a:b]) for a, b in itertools.pairwise([0, 700, 2001])]
+    total = aggregate_stats([EvalStats.from_tensors(s.to_tensors()) for s in shards])
+    assert total.summary()["macro_f1"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_regression_statistics_aggregate_to_sklearn_metrics() -> None:
+    g = torch.Generator().manual_seed(11)
+    labels = 150 + 70 * torch.randn(901, generator=g, dtype=torch.float64)
+    predictions = (labels + 40 * torch.randn(901, generator=g, dtype=torch.float64)).float().unsqueeze(1)
+    shards = [
+        eval_stats(predictions[a:b], labels[a:b], task="regression")
+        for a, b in itertools.pairwise([0, 100, 555, 901])
+    ]
+    total = aggregate_stats([EvalStats.from_tensors(s.to_tensors()) for s in shards])
+    summary = total.summary()
+    y, p = labels.numpy(), predictions[:, 0].double().numpy()
+    assert summary["r2"] == pytest.approx(skm.r2_score(y, p), rel=1e-9)
+    assert summary["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(y, p)), rel=1e-9)
+    assert summary["mae"] == pytest.approx(skm.mean_absolute_error(y, p), rel=1e-9)
+    assert "accuracy" not in summary and "log_loss" not in summary
+    assert compute_metrics(predictions, labels, task="regression")["r2"] == pytest.approx(summary["r2"], rel=1e-9)
+    with pytest.raises(UsageError, match="regression EvalStats to classification"):
+        shards[0] + eval_stats(*binary_data(10, seed=12), auc_bins=None)
+
+
+def test_user_metrics_pool_as_the_example_weighted_mean() -> None:
+    logits, labels = binary_data(300, seed=13)
+
+    def positives(outputs: torch.Tensor, truth: torch.Tensor) -> float:
+        return float((outputs > 0).double().mean())
+
+    shards = [eval_stats(logits[a:b], labels[a:b], user_metrics={"positives": positives}) for a, b in [(0, 100), (100, 300)]]
+    total = aggregate_stats([EvalStats.from_tensors(s.to_tensors()) for s in shards])
+    assert total.summary()["positives"] == pytest.approx(float((logits > 0).double().mean()), rel=1e-12)
+    with pytest.raises(UsageError, match="user metric 'bad' returned nan"):
+        eval_stats(logits, labels, user_metrics={"bad": lambda o, t: math.nan})
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "task", "message"),
+    [
+        (torch.zeros(3, 2), torch.tensor([0.5, 1.0, 2.0]), "regression", "one output per example"),
+        (torch.zeros(3), torch.tensor([0, 1, 2]), "multiclass", r"needs outputs \[n, C\]"),
+        (torch.zeros(2), torch.tensor([1.0, float("inf")]), "regression", "finite numbers"),
+    ],
+)
+def test_outputs_that_do_not_fit_the_task_are_refused(
+    logits: torch.Tensor, labels: torch.Tensor, task: str, message: str
+) -> None:
+    with pytest.raises(UsageError, match=message):
+        eval_stats(logits, labels, task=task)  # type: ignore[arg-type]

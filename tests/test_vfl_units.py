@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from enclavefl.errors import FormatError, Rejected, SealError, UsageError
 from enclavefl.net.admission import Peer
@@ -16,8 +17,9 @@ from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import create_key_file
 from enclavefl.vfl.align import AlignmentResult
 from enclavefl.vfl.bridge import LeaderBridge, Rewind
-from enclavefl.vfl.errors import FollowerUnavailable
+from enclavefl.vfl.errors import FollowerUnavailable, ResumeFailed
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan
+from enclavefl.vfl.state import PartyState
 from enclavefl.vfl.storage import Aligned, Storage
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -235,3 +237,46 @@ def test_missing_followers_are_named_after_a_bounded_wait() -> None:
     with pytest.raises(FollowerUnavailable, match=r"\['host', 'host2'\] did not join training within 0.1 s") as info:
         bridge.wait_for_reports(0.1)
     assert info.value.parties == ("host", "host2")
+
+
+# --------------------------------------------------------------------------- party state
+
+
+def _party_state(tmp_path: Path, *, optimizer: bool) -> tuple[PartyState, Plan, Aligned]:
+    model = nn.Linear(3, 2)
+    storage = Storage(tmp_path / "ckpt", create_key_file(tmp_path / "key"), "job", "host",
+                      checkpoint_every=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1) if optimizer else None
+    aligned = Aligned("tee-join", "ab" * 16, AlignmentResult(np.arange(10)))
+    return PartyState("host", model, opt, storage), Plan(TRAIN, 10, 2, epochs=1), aligned
+
+
+def test_party_state_restores_what_it_saved_and_its_initial_state(tmp_path: Path) -> None:
+    state, plan, aligned = _party_state(tmp_path, optimizer=True)
+    initial = state.model.weight.detach().clone()
+    state.model(torch.ones(4, 3)).sum().backward()
+    state.optimizer.step()  # type: ignore[union-attr]
+    trained = state.model.weight.detach().clone()
+    state.save(3, plan=plan, aligned=aligned, extra={"history": [1.0]})
+    assert state.stored() == [-1, 3]
+    assert state.restore(-1, plan=plan, aligned=aligned) is None
+    assert torch.equal(state.model.weight, initial)
+    checkpoint = state.restore(3, plan=plan, aligned=aligned)
+    assert checkpoint is not None and checkpoint["history"] == [1.0]
+    assert torch.equal(state.model.weight, trained)
+    assert state.optimizer.state_dict()["state"]  # type: ignore[union-attr]  # Adam's moments came back
+
+
+def test_party_state_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    # The leader and the follower share this check; before, only the follower looked at the optimizer state.
+    without, plan, aligned = _party_state(tmp_path, optimizer=False)
+    without.save(1, plan=plan, aligned=aligned)
+    model = nn.Linear(3, 2)
+    trainer = PartyState("host", model, torch.optim.SGD(model.parameters(), lr=0.1), without.storage)
+    with pytest.raises(ResumeFailed, match="holds no optimizer state, and this party trains with an optimizer"):
+        trainer.restore(1, plan=plan, aligned=aligned)
+    other = Aligned("tee-join", "cd" * 16, aligned.result)
+    with pytest.raises(ResumeFailed, match="host: checkpoint of iteration 1 was written for another alignment"):
+        without.restore(1, plan=plan, aligned=other)
+    with pytest.raises(ResumeFailed, match="another plan"):
+        without.restore(1, plan=Plan(TRAIN, 10, 5, epochs=1), aligned=aligned)

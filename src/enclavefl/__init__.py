@@ -7,7 +7,8 @@ imports neither torch nor the network stack:
   `TorchTrainer` (extra `[ml]`), `KerasTrainer` (extra `[tf]`), `resolve_device`;
 * strategies: `Strategy` (the contract), `Contribution`, `make_strategy`, the built-ins
   `FedAvg`, `FedProx`, `FedAdam`, `SyncSGD`, `AsyncSGD`, `CoordinateMedian`, `TrimmedMean`;
-* running: `run_worker(trainer, job=..., party=...)`, `serve(strategy, job=..., party=...)`;
+* running: `run_worker(trainer, job=..., party=...)`, `serve(strategy, job=..., party=...)`,
+  and for vertical jobs `lead(job=..., model=...)`, `follow(job=..., party=..., model=...)`;
 * errors: `EnclaveflError`, `UsageError`, `ConfigError`, `Rejected`, `TransportError`, `JobFailed`.
 
 What must never be used unknowingly (simulated attestation, `file:` keys, one-way
@@ -51,6 +52,8 @@ _EXPORTS = {
     # running a party
     "run_worker": "enclavefl.jobs.api",
     "serve": "enclavefl.jobs.api",
+    "lead": "enclavefl.jobs.vfl_api",
+    "follow": "enclavefl.jobs.vfl_api",
     # errors
     "EnclaveflError": "enclavefl.errors",
     "UsageError": "enclavefl.errors",

@@ -17,7 +17,7 @@ from enclavefl.errors import FormatError, UsageError
 
 __all__ = ["SKLEARN_DATASETS", "Table", "load_fate_csv", "load_sklearn"]
 
-SKLEARN_DATASETS = ("breast_cancer", "digits")
+SKLEARN_DATASETS = ("breast_cancer", "diabetes", "digits")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,9 @@ def _number(text: str, path: Path, line_no: int, column: str) -> float:
 
 
 def load_sklearn(name: str, *, standardize: bool = True) -> Table:
-    """A scikit-learn bundled data set ("breast_cancer" or "digits"), offline.
+    """A scikit-learn bundled data set ("breast_cancer", "digits" or "diabetes"), offline.
+
+    Labels are int64 classes, or float32 for diabetes (a regression target).
 
     With `standardize` every column has mean 0 and variance 1 over the whole set (a demo
     convenience: a real evaluation fits the scaler on the training rows only).
@@ -142,7 +144,11 @@ def load_sklearn(name: str, *, standardize: bool = True) -> Table:
     from sklearn import datasets
     from sklearn.preprocessing import StandardScaler
 
-    loaders = {"breast_cancer": datasets.load_breast_cancer, "digits": datasets.load_digits}
+    loaders = {
+        "breast_cancer": datasets.load_breast_cancer,
+        "diabetes": datasets.load_diabetes,
+        "digits": datasets.load_digits,
+    }
     if name not in loaders:
         raise UsageError(f"unknown scikit-learn data set {name!r}: use one of {list(SKLEARN_DATASETS)}")
     bunch = loaders[name]()
@@ -151,4 +157,6 @@ def load_sklearn(name: str, *, standardize: bool = True) -> Table:
         features = StandardScaler().fit_transform(features)
     names = tuple(str(n) for n in bunch.feature_names)
     ids = np.asarray([str(i) for i in range(features.shape[0])], dtype=str)
-    return Table(ids, np.asarray(bunch.target, dtype=np.int64), features.astype(np.float32), names)
+    target = np.asarray(bunch.target)
+    labels = target.astype(np.float32) if name == "diabetes" else target.astype(np.int64)
+    return Table(ids, labels, features.astype(np.float32), names)

@@ -54,8 +54,9 @@ from enclavefl.net.errors import ConnectFailed
 from enclavefl.net.tensors import Message
 from enclavefl.train.contract import FitResult, GradResult, Rows, StopTraining, Trainer
 from enclavefl.train.losses import default_loss
-from enclavefl.train.metrics import AUC_BINS, EvalStats, eval_stats
+from enclavefl.train.metrics import AUC_BINS, EvalStats, MetricFn, eval_stats
 from enclavefl.train.sgd import plain_sgd_factory
+from enclavefl.train.tasks import TaskType
 from enclavefl.train.torch import (
     LossFn,
     RowsOf,
@@ -73,11 +74,18 @@ log = logging.getLogger("enclavefl.hfl")
 
 
 def evaluate(
-    model: nn.Module, data: Sequence[Any], *, batch_size: int = 1024, auc_bins: int | None = AUC_BINS
+    model: nn.Module,
+    data: Sequence[Any],
+    *,
+    batch_size: int = 1024,
+    auc_bins: int | None = AUC_BINS,
+    task: TaskType | None = None,
+    user_metrics: Mapping[str, MetricFn] | None = None,
 ) -> EvalStats:
     """Evaluation statistics of `model` on (inputs..., labels), in eval mode, batch by batch.
 
-    Used as the server's `evaluate` on its held-out rows.
+    Used as the server's `evaluate` on its held-out rows. `task` None: binary or
+    multi-class by the output width.
     """
     tensors = as_tensors("evaluation data", data)
     inputs, labels = tensors[:-1], tensors[-1]
@@ -94,7 +102,7 @@ def evaluate(
             )
     finally:
         model.train(was_training)
-    return eval_stats(logits, labels, auc_bins=auc_bins)
+    return eval_stats(logits, labels, task=task, auc_bins=auc_bins, user_metrics=user_metrics)
 
 
 def builtin_trainer(
@@ -114,13 +122,16 @@ def builtin_trainer(
     eval_batch_size: int = 1024,
     device: str | torch.device = "cpu",
     privacy: Any = None,
+    task: TaskType | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
 ) -> TorchTrainer:
     """The job file's worker: local SGD over (inputs..., labels) tensors, as a TorchTrainer.
 
     Batches are reshuffled every pass with seed + pass number; sgd strategies step on the
     server, so lr/momentum/weight_decay only drive local training in round strategies.
     With `privacy` (an `enclavefl.privacy.dpsgd.DpSgd` over the same model and rows) the
-    rounds are DP-SGD (see the module docstring).
+    rounds are DP-SGD (see the module docstring). `task` and `metrics` shape its
+    evaluation statistics (see `TorchTrainer`).
     """
     if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
         raise UsageError(f"eval_batch_size must be an int >= 1, got {eval_batch_size!r}")
@@ -136,6 +147,8 @@ def builtin_trainer(
         device=device,
         local_epochs=local_epochs,
         rows_of=rows_of,
+        task=task,
+        metrics=metrics,
     )
     trainer.privacy = privacy  # type: ignore[attr-defined]
     return trainer

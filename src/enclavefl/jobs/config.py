@@ -47,6 +47,7 @@ from enclavefl.hfl.registry import BUILTIN as STRATEGY_REGISTRY
 from enclavefl.jobs.quick import apply_quick_caps
 from enclavefl.jobs.refs import JobCode, is_ref
 from enclavefl.train.device import DEVICE_PATTERN
+from enclavefl.train.tasks import DEFAULT_LOSS, DEFAULT_METRICS, LOSSES, METRICS, TaskType
 
 __all__ = [
     "Address",
@@ -69,6 +70,7 @@ __all__ = [
     "SklearnData",
     "StorageConfig",
     "StrategyConfig",
+    "TaskConfig",
     "TeeConfig",
     "VflJobConfig",
     "VflModelConfig",
@@ -81,13 +83,12 @@ __all__ = [
 ]
 
 Mode = Literal["hfl", "vfl"]
-Metric = Literal["accuracy", "auc", "logloss"]
 
 # (coordinator, member) role of each mode; the coordinator is the one that listens.
 ROLES: dict[str, tuple[str, str]] = {"hfl": ("server", "worker"), "vfl": ("leader", "follower")}
 DATA_KINDS: dict[str, tuple[str, ...]] = {
     "hfl": ("csv", "cifar10", "criteo", "sklearn", "python"),
-    "vfl": ("csv", "wide-deep"),
+    "vfl": ("csv", "wide-deep", "sklearn"),
 }
 ROUND_STRATEGIES = tuple(name for name, entry in STRATEGY_REGISTRY.items() if entry.kind == "update")
 STEP_STRATEGIES = tuple(name for name, entry in STRATEGY_REGISTRY.items() if entry.kind == "grad")
@@ -263,7 +264,19 @@ def _unique(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return values
 
 
+def _check_metric(name: str, info: ValidationInfo) -> str:
+    if name not in METRICS and not is_ref(name):
+        raise _invalid(f"{name!r} is not a metric: one of {', '.join(METRICS)}, or 'package.module:function'")
+    return _code_ref(name, info)
+
+
+Metric = Annotated[str, AfterValidator(_check_metric)]
 Metrics = Annotated[tuple[Metric, ...], Field(min_length=1), AfterValidator(_unique)]
+
+
+def metric_name(metric: str) -> str:
+    """The name a metric is reported under: built-ins as is, a user's function by its own name."""
+    return metric.rpartition(":")[2].rpartition(".")[2]
 
 
 class _Section(BaseModel):
@@ -373,11 +386,20 @@ class CriteoData(_Section):
 
 
 class SklearnData(_Section):
-    """A scikit-learn bundled data set, for demos."""
+    """A scikit-learn bundled data set, for demos (ids are the row numbers, labels the target)."""
 
     kind: Literal["sklearn"]
-    name: Literal["digits", "breast_cancer"]
+    name: Literal["digits", "breast_cancer", "diabetes"]
+    """digits (10 classes), breast_cancer (binary) or diabetes (regression)."""
+    features: tuple[str, ...] | None = Field(None, min_length=1)
+    """Feature columns to use, in this order (sklearn's feature_names; a vertical split gives
+    each party its own); None: every column."""
     partition: PartitionSpec | None = None
+
+    @field_validator("features")
+    @classmethod
+    def _features_unique(cls, features: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if features is None else _unique(features)
 
 
 def _user_ref(value: str, info: ValidationInfo) -> str:
@@ -428,6 +450,61 @@ DataSpec = Annotated[
 
 
 # --------------------------------------------------------------------------- sections
+
+
+class TaskConfig(_Section):
+    """What the model learns. Without this section: classification, binary when the model
+    has one output column and multiclass when it has several."""
+
+    type: TaskType
+    """binary (labels 0/1), multiclass (labels 0..C-1) or regression (real labels)."""
+    loss: str | None = Field(None, validate_default=True)
+    """bce, cross_entropy, mse, mae, huber, or 'package.module:function'(outputs, labels) -> mean loss.
+    Default: bce (binary), cross_entropy (multiclass), mse (regression)."""
+    classes: int | None = Field(None, ge=2)
+    """multiclass: the number of classes. Default: the model's output width."""
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_fits(cls, loss: str | None, info: ValidationInfo) -> str | None:
+        task = info.data.get("type")
+        if task is None:
+            return loss
+        if loss is None:
+            return DEFAULT_LOSS[task]
+        if loss in LOSSES:
+            if task not in LOSSES[loss]:
+                raise _invalid(f"{loss} does not fit a {task} task; use one of "
+                               f"{', '.join(n for n, tasks in LOSSES.items() if task in tasks)} or 'package.module:function'")
+            return loss
+        if not is_ref(loss):
+            raise _invalid(f"{loss!r} is not a loss: one of {', '.join(LOSSES)}, or 'package.module:function'")
+        return _code_ref(loss, info)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_for_multiclass(cls, classes: int | None, info: ValidationInfo) -> int | None:
+        task = info.data.get("type")
+        if classes is not None and task is not None and task != "multiclass":
+            raise _invalid(f"only used by type multiclass, not {task}")
+        return classes
+
+
+def _metric_issues(at: str, metrics: tuple[str, ...] | None, task: TaskConfig | None) -> list[tuple[str, str]]:
+    """Metrics the task cannot compute (auc on regression, r2 on classification)."""
+    issues: list[tuple[str, str]] = []
+    names = [metric_name(m) for m in metrics or ()]
+    for i, metric in enumerate(metrics or ()):
+        if metric in METRICS:
+            fits = METRICS[metric]
+            if task is None and "regression" in fits:
+                issues.append((f"{at}[{i}]", f"{metric} is a regression metric: set task.type: regression"))
+            elif task is not None and task.type not in fits:
+                issues.append((f"{at}[{i}]", f"{metric} is not defined for a {task.type} task "
+                                             f"(it is for {', '.join(fits)})"))
+        elif names[i] in METRICS or names.count(names[i]) > 1:
+            issues.append((f"{at}[{i}]", f"{metric!r} would be reported as {names[i]!r}, which another metric uses"))
+    return issues
 
 
 class JobSection(_Section):
@@ -690,8 +767,10 @@ class HflEvaluationConfig(_Section):
     """where: workers: the fraction of each worker's rows kept out of training (default 0.2)."""
     every: Int = Field(1, ge=1)
     """Evaluate every N rounds (round strategies) or steps (sgd strategies), and after the last."""
-    metrics: Metrics = ("accuracy", "logloss")
-    """Any of accuracy, auc (binary tasks), logloss."""
+    metrics: Metrics | None = None
+    """accuracy, auc (binary), logloss, macro_f1 (classification); rmse, mae, r2 (regression);
+    or 'package.module:function'(outputs, labels) -> float. Default: accuracy, logloss
+    (classification) or rmse, mae, r2 (regression)."""
 
     @field_validator("data")
     @classmethod
@@ -720,14 +799,24 @@ class VflTrainingConfig(_Section):
     epochs: Int = Field(ge=1)
     batch_size: Int = Field(ge=1)
     lr: Real = Field(gt=0)
-    optimizer: Literal["sgd", "adam", "adagrad"] = "sgd"
+    optimizer: str = "sgd"
+    """sgd, adam, adagrad, or 'package.module:function' of the job's own code, called as
+    function(params, lr=lr) (a torch.optim class fits: list torch under code:)."""
     momentum: Fraction = 0.0
     """sgd only."""
     pipeline_depth: Int = Field(1, ge=1)
     """Iterations in flight between leader and followers (1: lock-step)."""
     validation_fraction: Real = Field(0.2, gt=0, lt=1)
     """Fraction of the aligned rows held out for validation (the same rows on every party)."""
-    metrics: Metrics = ("accuracy", "logloss")
+    metrics: Metrics | None = None
+    """As evaluation.metrics in hfl jobs. Default: by task."""
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, optimizer: str, info: ValidationInfo) -> str:
+        if optimizer not in ("sgd", "adam", "adagrad") and not is_ref(optimizer):
+            raise _invalid(f"{optimizer!r} is not an optimizer: sgd, adam, adagrad, or 'package.module:function'")
+        return _code_ref(optimizer, info)
 
     @field_validator("momentum")
     @classmethod
@@ -858,6 +947,8 @@ class JobConfig(_Section):
     tee: TeeConfig = Field(default_factory=TeeConfig)
     policy: Annotated[ResolvedPath, AfterValidator(_existing_file)]
     """The attestation policy JSON every party enforces."""
+    task: TaskConfig | None = None
+    """What the model learns (binary, multiclass, regression); default: classification by output width."""
     storage: StorageConfig | None = None
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     output: OutputConfig
@@ -915,6 +1006,17 @@ class JobConfig(_Section):
         raise UsageError(
             f"no party {name!r} in job {self.job.name!r}; parties: {', '.join(p.name for p in self.parties)}"
         )
+
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics to report: the job's, or the task's defaults."""
+        chosen = self._chosen_metrics()
+        if chosen is not None:
+            return chosen
+        return DEFAULT_METRICS[self.task.type if self.task is not None else "binary"]
+
+    @abstractmethod
+    def _chosen_metrics(self) -> tuple[str, ...] | None:
+        """The metrics the job file names (None: the task's defaults)."""
 
     def coordinator(self) -> PartyConfig:
         """The party that listens: the hfl server or the vfl leader."""
@@ -989,6 +1091,9 @@ class JobConfig(_Section):
                         f"to fedavg (it is {self.strategy.name!r})",
                     )
                 )
+            regression = self.task is not None and self.task.type == "regression"
+            if self.privacy.mechanism == "randomized-response" and regression:
+                issues.append(("privacy.mechanism", "randomized-response flips class labels: it needs classification"))
         return issues
 
     @abstractmethod
@@ -1074,15 +1179,19 @@ class HflJobConfig(JobConfig):
             )
         return issues
 
+    def _chosen_metrics(self) -> tuple[str, ...] | None:
+        return self.evaluation.metrics
+
     def _mode_issues(self) -> list[tuple[str, str]]:
-        issues: list[tuple[str, str]] = []
+        issues = _metric_issues("evaluation.metrics", self.evaluation.metrics, self.task)
         evaluation = self.evaluation.data
         if evaluation is not None:
             issues.extend(_kind_issues("evaluation.data", evaluation, "hfl"))
             if isinstance(evaluation, CsvData) and evaluation.label is None:
                 issues.append(("evaluation.data.label", "required: evaluation needs labels"))
         issues.extend(self._shared_rows_issues())
-        issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics, self.model.args, "model.args"))
+        if self.task is None:  # a named task's metrics are checked by _metric_issues
+            issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics or (), self.model.args, "model.args"))
         issues.extend(_user_strategy_units(self.strategy))
         if self.preprocess.standardize:
             issues.append(
@@ -1167,8 +1276,11 @@ class VflJobConfig(JobConfig):
                 )
         return issues
 
+    def _chosen_metrics(self) -> tuple[str, ...] | None:
+        return self.training.metrics
+
     def _mode_issues(self) -> list[tuple[str, str]]:
-        issues: list[tuple[str, str]] = []
+        issues = _metric_issues("training.metrics", self.training.metrics, self.task)
         specs = [(i, p.data) for i, p in enumerate(self.parties) if p.data is not None]
         if specs:
             first_i, first = specs[0]
@@ -1192,7 +1304,10 @@ class VflJobConfig(JobConfig):
                             f"differs from parties[{first_i}]'s: the parties' files are generated together",
                         )
                     )
-        issues.extend(_auc_issues("training.metrics", self.training.metrics, self.model.top.args, "model.top.args"))
+        if self.task is None:
+            issues.extend(
+                _auc_issues("training.metrics", self.training.metrics or (), self.model.top.args, "model.top.args")
+            )
         if self.preprocess.standardize and specs and not isinstance(specs[0][1], CsvData):
             issues.append(
                 (
@@ -1320,6 +1435,7 @@ _SECTION_ORDER = (
     "tee",
     "policy",
     "privacy",
+    "task",
     "model",
     "strategy",
     "training",

@@ -37,11 +37,16 @@ __all__ = ["PartyData", "load_party_data", "preload_party_data"]
 
 @dataclass(frozen=True)
 class PartyData:
-    """One party's rows: model inputs (one or more arrays), labels (None on a follower), ids."""
+    """One party's rows: model inputs (one or more arrays), labels (None on a follower), ids.
+
+    `source` and `label_column` name where the labels came from, for error messages.
+    """
 
     inputs: tuple[np.ndarray, ...]
     labels: np.ndarray | None
     ids: np.ndarray
+    source: str = "data"
+    label_column: str = "label"
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -51,6 +56,8 @@ class PartyData:
             tuple(x[rows] for x in self.inputs),
             None if self.labels is None else self.labels[rows],
             self.ids[rows],
+            self.source,
+            self.label_column,
         )
 
     @property
@@ -119,7 +126,17 @@ def _python_data(spec: PythonData, code: JobCode | None) -> PartyData:
         )
     inputs = tuple(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a for a in arrays[:-1])
     count = rows.pop()
-    return PartyData(inputs, _labels(arrays[-1]), np.array([str(i) for i in range(count)]))
+    ids = np.array([str(i) for i in range(count)])
+    return PartyData(inputs, _labels(arrays[-1]), ids, f"data.factory {spec.factory}", "labels (its last array)")
+
+
+def _select(X: np.ndarray, names: tuple[str, ...], wanted: tuple[str, ...] | None, source: object) -> np.ndarray:
+    if wanted is None:
+        return X
+    missing = [f for f in wanted if f not in names]
+    if missing:
+        raise UsageError(f"{source}: feature columns not found: {missing} (it has {list(names)})")
+    return X[:, [names.index(f) for f in wanted]]
 
 
 def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
@@ -130,15 +147,12 @@ def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
         X, y, ids = table.X, table.y, table.ids
         if spec.limit is not None:
             X, y, ids = X[: spec.limit], None if y is None else y[: spec.limit], ids[: spec.limit]
-        if spec.features is not None:
-            missing = [f for f in spec.features if f not in table.feature_names]
-            if missing:
-                raise UsageError(f"{spec.path}: feature columns not found: {missing}")
-            X = X[:, [table.feature_names.index(f) for f in spec.features]]
-        data = PartyData((X.astype(np.float32),), _labels(y), ids)
+        X = _select(X, table.feature_names, spec.features, spec.path)
+        data = PartyData((X.astype(np.float32),), _labels(y), ids, str(spec.path), spec.label or "")
     elif isinstance(spec, SklearnData):
         table = load_sklearn(spec.name)
-        data = PartyData((table.X.astype(np.float32),), _labels(table.y), table.ids)
+        X = _select(table.X, table.feature_names, spec.features, f"sklearn {spec.name}")
+        data = PartyData((X.astype(np.float32),), _labels(table.y), table.ids, f"sklearn {spec.name}", "target")
     elif isinstance(spec, Cifar10Data):
         root = Path(spec.root)
         if spec.download:
@@ -146,11 +160,11 @@ def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
                 download_cifar10(root, on_progress=on_progress)
         images, labels = load_cifar10(root, train=spec.split == "train")
         ids = np.array([f"{spec.split}-{i}" for i in range(len(labels))])
-        data = PartyData((normalize(images).numpy(),), labels.astype(np.int64), ids)
+        data = PartyData((normalize(images).numpy(),), labels.astype(np.int64), ids, str(root), "labels")
     elif isinstance(spec, CriteoData):
         arrays = load_criteo(spec.path, vocab_sizes=spec.vocab_sizes, limit=spec.limit)
         ids = np.array([str(i) for i in range(len(arrays.label))])
-        data = PartyData((arrays.dense, arrays.sparse), arrays.label.astype(np.float32), ids)
+        data = PartyData((arrays.dense, arrays.sparse), arrays.label.astype(np.float32), ids, str(spec.path), "label")
     elif isinstance(spec, WideDeepData):
         path = Path(spec.path)
         if not path.exists():
@@ -165,7 +179,7 @@ def _load(spec: object, seed: int, code: JobCode | None) -> PartyData:
                 seed=seed,
             )
         party = load_wide_deep_party(path)
-        data = PartyData((party.x,), _labels(party.y), party.ids)
+        data = PartyData((party.x,), _labels(party.y), party.ids, str(path), "y")
     elif isinstance(spec, PythonData):
         data = _python_data(spec, code)
     else:

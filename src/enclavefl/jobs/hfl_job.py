@@ -1,8 +1,14 @@
-"""Horizontal jobs: build the parameter server or a worker from the job file and run it."""
+"""Horizontal jobs: build the parameter server or a worker from the job file and run it.
+
+`prepare` loads and checks a party's data before it attests (labels that cannot train the
+job's task stop it there); `run_role` then runs that party.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +28,23 @@ from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.net.keybroker import BrokerKeySource
 from enclavefl.jobs.models import build_job_model
 from enclavefl.jobs.refs import resolve_ref
+from enclavefl.jobs.tasks import JobTask, check_party_data, first_rows, job_task, output_width
 from enclavefl.train.device import resolve_device
+from enclavefl.train.tasks import TaskType
 
 log = logging.getLogger("enclavefl.jobs")
+
+__all__ = [
+    "Prepared",
+    "build_global_model",
+    "holdout",
+    "job_trainer",
+    "make_job_strategy",
+    "prepare",
+    "run_role",
+    "run_server",
+    "run_worker",
+]
 
 
 def make_job_strategy(job: HflJobConfig, model: torch.nn.Module) -> Any:
@@ -111,12 +131,69 @@ def _tensors(data: PartyData) -> tuple[torch.Tensor, ...]:
     return (*(torch.from_numpy(np.ascontiguousarray(x)) for x in data.inputs), torch.from_numpy(labels))
 
 
-def run_role(runtime: PartyRuntime, *, resume: bool, write_split: bool = False) -> dict[str, Any] | None:
+def holdout(data: PartyData, fraction: float, seed: int) -> tuple[PartyData, PartyData]:
+    """(training rows, held-out evaluation rows) of a worker: `fraction` of its rows drawn with `seed`."""
+    order = np.random.default_rng(seed).permutation(len(data))
+    held = int(round(len(data) * fraction))
+    return data.take(np.sort(order[held:])), data.take(np.sort(order[:held]))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A party's checked rows (worker: training and held-out; server: evaluation data, if any) and the task."""
+
+    task: JobTask
+    kind: TaskType | None
+    train: PartyData | None = None
+    evaluation: PartyData | None = None
+
+
+def prepare(job: HflJobConfig, name: str, *, task: str = "train", input_path: Path | None = None) -> Prepared:
+    """Load party `name`'s rows and check their labels against the job's task (before attesting).
+
+    A worker with the job's own `trainer:` loads its data itself: only the task is resolved.
+    """
+    del task, input_path  # hfl jobs only train; party.py refuses the rest
+    party, the_task, seed = job.party(name), job_task(job), job.job.seed
+    train: PartyData | None = None
+    if party.role == "server":
+        if job.evaluation.where != "server":
+            return Prepared(the_task, the_task.type)
+        evaluation = load_party_data(job.evaluation.data, seed=seed, code=job.job_code())
+    elif job.trainer is not None:
+        build_global_model(job)  # its arguments are checked before attesting all the same
+        return Prepared(the_task, the_task.type)
+    else:
+        train = load_party_data(party.data, seed=seed, code=job.job_code())
+        evaluation = None
+        if job.evaluation.where == "workers":
+            train, evaluation = holdout(train, job.evaluation.holdout_fraction or 0.2, seed)
+    rows = [d for d in (train, evaluation) if d is not None and len(d)]
+    width = _output_width(job, rows[0])
+    kind = the_task.resolved(width)
+    check_party_data(the_task, kind, rows, width=width)
+    return Prepared(the_task, kind, train, evaluation)
+
+
+def _output_width(job: HflJobConfig, data: PartyData) -> int:
+    """Outputs per example of the job's model, from one forward pass on the first row."""
+    model = build_global_model(job)
+    if not job.model.uses_keras():
+        return output_width(model, *first_rows(data))
+    out = np.asarray(model([np.ascontiguousarray(x[:1]) for x in data.inputs] if len(data.inputs) > 1
+                           else np.ascontiguousarray(data.inputs[0][:1]), training=False))
+    return 1 if out.ndim == 1 else int(out.shape[-1])
+
+
+def run_role(
+    runtime: PartyRuntime, prepared: Prepared, *, resume: bool, task: str = "train", write_split: bool = False
+) -> dict[str, Any] | None:
+    """Run this party (hfl jobs have one task, train); the server returns the job result."""
     job = runtime.job
     assert isinstance(job, HflJobConfig)
     if runtime.party.role == "server":
-        return run_server(runtime, job, resume=resume)
-    run_worker(runtime, job, write_split=write_split)
+        return run_server(runtime, job, resume=resume, prepared=prepared)
+    run_worker(runtime, job, prepared=prepared, write_split=write_split)
     return None
 
 
@@ -145,10 +222,16 @@ def _central_dp(runtime: PartyRuntime, job: HflJobConfig) -> bool:
 
 
 def job_trainer(
-    runtime: PartyRuntime, job: HflJobConfig, device: torch.device, *, write_split: bool = False
+    runtime: PartyRuntime,
+    job: HflJobConfig,
+    device: torch.device,
+    prepared: Prepared | None = None,
+    *,
+    write_split: bool = False,
 ) -> tuple[Any, Any]:
     """The worker's trainer: the job's `trainer:` function, or local SGD over the party's data
-    (DP-SGD when the job has record-level privacy); and the DP-SGD state, if any."""
+    (`prepared`, else loaded now; DP-SGD when the job has record-level privacy); and the
+    DP-SGD state, if any."""
     private = _record_level(runtime, job)
     if job.trainer is not None:
         if private:
@@ -160,20 +243,16 @@ def job_trainer(
             raise ConfigError(f"trainer: {job.trainer} returned {type(trainer).__name__}, not a trainer "
                               "(an object with fit() and evaluate(); see enclavefl.train.Trainer)")
         return trainer, None
-    data = load_party_data(runtime.party.data, seed=job.job.seed, code=job.job_code())
-    held_out = None
-    if job.evaluation.where == "workers":
-        rng = np.random.default_rng(job.job.seed)
-        order = rng.permutation(len(data))
-        held = int(round(len(data) * (job.evaluation.holdout_fraction or 0.2)))
-        held_rows = np.sort(order[:held])
-        held_out = data.take(held_rows)
+    if prepared is None:
+        prepared = prepare(job, runtime.party.name)
+    assert prepared.train is not None
+    data, held_out = prepared.train, prepared.evaluation
+    if held_out is not None:
         if write_split:  # this worker's own file: its held-out ids never leave it
             path = runtime.out_dir / f"validation_ids-{runtime.party.name}.csv"
-            atomic_write_bytes(path, ("\n".join(["id", *map(str, data.ids[held_rows].tolist())]) + "\n").encode())
-            log.info("wrote the %d held-out ids of %s to %s", held, runtime.party.name, path)
-        runtime.write_party_record(n_train=len(data) - held, n_valid=held)
-        data = data.take(np.sort(order[held:]))
+            atomic_write_bytes(path, ("\n".join(["id", *map(str, held_out.ids.tolist())]) + "\n").encode())
+            log.info("wrote the %d held-out ids of %s to %s", len(held_out), runtime.party.name, path)
+        runtime.write_party_record(n_train=len(data), n_valid=len(held_out))
     else:
         runtime.write_party_record(n_train=len(data))
     if job.model.uses_keras():
@@ -182,7 +261,7 @@ def job_trainer(
         return _keras_trainer(job, build_global_model(job), data, held_out), None
     eval_data = _tensors(held_out) if held_out is not None else None
     strategy = job.strategy
-    model, train = build_global_model(job), _tensors(data)
+    model, train = build_global_model(job), _tensors(prepared.train)
     privacy = None
     if private:
         from enclavefl.jobs.privacy import plan_dp_sgd
@@ -201,13 +280,21 @@ def job_trainer(
         seed=job.job.seed,
         device=device,
         privacy=privacy,
+        loss_fn=prepared.task.loss,
+        task=prepared.kind,
+        metrics=prepared.task.metrics,
     )
     return trainer, privacy
 
 
-def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strategy: Any = None) -> dict[str, Any]:
+def run_server(
+    runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strategy: Any = None, prepared: Prepared | None = None
+) -> dict[str, Any]:
     """The parameter server of the job; `strategy` (an object with the strategy hooks) replaces
-    the job's strategy section's name and parameters (rounds, quorum and timeouts stay the job's)."""
+    the job's strategy section's name and parameters (rounds, quorum and timeouts stay the job's).
+    `prepared`: its checked evaluation data (default: loaded now)."""
+    if prepared is None:
+        prepared = prepare(job, runtime.party.name)
     strategy_cfg = job.strategy
     device = resolve_device(runtime.party.device)
     model, keras_model = _server_model(job)
@@ -231,13 +318,15 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
         model = held if isinstance(held, torch.nn.Module) else model.to(device)
     evaluation = job.evaluation
     evaluate_fn = None
-    if evaluation.where == "server":
-        eval_data = load_party_data(evaluation.data, seed=job.job.seed, code=job.job_code())
+    if prepared.evaluation is not None:
+        eval_data = prepared.evaluation
         if keras_model is not None:
             evaluate_fn = _keras_evaluate(keras_model, eval_data)
         else:
             eval_tensors = _tensors(eval_data)
-            evaluate_fn = lambda m: evaluate(m, eval_tensors)  # noqa: E731 - the server's held-out set
+            evaluate_fn = lambda m: evaluate(  # noqa: E731 - the server's held-out set
+                m, eval_tensors, task=prepared.kind, user_metrics=prepared.task.metrics
+            )
     checkpoints = None
     key = runtime.key_source()
     if job.storage is not None and key is not None:
@@ -274,10 +363,17 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
                                    **({"stopped": summary["stopped"]} if "stopped" in summary else {}))
     final = summary.get("final_metrics", {})
     metrics = _job_names(final.get(evaluation.where) or next(iter(final.values()), {}))
-    wanted = set(evaluation.metrics) | {"count"}
+    wanted = set(prepared.task.names) | {"count"}
+    if evaluation.where == "workers":
+        split = (f"evaluation: each worker's held-out {evaluation.holdout_fraction:.0%} of its rows, drawn with "
+                 f"job.seed {job.job.seed}, pooled; training: the rest")
+    else:
+        split = "evaluation: evaluation.data on the server; training: every worker's rows"
     return {
         "metrics": {k: v for k, v in metrics.items() if k in wanted or k.endswith("_error")},
         "extra": {
+            "task": prepared.kind,
+            "split": split,
             "strategy": summary.get("strategy", strategy_cfg.name),
             "rounds": summary.get("version"),
             "resumed_from": summary.get("resumed_from"),
@@ -289,12 +385,19 @@ def run_server(runtime: PartyRuntime, job: HflJobConfig, *, resume: bool, strate
 
 
 def run_worker(
-    runtime: PartyRuntime, job: HflJobConfig, *, trainer: Any = None, write_split: bool = False
+    runtime: PartyRuntime,
+    job: HflJobConfig,
+    *,
+    trainer: Any = None,
+    prepared: Prepared | None = None,
+    write_split: bool = False,
 ) -> dict[str, Any]:
-    """A worker of the job with `trainer` (default: the job's `trainer:` or the built-in one); its summary."""
+    """A worker of the job with `trainer` (default: the job's `trainer:` or the built-in one over
+    `prepared`, its checked rows); its summary."""
     privacy = None
     if trainer is None:
-        trainer, privacy = job_trainer(runtime, job, resolve_device(runtime.party.device), write_split=write_split)
+        trainer, privacy = job_trainer(runtime, job, resolve_device(runtime.party.device), prepared,
+                                       write_split=write_split)
     elif _record_level(runtime, job):
         raise ConfigError("record-level DP-SGD (privacy:) is enforced by the built-in trainer; "
                           "a worker with its own trainer cannot promise it")

@@ -10,8 +10,7 @@ from typing import Any
 
 from enclavefl.errors import UsageError
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.jobs.config import HflJobConfig, JobConfig, load_job
-from enclavefl.jobs.datasets import preload_party_data
+from enclavefl.jobs.config import load_job, metric_name
 from enclavefl.jobs.launcher import METRICS_FILE, read_records, result_file
 from enclavefl.jobs.results import final_and_best, health_warnings
 from enclavefl.jobs.runtime import PartyRuntime
@@ -32,23 +31,15 @@ def set_torch_threads() -> None:
         torch.set_num_threads(max(1, int(threads)))
 
 
-def _preflight(job: JobConfig, name: str, task: str) -> None:
-    """Check this party's own inputs before it attests: its data (and the hfl server's
-    evaluation data) load, with the configured label column; the hfl model builds from its
-    arguments. A bad file or argument is then an exit-2 error before any peer is contacted."""
-    party = job.party(name)
-    resolve_device(party.device)  # device: cuda on a machine without one fails here, not in round 1
-    specs = [party.data] if party.data is not None and task != "predict" else []
-    if isinstance(job, HflJobConfig) and job.trainer is not None and party.role == "worker":
-        specs = []  # the job's trainer: function loads this party's data itself
-    if isinstance(job, HflJobConfig) and party.role == "server" and job.evaluation.data is not None:
-        specs.append(job.evaluation.data)
-    for spec in specs:
-        preload_party_data(spec, seed=job.job.seed, code=job.job_code())
-    if isinstance(job, HflJobConfig):
-        from enclavefl.jobs.hfl_job import build_global_model
+def _role_module(mode: str) -> Any:
+    """hfl_job or vfl_job: imported on demand, as each pulls in its own stack."""
+    if mode == "hfl":
+        from enclavefl.jobs import hfl_job
 
-        build_global_model(job)
+        return hfl_job
+    from enclavefl.jobs import vfl_job
+
+    return vfl_job
 
 
 def run_party(
@@ -74,7 +65,14 @@ def run_party(
         bound_allocator()  # many workers' uploads at once: memory near the live model copies
     else:
         tune_allocator()  # multi-MiB tensor frames: reuse buffers instead of fresh zeroed pages
-    _preflight(job, name, task)
+    if job.mode == "hfl" and task != "train":
+        raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a horizontal (hfl) job")
+    # This party's own inputs are checked before it attests or talks to anyone: its device,
+    # its data (and the hfl server's evaluation data), the model's arguments, and the labels
+    # against the job's task. A bad file, argument or label is an exit-2 error here.
+    resolve_device(job.party(name).device)
+    role = _role_module(job.mode)
+    prepared = role.prepare(job, name, task=task, input_path=input_path)
     runtime = PartyRuntime.create(job, job_file, name, out)
     key = runtime.key_source()
     if key is not None and not (job.mode == "hfl" and runtime.party.role == "worker"):  # hfl workers keep no state
@@ -82,16 +80,7 @@ def run_party(
     runtime.prepare_storage()
     log.info("party %s (%s) of job %s: %s evidence, mr_enclave %s",
              name, runtime.party.role, job.job.id, runtime.tee, runtime.measurement.mr_enclave.hex()[:12])
-    if job.mode == "hfl":
-        from enclavefl.jobs import hfl_job
-
-        if task != "train":
-            raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a horizontal (hfl) job")
-        result = hfl_job.run_role(runtime, resume=resume, write_split=write_split)
-    else:
-        from enclavefl.jobs import vfl_job
-
-        result = vfl_job.run_role(runtime, resume=resume, task=task, input_path=input_path, write_split=write_split)
+    result = role.run_role(runtime, prepared, resume=resume, task=task, write_split=write_split)
     if result is not None:
         result["peers"] = runtime.peers_seen
         if task == "train":
@@ -108,8 +97,8 @@ def run_party(
 
 
 def _metric_names(job: Any) -> tuple[str, ...]:
-    section = job.evaluation if job.mode == "hfl" else job.training
-    return tuple(section.metrics)
+    """The job's metrics under the names they are reported by (the task's defaults when it names none)."""
+    return tuple(metric_name(m) for m in job.metrics())
 
 
 def _judge(result: dict[str, Any], records: list[dict[str, Any]], metrics: tuple[str, ...]) -> None:

@@ -11,6 +11,8 @@ from enclavefl.console import stderr_console
 from enclavefl.jobs.config import load_job
 from enclavefl.jobs.launcher import RunResult, run_job
 
+__all__ = ["planned_steps", "run_with_progress"]
+
 
 def planned_steps(job: Any) -> tuple[int | None, str]:
     """How many rounds / steps / epochs the job plans, and what they are called."""
@@ -23,7 +25,7 @@ def planned_steps(job: Any) -> tuple[int | None, str]:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    shown = [f"{k} {record[k]:.4f}" for k in ("auc", "accuracy", "logloss") if isinstance(record.get(k), float)]
+    shown = [f"{k} {record[k]:.4f}" for k in ("auc", "accuracy", "logloss", "r2", "rmse") if isinstance(record.get(k), float)]
     return "  ".join(shown)
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 __all__ = ["PARTY_PLOTTED", "PLOTTED", "plot_metrics", "print_results", "result_notes", "result_table"]
 
-PLOTTED = ("accuracy", "auc", "logloss", "loss")
+PLOTTED = ("accuracy", "auc", "logloss", "macro_f1", "r2", "rmse", "loss")
 
 
 PARTY_PLOTTED = ("loss", "compute_s", "bytes_sent")
@@ -59,10 +59,10 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str) -> No
 
 
 def _headline(summary: dict[str, Any]) -> tuple[str, Any, Any]:
-    """The metric a row shows (auc, else accuracy), its final value and its best {value, step}."""
+    """The metric a row shows (auc, else accuracy, else r2 or macro_f1), its final value and its best {value, step}."""
     metrics = summary.get("metrics", {})
     best = summary.get("best", {})
-    for name in ("auc", "accuracy"):
+    for name in ("auc", "accuracy", "r2", "macro_f1"):
         if isinstance(metrics.get(name), int | float):
             return name, metrics[name], best.get(name)
     return "-", None, None

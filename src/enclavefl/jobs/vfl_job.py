@@ -3,6 +3,14 @@
 Tasks: `train` (align, train, evaluate every epoch, export each party's half sealed),
 `align` (only the alignment, sealed so training reuses it) and `predict` (load the
 exported halves and run joint prediction through the bridge on new rows).
+
+`prepare` loads and checks a party's data before it attests (labels that cannot train
+the job's task stop it there); `run_role` then runs the task as that party.
+
+Models: `model.bottom` (each follower, and the leader unless leader_bottom is false) and
+`model.top` are built-ins or 'package.module:function' returning any torch.nn.Module. A
+top model is called with the list of bottom outputs [leader's, followers'...], or, when
+its forward takes two arguments, as top(x_leader, follower_activations) (wide&deep).
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import inspect
 import logging
 import math
 from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,13 +37,33 @@ from enclavefl.jobs.runtime import PartyRuntime
 from enclavefl.jobs.models import build_job_model, model_factory
 from enclavefl.models.preprocess import Standardize, fit_standardizers
 from enclavefl.net.keybroker import BrokerKeySource
+from enclavefl.jobs.refs import check_returned, resolve_ref
+from enclavefl.jobs.tasks import JobTask, check_party_data, first_rows, job_task, output_width
+from enclavefl.train.losses import LossFn
+from enclavefl.train.metrics import MetricFn
+from enclavefl.train.tasks import TaskType
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
 from enclavefl.vfl.leader import LabelPrivacy, Leader, SplitMlpLeader, evaluate, predict_as_leader
+from enclavefl.vfl.state import OptimizerArg
 from enclavefl.vfl.storage import Storage
 
 log = logging.getLogger("enclavefl.jobs")
+
+__all__ = [
+    "PREDICTIONS_FILE",
+    "TASKS",
+    "Prepared",
+    "UserCode",
+    "build_bottom",
+    "build_leader_model",
+    "model_path",
+    "prepare",
+    "run_role",
+    "train_follower",
+    "train_leader",
+]
 
 TASKS = ("train", "align", "predict")
 PREDICTIONS_FILE = "predictions.csv"
@@ -51,22 +81,72 @@ def model_path(out_dir: Path, party: str) -> Path:
     return out_dir / "model" / f"{party}.sealed"
 
 
-def run_role(
-    runtime: PartyRuntime,
-    *,
-    resume: bool,
-    task: str = "train",
-    input_path: Path | None = None,
-    write_split: bool = False,
-) -> dict[str, Any] | None:
-    """Run `task` as this party; the leader returns the job result, followers None."""
-    job = runtime.job
-    assert isinstance(job, VflJobConfig)
+@dataclass(frozen=True)
+class UserCode:
+    """What a Python caller brings instead of the job file's (None: the job's own).
+
+    `model`: the leader's model(x_own, follower_activations) or a follower's bottom model;
+    `optimizer`: an optimizer or a factory fn(model); `loss(outputs, labels)` (leader);
+    `metrics`: name -> fn(outputs, labels) -> float, added to the task's (leader).
+    """
+
+    model: nn.Module | None = None
+    optimizer: OptimizerArg = None
+    loss: LossFn | None = None
+    metrics: Mapping[str, MetricFn] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A party's checked data, and on the leader the job's task (type resolved by the model)."""
+
+    data: PartyData
+    task: JobTask
+    kind: TaskType | None
+    user: UserCode = field(default_factory=UserCode)
+
+
+def prepare(
+    job: VflJobConfig, name: str, *, task: str = "train", input_path: Path | None = None, user: UserCode | None = None
+) -> Prepared:
+    """Load party `name`'s data for `task` and check its labels against the job's task (before attesting)."""
     if task not in TASKS:
         raise UsageError(f"unknown vfl task {task!r}; one of {list(TASKS)}")
     if task == "predict" and input_path is None:
-        raise UsageError(f"predict: party {runtime.party.name} needs an input file (--input)")
-    data = _party_data(runtime, job, input_path if task == "predict" else None)
+        raise UsageError(f"predict: party {name} needs an input file (--input)")
+    user = user or UserCode()
+    data = _party_data(job, name, input_path if task == "predict" else None)
+    the_task = job_task(job)
+    if job.party(name).role != "leader":
+        return Prepared(data, the_task, None, user)
+    # A model of the caller's reads activations of a width only it knows: its task is the job's task.type.
+    width = None if user.model is not None else _leader_output_width(job, build_leader_model(job, data.num_features), data)
+    kind = the_task.type if width is None else the_task.resolved(width)
+    if kind is not None:
+        check_party_data(the_task, kind, [data], width=width)
+    return Prepared(data, the_task, kind, user)
+
+
+def _leader_output_width(job: VflJobConfig, model: nn.Module, data: PartyData) -> int | None:
+    """The leader model's outputs per example (None when the followers' activation width is unknown)."""
+    x = first_rows(data)[0]
+    try:
+        width = _bottom_width(job, job.model.bottom, "model.bottom")
+    except ConfigError:
+        if not isinstance(model, SplitMlpLeader) or model.bottom is None:
+            return None
+        width = output_width(model.bottom, x)  # followers run the same bottom model
+    activations = [torch.zeros(1, width) for _ in job.followers()]
+    return output_width(model, x, activations)
+
+
+def run_role(
+    runtime: PartyRuntime, prepared: Prepared, *, resume: bool, task: str = "train", write_split: bool = False
+) -> dict[str, Any] | None:
+    """Run `task` as this party on its prepared data; the leader returns the job result, followers None."""
+    job = runtime.job
+    assert isinstance(job, VflJobConfig)
+    data = prepared.data
     leader = runtime.party.role == "leader"
     if task == "align":
         if leader:
@@ -74,20 +154,21 @@ def run_role(
         _align_follower(runtime, job, data)
     elif task == "predict":
         if leader:
-            return _predict_leader(runtime, job, data)
+            return _predict_leader(runtime, job, prepared)
         _predict_follower(runtime, job, data)
     elif leader:
-        return _train_leader(runtime, job, data, resume=resume, write_split=write_split)
+        return train_leader(runtime, job, prepared, resume=resume, write_split=write_split)
     else:
-        _train_follower(runtime, job, data, resume=resume)
+        train_follower(runtime, job, prepared, resume=resume)
     return None
 
 
 # --------------------------------------------------------------------------- data and models
 
 
-def _party_data(runtime: PartyRuntime, job: VflJobConfig, input_path: Path | None) -> PartyData:
-    spec = runtime.party.data
+def _party_data(job: VflJobConfig, name: str, input_path: Path | None) -> PartyData:
+    party = job.party(name)
+    spec = party.data
     assert spec is not None  # the job schema requires data on every vfl party
     if input_path is not None:
         input_path = Path(input_path).resolve()
@@ -103,10 +184,13 @@ def _party_data(runtime: PartyRuntime, job: VflJobConfig, input_path: Path | Non
                              "cannot be replaced by an input file (csv and wide-deep can)")
     data = load_party_data(spec, seed=job.job.seed)
     if len(data.inputs) != 1:
-        raise ConfigError(f"parties[{runtime.party.name}].data: vertical FL takes one feature matrix per party, "
+        raise ConfigError(f"parties[{name}].data: vertical FL takes one feature matrix per party, "
                           f"{spec.kind!r} data gives {len(data.inputs)}")
-    if runtime.party.role == "leader" and input_path is None and data.labels is None:
-        raise ConfigError(f"parties[{runtime.party.name}].data.label: the leader holds the labels")
+    if party.role != "leader":
+        # A follower never reads labels (a bundled data set has them on every party).
+        return PartyData(data.inputs, None, data.ids, data.source, data.label_column)
+    if input_path is None and data.labels is None:
+        raise ConfigError(f"parties[{name}].data.label: the leader holds the labels")
     return data
 
 
@@ -174,17 +258,17 @@ def _reads_own_features(top: nn.Module) -> bool:
 def build_leader_model(job: VflJobConfig, in_features: int) -> nn.Module:
     """The leader's whole model, called as model(x_own, follower_activations) -> logits."""
     followers = len(job.followers())
-    width = _bottom_width(job, job.model.bottom, "model.bottom")
     own = job.model.leader_bottom_spec
-    own_width = 0
-    if own is not None:
-        own_width = _bottom_width(job, own, "model.bottom" if own is job.model.bottom else "model.leader_bottom")
     spec = job.model.top
     args = dict(spec.args)
+    # The activation widths are needed only to size a built-in top model (a user's sizes itself).
     if spec.name == "top_mlp":
-        args.setdefault("in_features", width * followers + own_width)
+        own_width = 0
+        if own is not None:
+            own_width = _bottom_width(job, own, "model.bottom" if own is job.model.bottom else "model.leader_bottom")
+        args.setdefault("in_features", _bottom_width(job, job.model.bottom, "model.bottom") * followers + own_width)
     elif spec.name == "wide_deep_leader":
-        args.setdefault("follower_dims", [width] * followers)
+        args.setdefault("follower_dims", [_bottom_width(job, job.model.bottom, "model.bottom")] * followers)
     top = _build_half(job, spec, "model.top.name", job.job.seed + 1, **args)
     if _reads_own_features(top):
         if own is not None:
@@ -220,11 +304,27 @@ def _optimizer(job: VflJobConfig, model: nn.Module) -> Any:
 
 def _torch_optimizer(job: VflJobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     training = job.training
+    if ":" in training.optimizer:
+        factory = resolve_ref(training.optimizer, what="training.optimizer", code=job.job_code(),
+                              expect=torch.optim.Optimizer)
+        return check_returned(factory(params, lr=training.lr), torch.optim.Optimizer,
+                              what="training.optimizer", ref=training.optimizer)
     if training.optimizer == "adam":
         return torch.optim.Adam(params, lr=training.lr)
     if training.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=training.lr)
     return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
+
+
+def _device(runtime: PartyRuntime, model: nn.Module) -> str:
+    """The party's `device:`; a half with Keras parts computes on the CPU (TensorFlow keeps its own)."""
+    device = runtime.party.device
+    if _keras_halves(model):
+        if device not in ("auto", "cpu"):
+            raise ConfigError(f"parties[{runtime.party.name}].device: {device!r}, but this party's model has Keras "
+                              "parts, which run on the CPU here; use device: cpu or auto")
+        return "cpu"
+    return device
 
 
 def _storage(runtime: PartyRuntime, job: VflJobConfig) -> Storage | None:
@@ -246,10 +346,17 @@ def _record_peers(runtime: PartyRuntime, server: Any) -> None:
 # --------------------------------------------------------------------------- train
 
 
+def _job_name(key: str) -> str:
+    """A leader record key under the job's metric names (val_log_loss -> logloss)."""
+    if key == "train_loss":
+        return "loss"
+    key = key.removeprefix("val_")
+    return "logloss" if key == "log_loss" else key
+
+
 def _metrics_record(event: dict[str, Any]) -> dict[str, Any]:
     """metrics.jsonl rows: `step` is the epoch, validation metrics under the job's names."""
-    names = {"val_accuracy": "accuracy", "val_auc": "auc", "val_log_loss": "logloss", "train_loss": "loss"}
-    record = {names.get(k, k): v for k, v in event.items() if not isinstance(v, dict | list)}
+    record = {_job_name(k): v for k, v in event.items() if not isinstance(v, dict | list)}
     record.update(event="eval", step=event["epoch"], unit="epoch")
     return record
 
@@ -274,11 +381,21 @@ def _append_epoch(runtime: PartyRuntime, event: dict[str, Any]) -> None:
                                          "unit": "epoch", **numbers})
 
 
-def _train_leader(
-    runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool, write_split: bool = False
+def train_leader(
+    runtime: PartyRuntime,
+    job: VflJobConfig,
+    prepared: Prepared,
+    *,
+    resume: bool,
+    on_split: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    write_split: bool = False,
 ) -> dict[str, Any]:
+    """Train as the leader; returns the job result. `on_split(train_ids, validation_ids)` gets
+    the leader's own ids on each side of the validation split once training ends."""
     training = job.training
-    model = build_leader_model(job, data.num_features)
+    data, task, user = prepared.data, prepared.task, prepared.user
+    model = user.model if user.model is not None else build_leader_model(job, data.num_features)
+    metrics = {**task.metrics, **user.metrics}
     server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
     leader = Leader(
         server,
@@ -287,7 +404,7 @@ def _train_leader(
         y=data.labels,
         ids=data.ids,
         model=model,
-        optimizer=_optimizer(job, model),
+        optimizer=user.optimizer or (lambda m: _optimizer(job, m)),
         epochs=training.epochs,
         batch_size=training.batch_size,
         alignment=training.alignment,
@@ -298,6 +415,10 @@ def _train_leader(
         resume=resume,
         on_metrics=lambda event: _append_epoch(runtime, event),
         label_privacy=_label_privacy(runtime, job),
+        task=prepared.kind,
+        loss_fn=user.loss or task.loss,
+        metrics=metrics,
+        device=_device(runtime, model),
     )
     leader.on_phase = runtime.phase
     if job.preprocess.standardize:
@@ -317,9 +438,12 @@ def _train_leader(
     runtime.phase("exporting")
     exported = _export(runtime, job, model)
     final = _metrics_record(summary["final"]) if summary["final"] else {}
+    if on_split is not None:
+        on_split(*leader.split_ids())
     return {
-        "metrics": {k: final[k] for k in training.metrics if k in final},
+        "metrics": {k: final[k] for k in (*task.names, *user.metrics) if k in final},
         "extra": {
+            "task": prepared.kind,
             "alignment": summary["alignment"],
             "intersection": summary["intersection"],
             "train_rows": summary["train_rows"],
@@ -344,8 +468,10 @@ def _train_leader(
     }
 
 
-def _train_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *, resume: bool) -> None:
-    model = build_bottom(job, data.num_features)
+def train_follower(runtime: PartyRuntime, job: VflJobConfig, prepared: Prepared, *, resume: bool) -> None:
+    """Train as a follower until the leader says done, then export this party's sealed half."""
+    data, user = prepared.data, prepared.user
+    model = user.model if user.model is not None else build_bottom(job, data.num_features)
     client = runtime.client()
     runtime.connected(client)
     follower = Follower(
@@ -353,10 +479,11 @@ def _train_follower(runtime: PartyRuntime, job: VflJobConfig, data: PartyData, *
         X=data.inputs[0],
         ids=data.ids,
         model=model,
-        optimizer=_optimizer(job, model),
+        optimizer=user.optimizer or (lambda m: _optimizer(job, m)),
         alignment=job.training.alignment,
         storage=_storage(runtime, job),
         resume=resume,
+        device=_device(runtime, model),
     )
     if job.preprocess.standardize:
         follower.prepare = _fitter(model, data.inputs[0])
@@ -433,7 +560,8 @@ def _load_half(runtime: PartyRuntime, job: VflJobConfig, model: nn.Module) -> nn
     return load_model(model, path, key=key, job_id=job.job.id, party=runtime.party.name)
 
 
-def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -> dict[str, Any]:
+def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, prepared: Prepared) -> dict[str, Any]:
+    data = prepared.data
     model = _load_half(runtime, job, build_leader_model(job, data.num_features))
     out_path = runtime.out_dir / PREDICTIONS_FILE
     server = runtime.server(max_workers=max(16, 4 * len(job.followers())))
@@ -449,6 +577,7 @@ def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -
             alignment=job.training.alignment,
             out_path=out_path,
             on_phase=runtime.phase,
+            task=prepared.kind,
         )
     finally:
         _record_peers(runtime, server)
@@ -461,8 +590,10 @@ def _predict_leader(runtime: PartyRuntime, job: VflJobConfig, data: PartyData) -
         row_of = {str(i): r for r, i in enumerate(data.ids.tolist())}
         order = np.array([row_of[str(i)] for i in predictions.ids.tolist()], dtype=np.int64)
         labels = torch.as_tensor(data.labels[order])
-        scores = evaluate(torch.from_numpy(predictions.logits), labels)
-        metrics = {("logloss" if k == "log_loss" else k): v for k, v in scores.items()}
+        scores = evaluate(
+            torch.from_numpy(predictions.logits), labels, task=prepared.kind, metrics=prepared.task.metrics
+        )
+        metrics = {_job_name(k): v for k, v in scores.items()}
     return {"metrics": metrics, "extra": extra}
 
 

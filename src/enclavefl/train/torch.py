@@ -29,7 +29,8 @@ from enclavefl.errors import UsageError
 from enclavefl.train.contract import Config, EvalResult, FitResult, GradResult, Rows, Weights
 from enclavefl.train.device import resolve_device
 from enclavefl.train.losses import default_loss
-from enclavefl.train.metrics import AUC_BINS, eval_stats
+from enclavefl.train.metrics import AUC_BINS, MetricFn, eval_stats
+from enclavefl.train.tasks import TaskType
 
 __all__ = [
     "LossFn",
@@ -167,7 +168,9 @@ class TorchTrainer:
     number of passes per round unless the round's config names `local_epochs`. A config
     `mu` > 0 (FedProx) adds the proximal term around the weights the round started from.
     `device`: auto | cpu | cuda | cuda:N (see `resolve_device`). `rows_of(inputs)` names
-    the embedding rows a batch reads (default: found by a forward pass).
+    the embedding rows a batch reads (default: found by a forward pass). `task` (binary,
+    multiclass, regression; None: by the output width) shapes the evaluation statistics,
+    and `metrics` (name -> fn(outputs, labels) -> float) adds the user's own to them.
     """
 
     def __init__(
@@ -182,6 +185,8 @@ class TorchTrainer:
         local_epochs: int = 1,
         rows_of: RowsOf | None = None,
         auc_bins: int | None = AUC_BINS,
+        task: TaskType | None = None,
+        metrics: Mapping[str, MetricFn] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"TorchTrainer needs a torch.nn.Module, got {type(model).__name__}")
@@ -196,6 +201,8 @@ class TorchTrainer:
         self.eval_loader = eval_loader
         self.local_epochs = local_epochs
         self.auc_bins = auc_bins
+        self.task = task
+        self.metrics = dict(metrics or {})
         self._rows_of = rows_of or embedding_rows(model)
         self._stream: Iterator[Any] | None = None
         self._lookahead: list[Any] = []
@@ -235,7 +242,9 @@ class TorchTrainer:
             raise UsageError("the eval_loader yielded no batch")
         logits, labels = torch.cat(logits_parts), torch.cat(label_parts)
         loss = float(self.loss(logits, labels))
-        stats = eval_stats(logits.cpu(), labels.cpu(), auc_bins=self.auc_bins)
+        stats = eval_stats(
+            logits.cpu(), labels.cpu(), task=self.task, auc_bins=self.auc_bins, user_metrics=self.metrics
+        )
         metrics = {k: v for k, v in stats.summary().items() if k != "examples"}
         tensors = {k: v.cpu().numpy() for k, v in stats.to_tensors().items()}
         return EvalResult(loss, int(labels.shape[0]), metrics, tensors)

@@ -12,7 +12,6 @@ activations of that batch and backpropagates the leader's gradient through them.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import deque
@@ -29,12 +28,15 @@ from enclavefl.net.tensors import Message
 from enclavefl.vfl.align import Ids
 from enclavefl.vfl.align_channel import check_method, follow_alignment
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, JOIN, RECV, SEND, START, FollowerBridge, SessionLost, meta_int
-from enclavefl.vfl.errors import ResumeFailed
-from enclavefl.vfl.leader import ACTIVATIONS, GRADIENTS, as_tensor, snapshot
+from enclavefl.train.device import resolve_device
+from enclavefl.vfl.leader import ACTIVATIONS, GRADIENTS, as_tensor
 from enclavefl.vfl.plan import EVAL, TRAIN, Plan, Step
+from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer
 from enclavefl.vfl.storage import Aligned, Storage
 
 log = logging.getLogger("enclavefl.vfl")
+
+__all__ = ["Follower", "predict_as_follower"]
 
 
 class Follower:
@@ -44,6 +46,11 @@ class Follower:
     `storage` (optional) seals the alignment and the checkpoints the plan names; with
     `resume=True` a restarted follower rejoins from them. Lost connections are retried
     for `reconnect_timeout_s`, then LeaderUnreachable.
+
+    `model` is any nn.Module over this party's features (its outputs are the activations
+    sent to the leader); `optimizer` an optimizer over its parameters or a factory
+    `fn(model) -> optimizer`. `device`: auto, cpu, cuda or cuda:N (activations and
+    gradients cross the wire from the CPU).
     """
 
     def __init__(
@@ -53,7 +60,7 @@ class Follower:
         X: Any,  # noqa: N803 - the usual name for a feature matrix
         ids: Ids,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: OptimizerArg = None,
         alignment: str = "ecdh-psi",
         storage: Storage | None = None,
         resume: bool = False,
@@ -61,12 +68,16 @@ class Follower:
         reconnect_timeout_s: float = 120.0,
         alignment_workers: int | None = None,
         poll_s: float = DEFAULT_POLL_S,
+        device: str | torch.device | None = "cpu",
     ) -> None:
         self._X = as_tensor(X, "follower features X")
         if len(ids) != self._X.shape[0]:
             raise UsageError(f"follower: {len(ids)} ids for {self._X.shape[0]} feature rows")
         if eval_batch_size < 1:
             raise UsageError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        self._device = resolve_device(device)
+        model.to(self._device)
+        optimizer = build_optimizer(model, optimizer)
         self._ids = ids
         self._model = model
         self._optimizer = optimizer
@@ -77,7 +88,7 @@ class Follower:
         self._alignment_workers = alignment_workers
         self._bridge = FollowerBridge(client, reconnect_timeout_s=reconnect_timeout_s, poll_s=poll_s)
         self.party = client.party
-        self._initial = snapshot(model, optimizer)
+        self._party_state = PartyState(self.party, model, optimizer, storage)
         self._position = -1
         self._aligned: Aligned | None = None
         self._plan: Plan | None = None
@@ -154,8 +165,7 @@ class Follower:
                 self._rejoins += 1
 
     def _restorable(self) -> list[int]:
-        stored = self._storage.checkpoints() if self._storage is not None else []
-        return sorted({-1, self._position, *stored})
+        return sorted({self._position, *self._party_state.stored()})
 
     def _join(self) -> int:
         aligned = self._aligned
@@ -187,7 +197,7 @@ class Follower:
         self._plan = plan
         if self.prepare is not None and plan.mode == TRAIN:
             train, _ = plan.split()
-            self._initial["model"].update(self.prepare(np.sort(aligned.rows[train])))
+            self._party_state.update_initial(self.prepare(np.sort(aligned.rows[train])))
         self._restore(resume)
         if self._resumed_from is None:
             self._resumed_from = resume
@@ -209,34 +219,13 @@ class Follower:
 
     def _restore(self, iteration: int) -> None:
         if iteration != self._position:
-            if iteration == -1:
-                state = self._initial
-            else:
-                if self._storage is None:
-                    raise ResumeFailed(f"{self.party}: asked to restore iteration {iteration} without storage")
-                state = self._storage.load_checkpoint(iteration)
-                self._check_checkpoint(iteration, state)
-            self._model.load_state_dict(state["model"])
-            if self._optimizer is not None and state["optimizer"] is not None:
-                self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-            log.info("%s: restored iteration %d", self.party, iteration)
+            self._party_state.restore(iteration, plan=self._plan, aligned=self._aligned)
         if self._storage is not None:
             self._storage.clear_checkpoints(after=iteration)
         self._position = iteration
         self._pending.clear()
         self._replies.clear()
         self._graph = None
-
-    def _check_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
-        assert self._plan is not None and self._aligned is not None
-        if state.get("alignment") != self._aligned.alignment_id:
-            raise ResumeFailed(f"{self.party}: checkpoint of iteration {iteration} was written for another alignment")
-        differences = self._plan.differences(Plan.from_meta(state.get("plan")))
-        if differences:
-            raise ResumeFailed(
-                f"{self.party}: checkpoint of iteration {iteration} was written for another plan "
-                f"({'; '.join(differences)})"
-            )
 
     # --- iterations -------------------------------------------------------------------------
 
@@ -268,6 +257,9 @@ class Follower:
         assert self._aligned is not None
         return torch.from_numpy(self._aligned.rows[step.positions])
 
+    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._X[rows].to(self._device)
+
     def _send(self, step: Step) -> None:
         plan = self._plan
         assert plan is not None
@@ -275,26 +267,26 @@ class Follower:
         meta: dict[str, Any] = {"iteration": step.iteration, "name": ACTIVATIONS}
         if step.kind == TRAIN:
             self._model.train()
-            activations = self._model(self._X[rows])
+            activations = self._model(self._features(rows))
             self._graph = (step.iteration, self._steps, activations)
             if plan.pipeline_depth == 1:  # the gradient comes back in the same call
                 meta["reply"] = GRADIENTS
-            answer = self._bridge.call(SEND, meta, {ACTIVATIONS: activations.detach()})
+            answer = self._bridge.call(SEND, meta, {ACTIVATIONS: activations.detach().cpu()})
             if answer.meta.get("status") == "reply":
                 self._replies[step.iteration] = self._gradient(answer, step, activations.shape)
             return
         self._model.eval()
         with torch.no_grad():
-            parts = [self._model(self._X[part]) for part in rows.split(self._eval_batch_size)]
+            parts = [self._model(self._features(part)) for part in rows.split(self._eval_batch_size)]
         self._model.train()
-        self._bridge.call(SEND, meta, {ACTIVATIONS: torch.cat(parts)})
+        self._bridge.call(SEND, meta, {ACTIVATIONS: torch.cat(parts).cpu()})
 
     def _gradient(self, answer: Message, step: Step, shape: torch.Size) -> torch.Tensor:
         grad = answer.tensors.get(GRADIENTS)
         if not isinstance(grad, torch.Tensor) or grad.dtype != torch.float32 or grad.shape != shape:
             got = f"{getattr(grad, 'dtype', type(grad))} {list(getattr(grad, 'shape', []))}"
             raise FormatError(f"gradient of iteration {step.iteration}: expected float32 {list(shape)}, got {got}")
-        return grad
+        return grad.to(self._device)
 
     def _apply(self, iteration: int) -> None:
         plan = self._plan
@@ -306,13 +298,7 @@ class Follower:
         self._position = iteration
         if self._storage is not None and plan.is_checkpoint(iteration):
             assert self._aligned is not None
-            self._storage.save_checkpoint(iteration, {
-                "model": self._model.state_dict(),
-                "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
-                "plan": plan.to_meta(),
-                "alignment": self._aligned.alignment_id,
-                "iteration": iteration,
-            })  # fmt: skip
+            self._party_state.save(iteration, plan=plan, aligned=self._aligned)
         if step.kind == EVAL:
             log.info("%s: epoch %d/%d done (iteration %d)", self.party, step.epoch + 1, plan.epochs, iteration)
 
@@ -322,7 +308,7 @@ class Follower:
             activations = graph[2]
         else:  # parameters changed since that forward, or the graph is gone: recompute
             self._model.train()
-            activations = self._model(self._X[self._rows(step)])
+            activations = self._model(self._features(self._rows(step)))
         self._graph = None
         grad = self._replies.pop(step.iteration, None)
         while grad is None:
@@ -349,10 +335,11 @@ def predict_as_follower(
     reconnect_timeout_s: float = 120.0,
     alignment_workers: int | None = None,
     poll_s: float = DEFAULT_POLL_S,
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, Any]:
     """The follower's side of `predict_as_leader`: activations for the aligned rows; returns a summary."""
     follower = Follower(
         client, X=X, ids=ids, model=model, alignment=alignment, eval_batch_size=eval_batch_size,
-        reconnect_timeout_s=reconnect_timeout_s, alignment_workers=alignment_workers, poll_s=poll_s,
+        reconnect_timeout_s=reconnect_timeout_s, alignment_workers=alignment_workers, poll_s=poll_s, device=device,
     )  # fmt: skip
     return follower.run()

@@ -7,21 +7,23 @@ Followers see only those gradients (never labels); the leader sees only activati
 (never follower features). Every epoch ends with an evaluation on the aligned
 validation rows, computed here.
 
-The leader's model is called as `model(x_own, follower_activations)` and returns logits
-[N, 1] (binary, BCE) or [N, C] (multi-class, cross-entropy): `WideDeepLeader` as is, or
-`SplitMlpLeader` around a split MLP's top (and the leader's own bottom).
+The leader's model is any torch.nn.Module called as `model(x_own, follower_activations)`
+(a list, in follower order) that returns outputs [N, 1] (binary logits, or a regression
+prediction) or [N, C] (multi-class logits): `WideDeepLeader` as is, or `SplitMlpLeader`
+around any top model (and the leader's own bottom). The loss is `loss_fn(outputs, labels)`
+(default: by the task, else BCE on one column and cross-entropy on several); the metrics
+are those of the task (`enclavefl.train.metrics.compute_metrics`) plus the user's.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,16 @@ from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.privacy.label import keep_probability, randomized_response
-from enclavefl.train.losses import default_loss
-from enclavefl.train.metrics import accuracy, binary_auc, log_loss
+from enclavefl.train.device import resolve_device
+from enclavefl.train.losses import LossFn, default_loss, loss_function
+from enclavefl.train.metrics import MetricFn, compute_metrics
+from enclavefl.train.tasks import DEFAULT_LOSS, TaskType
 from enclavefl.vfl.align import Ids
 from enclavefl.vfl.align_channel import AlignmentEndpoint
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, LeaderBridge, Rewind
-from enclavefl.vfl.errors import FollowerUnavailable, ResumeFailed
+from enclavefl.vfl.errors import FollowerUnavailable
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan, Step
+from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer
 from enclavefl.vfl.storage import Aligned, Storage
 
 __all__ = [
@@ -53,9 +58,8 @@ __all__ = [
     "SplitMlpLeader",
     "as_tensor",
     "evaluate",
-    "loss_of",
     "predict_as_leader",
-    "snapshot",
+    "task_loss",
 ]
 
 log = logging.getLogger("enclavefl.vfl")
@@ -64,9 +68,10 @@ ACTIVATIONS, GRADIENTS = "act", "grad"
 
 
 class SplitMlpLeader(nn.Module):
-    """The leader's half of a split MLP: its own bottom (optional) and the top model.
+    """The leader's half of a split model: its own bottom (optional) and the top model.
 
-    The top sees [own bottom's output, follower activations...] in follower order.
+    The top is called with the list [own bottom's output, follower activations...] in
+    follower order; any nn.Module that takes that list fits.
     """
 
     def __init__(self, top: nn.Module, bottom: nn.Module | None = None) -> None:
@@ -91,27 +96,25 @@ def as_tensor(values: Any, what: str) -> torch.Tensor:
     return tensor
 
 
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Detached copies of the model's and the optimizer's state."""
-    return {
-        "model": {name: t.detach().clone() for name, t in model.state_dict().items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
-    }
+def task_loss(task: TaskType | None, loss_fn: LossFn | None) -> LossFn:
+    """`loss_fn`, else the task's default loss, else BCE on one column and cross-entropy on several."""
+    if loss_fn is not None:
+        return loss_fn
+    return default_loss if task is None else loss_function(DEFAULT_LOSS[task], task)
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE on one logit column, cross-entropy on several."""
+def evaluate(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    task: TaskType | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
+) -> dict[str, float]:
+    """Classification: accuracy, log_loss, macro_f1 (and auc, binary); regression: mse, rmse, mae, r2;
+    then each of the user's `metrics`."""
     if logits.dim() != 2:
-        raise UsageError(f"the leader's model must return logits [N, C], got shape {list(logits.shape)}")
-    return default_loss(logits, labels)
-
-
-def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """auc, log_loss and accuracy (binary) or accuracy and log_loss (multi-class)."""
-    out = {"accuracy": accuracy(logits, labels), "log_loss": log_loss(logits, labels)}
-    if logits.shape[1] == 1:
-        out["auc"] = binary_auc(logits, labels)
-    return out
+        raise UsageError(f"the leader's model must return outputs [N, C], got shape {list(logits.shape)}")
+    return compute_metrics(logits.cpu(), labels.cpu(), task=task, user_metrics=metrics)
 
 
 class _Coordinator:
@@ -127,7 +130,7 @@ class _Coordinator:
         X: Any,  # noqa: N803 - the usual name for a feature matrix
         ids: Ids,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: OptimizerArg,
         alignment: str,
         storage: Storage | None,
         resume: bool,
@@ -136,11 +139,16 @@ class _Coordinator:
         alignment_workers: int | None,
         tee_join_order_key: bytes | None,
         poll_s: float,
+        device: str | torch.device | None,
     ) -> None:
         # A leader may hold labels only: its model then reads the followers' activations alone.
         self._X = torch.zeros((len(ids), 0)) if X is None else as_tensor(X, "leader features X")
         if len(ids) != self._X.shape[0]:
             raise UsageError(f"leader: {len(ids)} ids for {self._X.shape[0]} feature rows")
+        # The model and the batches live on the device; tensors go to the CPU only at the wire.
+        self._device = resolve_device(device)
+        model.to(self._device)
+        optimizer = build_optimizer(model, optimizer)
         self._server = server
         self._ids = ids
         self._model = model
@@ -158,7 +166,7 @@ class _Coordinator:
         )
         self._endpoint.register(server)
         self._bridge.register(server)
-        self._initial = snapshot(model, optimizer)
+        self._party_state = PartyState("leader", model, optimizer, storage)
         self._widths: dict[str, int] = {}
         self._position = -1
         self._aligned: Aligned | None = None
@@ -226,7 +234,7 @@ class _Coordinator:
         self._bridge.set_alignment(aligned.alignment_id)
         if self.prepare is not None and plan.mode == TRAIN:
             train, _ = plan.split()
-            self._initial["model"].update(self.prepare(np.sort(aligned.rows[train])))
+            self._party_state.update_initial(self.prepare(np.sort(aligned.rows[train])))
         reports = self._bridge.wait_for_reports(self._join_timeout_s)
         common = set(self._stored_iterations()) | {self._position}
         for report in reports.values():
@@ -251,22 +259,11 @@ class _Coordinator:
                 iteration = rewind.iteration + 1
 
     def _stored_iterations(self) -> list[int]:
-        return [-1, *(self._storage.checkpoints() if self._storage is not None else [])]
+        return self._party_state.stored()
 
     def _restore(self, iteration: int) -> None:
         if iteration != self._position:
-            if iteration == -1:
-                state, extra = self._initial, None
-            else:
-                assert self._storage is not None  # only stored iterations are restorable
-                extra = self._storage.load_checkpoint(iteration)
-                self._check_checkpoint(iteration, extra)
-                state = extra
-            self._model.load_state_dict(state["model"])
-            if self._optimizer is not None:
-                self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-            self._load_state(extra)
-            log.info("leader restored iteration %d", iteration)
+            self._load_state(self._party_state.restore(iteration, plan=self._plan, aligned=self._aligned))
         if self._storage is not None:
             self._storage.clear_checkpoints(after=iteration)
             self._bridge.set_sealed(max(self._stored_iterations()))
@@ -279,32 +276,13 @@ class _Coordinator:
         checkpoint refuse) or "none" (no checkpoints)."""
         return "none" if self._storage is None else self._storage.rollback_protection
 
-    def _check_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
-        assert self._plan is not None and self._aligned is not None
-        if state.get("alignment") != self._aligned.alignment_id:
-            raise ResumeFailed(f"checkpoint of iteration {iteration} was written for another alignment")
-        differences = self._plan.differences(Plan.from_meta(state.get("plan")))
-        if differences:
-            raise ResumeFailed(
-                f"checkpoint of iteration {iteration} was written for another plan ({'; '.join(differences)}): "
-                "start the job without resume, or with its old settings"
-            )
-
     def _checkpoint(self, iteration: int) -> None:
         plan, aligned = self._plan, self._aligned
         assert plan is not None and aligned is not None
         if self._storage is None or not plan.is_checkpoint(iteration):
             return
         self._bridge.wait_committed(iteration, self._step_timeout_s)
-        state = {
-            "model": self._model.state_dict(),
-            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
-            "plan": plan.to_meta(),
-            "alignment": aligned.alignment_id,
-            "iteration": iteration,
-            **self._state(),
-        }
-        self._storage.save_checkpoint(iteration, state)
+        self._party_state.save(iteration, plan=plan, aligned=aligned, extra=self._state())
         self._bridge.set_sealed(iteration)
 
     # --- activations --------------------------------------------------------------------------
@@ -328,11 +306,14 @@ class _Coordinator:
 
     def _activations(self, iteration: int, *, grad: bool) -> list[torch.Tensor]:
         messages = self._bridge.collect(iteration, ACTIVATIONS, self._step_timeout_s)
-        return [messages[f].tensors[ACTIVATIONS].requires_grad_(grad) for f in self._followers]
+        return [messages[f].tensors[ACTIVATIONS].to(self._device).requires_grad_(grad) for f in self._followers]
 
     def _rows(self, step: Step) -> torch.Tensor:
         assert self._aligned is not None
         return torch.from_numpy(self._aligned.rows[step.positions])
+
+    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._X[rows].to(self._device)
 
 
 @dataclass(frozen=True)
@@ -352,8 +333,8 @@ class LabelPrivacy:
 
     def randomize(self, labels: torch.Tensor) -> torch.Tensor:
         rng = np.random.default_rng(int(self.seed_hex, 16))
-        noisy = randomized_response(labels.numpy(), self.epsilon, num_classes=self.num_classes, rng=rng)
-        return torch.from_numpy(noisy)
+        noisy = randomized_response(labels.cpu().numpy(), self.epsilon, num_classes=self.num_classes, rng=rng)
+        return torch.from_numpy(noisy).to(labels.device)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -376,6 +357,13 @@ class Leader(_Coordinator):
     Followers must join within `join_timeout_s` and answer each step within
     `step_timeout_s`, else FollowerUnavailable. `tee_join_order_key` (32 bytes) fixes the
     aligned order, hence the batches and the validation rows, for reproducible runs.
+
+    `model` is any nn.Module called as model(x_own, follower_activations); `optimizer` an
+    optimizer over its parameters or a factory `fn(model) -> optimizer` (called once the
+    model is on `device`). `task` (binary, multiclass, regression; None: by the output
+    width) picks the default loss and the metrics; `loss_fn(outputs, labels)` (a mean
+    over the batch) replaces the loss, and `metrics` (name -> fn(outputs, labels) -> float)
+    adds metrics to every evaluation. `device`: auto, cpu, cuda or cuda:N.
     """
 
     def __init__(
@@ -387,7 +375,7 @@ class Leader(_Coordinator):
         y: Any,
         ids: Ids,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: OptimizerArg,
         epochs: int,
         batch_size: int,
         alignment: str = "ecdh-psi",
@@ -403,15 +391,24 @@ class Leader(_Coordinator):
         tee_join_order_key: bytes | None = None,
         poll_s: float = DEFAULT_POLL_S,
         label_privacy: LabelPrivacy | None = None,
+        task: TaskType | None = None,
+        loss_fn: LossFn | None = None,
+        metrics: Mapping[str, MetricFn] | None = None,
+        device: str | torch.device | None = "cpu",
     ) -> None:
         super().__init__(
             server, followers=followers, X=X, ids=ids, model=model, optimizer=optimizer, alignment=alignment,
             storage=storage, resume=resume, join_timeout_s=join_timeout_s, step_timeout_s=step_timeout_s,
             alignment_workers=alignment_workers, tee_join_order_key=tee_join_order_key, poll_s=poll_s,
+            device=device,
         )  # fmt: skip
-        self._y = torch.as_tensor(y)
-        if self._y.dim() != 1 or self._y.shape[0] != self._X.shape[0]:
-            raise UsageError(f"leader: labels must be [rows] for {self._X.shape[0]} rows, got {list(self._y.shape)}")
+        y = torch.as_tensor(y)
+        if y.dim() != 1 or y.shape[0] != self._X.shape[0]:
+            raise UsageError(f"leader: labels must be [rows] for {self._X.shape[0]} rows, got {list(y.shape)}")
+        self._y = y.to(self._device)
+        self._task = task
+        self._loss_fn = task_loss(task, loss_fn)
+        self._metrics = dict(metrics or {})
         self._settings = (batch_size, epochs, seed, validation_fraction, pipeline_depth)
         self._label_privacy = label_privacy
         # Training reads these labels only; validation keeps the true ones (never trained on).
@@ -460,6 +457,16 @@ class Leader(_Coordinator):
         _, validation = self._plan.split()
         return np.asarray(self._ids)[np.sort(self._aligned.rows[validation])]
 
+    def split_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(training ids, validation ids) of the last run, as the leader's own ids: the split
+        is seeded by `seed` over the aligned order, so a centralized baseline can use the same."""
+        plan, aligned = self._plan, self._aligned
+        if plan is None or aligned is None:
+            raise UsageError("split_ids: the leader has not aligned yet (call run() first)")
+        ids = np.asarray(self._ids)
+        train, validation = plan.split()
+        return ids[aligned.rows[train]], ids[aligned.rows[validation]]
+
     def _iteration(self, step: Step) -> None:
         self._bridge.open(step.iteration, self._step_timeout_s)
         if step.kind == EVAL:
@@ -477,13 +484,13 @@ class Leader(_Coordinator):
         computing = time.perf_counter()
         rows = self._rows(step)
         self._model.train()
-        loss = loss_of(self._model(self._X[rows], activations), self._train_y[rows])
+        loss = self._loss_fn(self._model(self._features(rows), activations), self._train_y[rows.to(self._device)])
         assert self._optimizer is not None
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Followers start their backward pass while the leader steps.
         pairs = zip(self._followers, activations, strict=False)
-        gradients = {f: Message(tensors={GRADIENTS: a.grad}) for f, a in pairs}
+        gradients = {f: Message(tensors={GRADIENTS: a.grad.cpu()}) for f, a in pairs}
         self._compute_s += time.perf_counter() - computing
         for follower, a in zip(self._followers, activations, strict=False):  # (activations in, gradients out)
             self._traffic[follower][0] += a.nbytes
@@ -501,9 +508,9 @@ class Leader(_Coordinator):
         rows = self._rows(step)
         self._model.eval()
         with torch.no_grad():
-            logits = self._model(self._X[rows], activations)
+            logits = self._model(self._features(rows), activations)
         self._model.train()
-        metrics = evaluate(logits, self._y[rows])
+        metrics = evaluate(logits, self._y[rows.to(self._device)], task=self._task, metrics=self._metrics)
         self._bridge.finish(step.iteration)
         self._position = step.iteration
         plan = self._plan
@@ -565,22 +572,32 @@ class Leader(_Coordinator):
 
 @dataclass(frozen=True, eq=False)
 class Predictions:
-    """The leader's predictions for the rows every party holds, in the leader's input order."""
+    """The leader's predictions for the rows every party holds, in the leader's input order.
+
+    `logits` are the model's outputs [N, C]: for a regression task, the predictions [N, 1].
+    """
 
     ids: np.ndarray
     logits: np.ndarray
+    task: TaskType | None = None
 
     def probabilities(self) -> np.ndarray:
         """P(y=1) [N] for binary models, class probabilities [N, C] otherwise."""
+        if self.task == "regression":
+            raise UsageError("a regression model predicts values, not probabilities")
         logits = torch.from_numpy(self.logits)
         if logits.shape[1] == 1:
             return torch.sigmoid(logits[:, 0]).numpy()
         return torch.softmax(logits, dim=1).numpy()
 
     def to_csv(self) -> bytes:
-        """id,probability (binary) or id,prediction,p0..pC-1 (multi-class)."""
+        """id,probability (binary), id,prediction,p0..pC-1 (multi-class) or id,prediction (regression)."""
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
+        if self.task == "regression":
+            writer.writerow(["id", "prediction"])
+            writer.writerows((str(i), repr(float(p))) for i, p in zip(self.ids.tolist(), self.logits[:, 0]))
+            return text.getvalue().encode("utf-8")
         probabilities = self.probabilities()
         if probabilities.ndim == 1:
             writer.writerow(["id", "probability"])
@@ -595,8 +612,11 @@ class Predictions:
 class _Predictor(_Coordinator):
     _work_phase = "predicting"
 
-    def __init__(self, server: AttestedServer, *, batch_size: int, pipeline_depth: int, **kwargs: Any) -> None:
+    def __init__(
+        self, server: AttestedServer, *, batch_size: int, pipeline_depth: int, task: TaskType | None, **kwargs: Any
+    ) -> None:
         super().__init__(server, optimizer=None, storage=None, resume=False, tee_join_order_key=None, **kwargs)
+        self._task = task
         self._batch_size = batch_size
         self._pipeline_depth = pipeline_depth
         self._logits: np.ndarray | None = None
@@ -609,7 +629,7 @@ class _Predictor(_Coordinator):
         activations = self._activations(step.iteration, grad=False)
         self._model.eval()
         with torch.no_grad():
-            logits = self._model(self._X[self._rows(step)], activations).numpy()
+            logits = self._model(self._features(self._rows(step)), activations).cpu().numpy()
         if self._logits is None:
             assert self._plan is not None
             self._logits = np.zeros((self._plan.rows, logits.shape[1]), dtype=np.float32)
@@ -623,7 +643,7 @@ class _Predictor(_Coordinator):
         # The leader's input order (the common order is pseudorandom, and a user joins
         # predictions back to their rows).
         order = np.argsort(self._aligned.rows, kind="stable")
-        return Predictions(np.asarray(self._ids)[self._aligned.rows[order]], self._logits[order])
+        return Predictions(np.asarray(self._ids)[self._aligned.rows[order]], self._logits[order], self._task)
 
 
 def predict_as_leader(
@@ -642,6 +662,8 @@ def predict_as_leader(
     alignment_workers: int | None = None,
     poll_s: float = DEFAULT_POLL_S,
     on_phase: Callable[[str], None] | None = None,
+    task: TaskType | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> Predictions:
     """Joint prediction through the bridge on the rows every party holds (aligned by id).
 
@@ -651,7 +673,7 @@ def predict_as_leader(
     predictor = _Predictor(
         server, followers=followers, X=X, ids=ids, model=model, alignment=alignment, batch_size=batch_size,
         pipeline_depth=pipeline_depth, join_timeout_s=join_timeout_s, step_timeout_s=step_timeout_s,
-        alignment_workers=alignment_workers, poll_s=poll_s,
+        alignment_workers=alignment_workers, poll_s=poll_s, task=task, device=device,
     )  # fmt: skip
     predictor.on_phase = on_phase
     predictions = predictor.predict()
