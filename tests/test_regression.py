@@ -77,7 +77,7 @@ def test_vfl_job_regression_reaches_ridge(tmp_path: Path) -> None:
     metrics = result["metrics"]
     assert set(metrics) == {"r2", "rmse", "mae"}
     assert result["extra"]["task"] == "regression"
-    assert "validation: 88 of the 442 aligned rows" in result["extra"]["split"]
+    assert (result["extra"]["split"]["n_valid"], result["extra"]["split"]["n_train"]) == (88, 354)
     assert len(result["validation_ids"]) == 88 and len(result["train_ids"]) == 354
     baseline = ridge_r2(result["validation_ids"])
     assert metrics["r2"] >= baseline - TOLERANCE, (metrics, baseline)
@@ -114,4 +114,4 @@ def test_hfl_job_regression_reaches_ridge(tmp_path: Path) -> None:
     baseline = ridge_r2(np.concatenate([held.ids for _, held in parts]))
     assert metrics["r2"] >= baseline - TOLERANCE, (metrics, baseline)
     assert metrics["rmse"] > metrics["mae"] > 0
-    assert "each worker's held-out 20% of its rows" in summary["split"]
+    assert summary["split"]["n_valid"] == 88 and summary["split"]["evaluation"] == "workers"

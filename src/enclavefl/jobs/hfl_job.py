@@ -364,16 +364,10 @@ def run_server(
     final = summary.get("final_metrics", {})
     metrics = _job_names(final.get(evaluation.where) or next(iter(final.values()), {}))
     wanted = set(prepared.task.names) | {"count"}
-    if evaluation.where == "workers":
-        split = (f"evaluation: each worker's held-out {evaluation.holdout_fraction:.0%} of its rows, drawn with "
-                 f"job.seed {job.job.seed}, pooled; training: the rest")
-    else:
-        split = "evaluation: evaluation.data on the server; training: every worker's rows"
     return {
         "metrics": {k: v for k, v in metrics.items() if k in wanted or k.endswith("_error")},
         "extra": {
             "task": prepared.kind,
-            "split": split,
             "strategy": summary.get("strategy", strategy_cfg.name),
             "rounds": summary.get("version"),
             "resumed_from": summary.get("resumed_from"),
