@@ -218,7 +218,8 @@ def test_user_metrics_pool_as_the_example_weighted_mean() -> None:
     def positives(outputs: torch.Tensor, truth: torch.Tensor) -> float:
         return float((outputs > 0).double().mean())
 
-    shards = [eval_stats(logits[a:b], labels[a:b], user_metrics={"positives": positives}) for a, b in [(0, 100), (100, 300)]]
+    metric = {"positives": positives}
+    shards = [eval_stats(logits[a:b], labels[a:b], user_metrics=metric) for a, b in [(0, 100), (100, 300)]]
     total = aggregate_stats([EvalStats.from_tensors(s.to_tensors()) for s in shards])
     assert total.summary()["positives"] == pytest.approx(float((logits > 0).double().mean()), rel=1e-12)
     with pytest.raises(UsageError, match="user metric 'bad' returned nan"):

@@ -90,7 +90,7 @@ def test_api_vfl_torch_example_with_own_models_reaches_ridge(tmp_path: Path) -> 
     out = tmp_path / "api"
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "api_vfl_torch.py"), "--out", str(out), "--job", str(job)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -474,8 +474,8 @@ class TaskConfig(_Section):
             return DEFAULT_LOSS[task]
         if loss in LOSSES:
             if task not in LOSSES[loss]:
-                raise _invalid(f"{loss} does not fit a {task} task; use one of "
-                               f"{', '.join(n for n, tasks in LOSSES.items() if task in tasks)} or 'package.module:function'")
+                fitting = ", ".join(n for n, tasks in LOSSES.items() if task in tasks)
+                raise _invalid(f"{loss} does not fit a {task} task; use one of {fitting} or 'package.module:function'")
             return loss
         if not is_ref(loss):
             raise _invalid(f"{loss!r} is not a loss: one of {', '.join(LOSSES)}, or 'package.module:function'")
@@ -1191,7 +1191,8 @@ class HflJobConfig(JobConfig):
                 issues.append(("evaluation.data.label", "required: evaluation needs labels"))
         issues.extend(self._shared_rows_issues())
         if self.task is None:  # a named task's metrics are checked by _metric_issues
-            issues.extend(_auc_issues("evaluation.metrics", self.evaluation.metrics or (), self.model.args, "model.args"))
+            metrics = self.evaluation.metrics or ()
+            issues.extend(_auc_issues("evaluation.metrics", metrics, self.model.args, "model.args"))
         issues.extend(_user_strategy_units(self.strategy))
         if self.preprocess.standardize:
             issues.append(

@@ -25,7 +25,8 @@ def planned_steps(job: Any) -> tuple[int | None, str]:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    shown = [f"{k} {record[k]:.4f}" for k in ("auc", "accuracy", "logloss", "r2", "rmse") if isinstance(record.get(k), float)]
+    names = ("auc", "accuracy", "logloss", "r2", "rmse")
+    shown = [f"{k} {record[k]:.4f}" for k in names if isinstance(record.get(k), float)]
     return "  ".join(shown)
 
 

@@ -45,7 +45,9 @@ class JobTask:
             raise ConfigError(f"task.type: a {kind} model outputs one column per example, this model outputs {width}")
         if kind == "multiclass":
             if width < 2:
-                raise ConfigError(f"task.type: a multiclass model outputs one column per class, this model outputs {width}")
+                raise ConfigError(
+                    f"task.type: a multiclass model outputs one column per class, this model outputs {width}"
+                )
             if self.classes is not None and self.classes != width:
                 raise ConfigError(f"task.classes: {self.classes}, but the model outputs {width} columns")
         return kind
@@ -61,7 +63,10 @@ def job_task(job: JobConfig) -> JobTask:
     if task is None:
         return JobTask(None, default_loss, None, metrics, names)
     assert task.loss is not None  # the config fills in the task's default
-    loss = loss_function(task.loss, task.type) if task.loss in LOSSES else resolve_ref(task.loss, what="task.loss", code=code)
+    if task.loss in LOSSES:
+        loss = loss_function(task.loss, task.type)
+    else:
+        loss = resolve_ref(task.loss, what="task.loss", code=code)
     return JobTask(task.type, loss, task.classes, metrics, names)
 
 
@@ -85,7 +90,7 @@ def first_rows(data: PartyData) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(x[:1])) for x in data.inputs)
 
 
-def check_party_data(task: JobTask, kind: TaskType, data: Sequence[PartyData], *, width: int) -> None:
+def check_party_data(task: JobTask, kind: TaskType, data: Sequence[PartyData], *, width: int | None) -> None:
     """Refuse labels that `kind` cannot train on (each set of rows in `data` with labels)."""
     classes = task.classes or (width if kind == "multiclass" else None)
     for part in data:

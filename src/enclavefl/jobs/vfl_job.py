@@ -120,7 +120,9 @@ def prepare(
     if job.party(name).role != "leader":
         return Prepared(data, the_task, None, user)
     # A model of the caller's reads activations of a width only it knows: its task is the job's task.type.
-    width = None if user.model is not None else _leader_output_width(job, build_leader_model(job, data.num_features), data)
+    width = None
+    if user.model is None:
+        width = _leader_output_width(job, build_leader_model(job, data.num_features), data)
     kind = the_task.type if width is None else the_task.resolved(width)
     if kind is not None:
         check_party_data(the_task, kind, [data], width=width)
@@ -180,7 +182,7 @@ def _party_data(job: VflJobConfig, name: str, input_path: Path | None) -> PartyD
                 raise UsageError(f"predict --input: {input_path} does not exist")
             spec = spec.model_copy(update={"path": input_path, "generate": None})
         else:
-            raise UsageError(f"predict --input: party {runtime.party.name} has {spec.kind!r} data, which "
+            raise UsageError(f"predict --input: party {name} has {spec.kind!r} data, which "
                              "cannot be replaced by an input file (csv and wide-deep can)")
     data = load_party_data(spec, seed=job.job.seed)
     if len(data.inputs) != 1:

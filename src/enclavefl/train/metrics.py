@@ -291,26 +291,26 @@ class EvalStats:
         if (self.class_true is None) != (other.class_true is None):
             raise UsageError("cannot add EvalStats with class counts to ones without")
         if sorted(self.user_sums) != sorted(other.user_sums):
-            raise UsageError(f"cannot add EvalStats of user metrics {sorted(self.user_sums)} and {sorted(other.user_sums)}")
-        if self.auc_positive is not None and other.auc_positive is not None:
-            if self.auc_positive.shape != other.auc_positive.shape:
-                bins = (self.auc_positive.numel(), other.auc_positive.numel())
-                raise UsageError(f"cannot add EvalStats with {bins[0]} and {bins[1]} AUC bins")
-        if self.class_true is not None and other.class_true is not None:
-            if self.class_true.shape != other.class_true.shape:
-                sizes = (self.class_true.numel(), other.class_true.numel())
-                raise UsageError(f"cannot add EvalStats of {sizes[0]} and {sizes[1]} classes")
+            names = (sorted(self.user_sums), sorted(other.user_sums))
+            raise UsageError(f"cannot add EvalStats of user metrics {names[0]} and {names[1]}")
+        pos, other_pos = self.auc_positive, other.auc_positive
+        if pos is not None and other_pos is not None and pos.shape != other_pos.shape:
+            raise UsageError(f"cannot add EvalStats with {pos.numel()} and {other_pos.numel()} AUC bins")
+        true, other_true = self.class_true, other.class_true
+        if true is not None and other_true is not None and true.shape != other_true.shape:
+            raise UsageError(f"cannot add EvalStats of {true.numel()} and {other_true.numel()} classes")
 
-        def add(a: Any, b: Any) -> Any:
-            return None if a is None else a + b
+        def add(name: str) -> Any:
+            mine = getattr(self, name)
+            return None if mine is None else mine + getattr(other, name)
 
+        summed = ("auc_positive", "auc_negative", *_CLASS_FIELDS, "abs_error_sum", "label_sum", "label_sq_sum")
         return EvalStats(
             self.count + other.count,
             self.correct + other.correct,
             self.loss_sum + other.loss_sum,
-            *(add(getattr(self, f), getattr(other, f)) for f in ("auc_positive", "auc_negative", *_CLASS_FIELDS)),
-            *(add(getattr(self, f), getattr(other, f)) for f in ("abs_error_sum", "label_sum", "label_sq_sum")),
-            {name: value + other.user_sums[name] for name, value in self.user_sums.items()},
+            user_sums={name: value + other.user_sums[name] for name, value in self.user_sums.items()},
+            **{name: add(name) for name in summed},
         )
 
     def summary(self) -> dict[str, float]:
@@ -319,10 +319,11 @@ class EvalStats:
         n = self.count
         out = {"examples": float(n)}
         if self.label_sum is not None:
+            assert self.label_sq_sum is not None and self.abs_error_sum is not None  # checked at construction
             mse = self.loss_sum / n
-            total = self.label_sq_sum - self.label_sum**2 / n  # type: ignore[operator]
-            out.update(mse=mse, rmse=math.sqrt(mse), mae=self.abs_error_sum / n)  # type: ignore[operator]
-            out["r2"] = 1 - self.loss_sum / total if total > 1e-12 * max(self.label_sq_sum, 1.0) else math.nan  # type: ignore[arg-type]
+            total = self.label_sq_sum - self.label_sum**2 / n
+            out.update(mse=mse, rmse=math.sqrt(mse), mae=self.abs_error_sum / n)
+            out["r2"] = 1 - self.loss_sum / total if total > 1e-12 * max(self.label_sq_sum, 1.0) else math.nan
         else:
             out.update(accuracy=self.correct / n, log_loss=self.loss_sum / n)
             if self.class_true is not None:
@@ -373,9 +374,15 @@ class EvalStats:
             int(tensors["count"][0]),
             int(tensors["correct"][0]),
             float(tensors["loss_sum"][0]),
-            *(tensors.get(name) for name in ("auc_positive", "auc_negative", *_CLASS_FIELDS)),
-            *(scalar(name) for name in _FLOAT_FIELDS[1:]),
-            {name[len(_USER_PREFIX) :]: float(tensors[name][0]) for name in sorted(users)},
+            auc_positive=tensors.get("auc_positive"),
+            auc_negative=tensors.get("auc_negative"),
+            class_true=tensors.get("class_true"),
+            class_pred=tensors.get("class_pred"),
+            class_hit=tensors.get("class_hit"),
+            abs_error_sum=scalar("abs_error_sum"),
+            label_sum=scalar("label_sum"),
+            label_sq_sum=scalar("label_sq_sum"),
+            user_sums={name[len(_USER_PREFIX) :]: float(tensors[name][0]) for name in sorted(users)},
         )
 
 

@@ -77,10 +77,10 @@ class Follower:
             raise UsageError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         self._device = resolve_device(device)
         model.to(self._device)
-        optimizer = build_optimizer(model, optimizer)
+        built = build_optimizer(model, optimizer)
         self._ids = ids
         self._model = model
-        self._optimizer = optimizer
+        self._optimizer = built
         self._method = check_method(alignment)
         self._storage = storage
         self._resume = resume
@@ -88,7 +88,7 @@ class Follower:
         self._alignment_workers = alignment_workers
         self._bridge = FollowerBridge(client, reconnect_timeout_s=reconnect_timeout_s, poll_s=poll_s)
         self.party = client.party
-        self._party_state = PartyState(self.party, model, optimizer, storage)
+        self._party_state = PartyState(self.party, model, built, storage)
         self._position = -1
         self._aligned: Aligned | None = None
         self._plan: Plan | None = None

@@ -96,6 +96,11 @@ def as_tensor(values: Any, what: str) -> torch.Tensor:
     return tensor
 
 
+def _gradient_of(activations: torch.Tensor) -> torch.Tensor:
+    grad = activations.grad
+    return torch.zeros_like(activations).cpu() if grad is None else grad.cpu()
+
+
 def task_loss(task: TaskType | None, loss_fn: LossFn | None) -> LossFn:
     """`loss_fn`, else the task's default loss, else BCE on one column and cross-entropy on several."""
     if loss_fn is not None:
@@ -148,11 +153,11 @@ class _Coordinator:
         # The model and the batches live on the device; tensors go to the CPU only at the wire.
         self._device = resolve_device(device)
         model.to(self._device)
-        optimizer = build_optimizer(model, optimizer)
+        built = build_optimizer(model, optimizer)
         self._server = server
         self._ids = ids
         self._model = model
-        self._optimizer = optimizer
+        self._optimizer = built
         self._followers = tuple(followers)
         self._storage = storage
         self._resume = resume
@@ -166,7 +171,7 @@ class _Coordinator:
         )
         self._endpoint.register(server)
         self._bridge.register(server)
-        self._party_state = PartyState("leader", model, optimizer, storage)
+        self._party_state = PartyState("leader", model, built, storage)
         self._widths: dict[str, int] = {}
         self._position = -1
         self._aligned: Aligned | None = None
@@ -490,7 +495,8 @@ class Leader(_Coordinator):
         loss.backward()
         # Followers start their backward pass while the leader steps.
         pairs = zip(self._followers, activations, strict=False)
-        gradients = {f: Message(tensors={GRADIENTS: a.grad.cpu()}) for f, a in pairs}
+        # An activation the top model ignores has no gradient: zero, as autograd would give it.
+        gradients = {f: Message(tensors={GRADIENTS: _gradient_of(a)}) for f, a in pairs}
         self._compute_s += time.perf_counter() - computing
         for follower, a in zip(self._followers, activations, strict=False):  # (activations in, gradients out)
             self._traffic[follower][0] += a.nbytes
@@ -596,7 +602,8 @@ class Predictions:
         writer = csv.writer(text, lineterminator="\n")
         if self.task == "regression":
             writer.writerow(["id", "prediction"])
-            writer.writerows((str(i), repr(float(p))) for i, p in zip(self.ids.tolist(), self.logits[:, 0]))
+            rows = zip(self.ids.tolist(), self.logits[:, 0], strict=True)
+            writer.writerows((str(i), repr(float(p))) for i, p in rows)
             return text.getvalue().encode("utf-8")
         probabilities = self.probabilities()
         if probabilities.ndim == 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -32,19 +32,21 @@ _OPTIMIZER_METHODS = ("zero_grad", "step", "state_dict", "load_state_dict")
 
 def _is_optimizer(value: object) -> bool:
     """A torch optimizer, or anything that steps and checkpoints like one (e.g. KerasOptimizer)."""
-    return isinstance(value, torch.optim.Optimizer) or all(callable(getattr(value, m, None)) for m in _OPTIMIZER_METHODS)
+    if isinstance(value, torch.optim.Optimizer):
+        return True
+    return all(callable(getattr(value, m, None)) for m in _OPTIMIZER_METHODS)
 
 
-def build_optimizer(model: nn.Module, optimizer: OptimizerArg) -> Any:
+def build_optimizer(model: nn.Module, optimizer: OptimizerArg) -> torch.optim.Optimizer | None:
     """The optimizer itself, or the factory's for `model` (call it once the model is on its device)."""
     if optimizer is None or _is_optimizer(optimizer):
-        return optimizer
+        return cast("torch.optim.Optimizer | None", optimizer)
     if not callable(optimizer):
         raise UsageError(f"optimizer must be a torch optimizer or a factory fn(model), got {type(optimizer).__name__}")
     built = optimizer(model)
     if not _is_optimizer(built):
         raise UsageError(f"the optimizer factory returned {type(built).__name__}, not a torch.optim.Optimizer")
-    return built
+    return cast("torch.optim.Optimizer", built)
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
