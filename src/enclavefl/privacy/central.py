@@ -25,7 +25,7 @@ import torch
 
 from enclavefl.errors import UsageError
 from enclavefl.privacy.mechanisms import add_gaussian_noise, clip_to_norm
-from enclavefl.privacy.rdp import RdpAccountant, noise_multiplier_for
+from enclavefl.privacy.rdp import RdpAccountant, resolve_noise_multiplier
 
 __all__ = ["CentralDp"]
 
@@ -54,18 +54,14 @@ class CentralDp:
             raise UsageError(f"fraction must be within (0, 1], got {fraction}")
         if not (math.isfinite(clip) and clip > 0):
             raise UsageError(f"clip must be a finite number > 0, got {clip}")
-        if (target_epsilon is None) == (noise_multiplier is None):
-            raise UsageError("give exactly one of target_epsilon and noise_multiplier")
         self.fraction = float(fraction)
         self.clip = float(clip)
         self.delta = float(delta)
         self.rounds = rounds
-        if noise_multiplier is None:
-            assert target_epsilon is not None
-            noise_multiplier = noise_multiplier_for(
-                target_epsilon=target_epsilon, delta=delta, sample_rate=self.fraction, steps=rounds
-            )
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = resolve_noise_multiplier(
+            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
+            sample_rate=self.fraction, steps=rounds,
+        )
         self.max_epsilon = max_epsilon
         self.accountant = RdpAccountant()
         # Which workers are sampled, and the noise, must be unpredictable to everyone outside.

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from enclavefl.errors import UsageError
-from enclavefl.privacy.rdp import RdpAccountant, noise_multiplier_for
+from enclavefl.privacy.rdp import RdpAccountant, resolve_noise_multiplier
 
 try:
     from opacus import GradSampleModule
@@ -146,11 +146,10 @@ def make_private(
     if generator is None:  # not torch's global generator, which user code seeds predictably
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     sample_rate = 1.0 / batches
-    if noise_multiplier is None:
-        assert target_epsilon is not None
-        noise_multiplier = noise_multiplier_for(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps
-        )
+    noise_multiplier = resolve_noise_multiplier(
+        target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta, sample_rate=sample_rate,
+        steps=steps,
+    )
     model.train()
     try:
         private_model = GradSampleModule(model)
@@ -317,12 +316,10 @@ class DpSgd:
         self.delta = float(delta)
         self.max_grad_norm = float(max_grad_norm)
         self.planned_steps = planned_steps
-        if noise_multiplier is None:
-            assert target_epsilon is not None
-            noise_multiplier = noise_multiplier_for(
-                target_epsilon=target_epsilon, delta=delta, sample_rate=self.sample_rate, steps=planned_steps
-            )
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = resolve_noise_multiplier(
+            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
+            sample_rate=self.sample_rate, steps=planned_steps,
+        )
         self.max_epsilon = max_epsilon
         self.accountant = RdpAccountant()
         # The batches and the noise must be unpredictable to anyone but this enclave: a seed

@@ -29,6 +29,7 @@ __all__ = [
     "RdpAccountant",
     "epsilon_for",
     "noise_multiplier_for",
+    "resolve_noise_multiplier",
 ]
 
 ACCOUNTANT = "rdp"
@@ -220,3 +221,15 @@ def noise_multiplier_for(
         else:
             low = middle
     return high
+
+
+def resolve_noise_multiplier(
+    *, target_epsilon: float | None, noise_multiplier: float | None, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The noise multiplier given, or the one calibrated to spend `target_epsilon` over `steps`."""
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise UsageError("give exactly one of target_epsilon and noise_multiplier")
+    if noise_multiplier is not None:
+        return float(noise_multiplier)
+    assert target_epsilon is not None
+    return noise_multiplier_for(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
