@@ -127,3 +127,48 @@ def test_the_walk_sees_imports() -> None:
         assert module in found, (text, found)
         assert _target_unit(module) not in LAYERS["models"] | SHARED
 
+
+
+# The CLI is a thin shell over the public API of the trust layers: it imports the package
+# (`from enclavefl.tee import Policy`, names in that package's __all__), never a module inside
+# it (`enclavefl.tee.quote`). Logic only the CLI needed belongs in the package.
+PUBLIC_API_ONLY = ("tee", "net", "seal")
+
+
+def _package_all(package: str) -> set[str]:
+    tree = ast.parse((PACKAGE / package / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def _non_public_imports(path: Path, source: str | None = None) -> list[str]:
+    """Imports of `path` that reach into tee, net or seal past their package's __all__."""
+    wrong = []
+    for module in sorted(_imported_modules(path, source)):
+        parts = module.split(".")
+        if len(parts) > 2 and parts[1] in PUBLIC_API_ONLY:
+            wrong.append(f"{module} (a module inside enclavefl.{parts[1]})")
+    text = path.read_text(encoding="utf-8") if source is None else source
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.module in {f"enclavefl.{p}" for p in PUBLIC_API_ONLY}:
+            exported = _package_all(node.module.split(".")[1])
+            wrong.extend(f"{node.module}.{alias.name} (not in __all__)" for alias in node.names
+                         if alias.name not in exported)  # fmt: skip
+    return wrong
+
+
+def test_cli_uses_only_the_public_api_of_tee_net_and_seal() -> None:
+    wrong = _non_public_imports(PACKAGE / "cli.py")
+    assert not wrong, "export it from the package (its __init__ __all__):\n" + "\n".join(wrong)
+
+
+def test_the_public_api_check_sees_private_imports() -> None:
+    cli = PACKAGE / "cli.py"
+    for text in ("def f():\n    from enclavefl.tee.quote import verify_quote\n",
+                 "import enclavefl.seal.keys\n",
+                 "from enclavefl.net import health\n",
+                 "from enclavefl.tee import _parse_hex\n"):  # fmt: skip
+        assert _non_public_imports(cli, text), text
+    assert not _non_public_imports(cli, "from enclavefl.tee import Policy\nfrom enclavefl.net import AttestedServer\n")

@@ -119,27 +119,6 @@ def main(verbose: bool) -> None:
 # --------------------------------------------------------------------------- trust
 
 
-def _load_policy(path: Path | None) -> Any:
-    from enclavefl.tee.policy import Policy
-
-    return Policy.load(path) if path is not None else Policy.default()
-
-
-def _verify_result(claims: Any, error: Rejected | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "accepted": error is None,
-        "reason": error.reason if error else None,
-        "check": error.check if error else None,
-    }
-    fields = ("tee", "mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "debug",
-              "tcb_status", "advisory_ids", "report_data")
-    if claims is not None:
-        out.update(claims.to_json())
-    else:
-        out.update({f: None for f in fields})
-    return out
-
-
 @main.command()
 @click.option("--quote", "quote_path", type=click.Path(path_type=Path), help="Raw SGX/TDX quote file.")
 @click.option("--cert", "cert_path", type=click.Path(path_type=Path), help="RA-TLS certificate (PEM or DER).")
@@ -166,34 +145,26 @@ def verify(
     as_json: bool,
 ) -> None:
     """Verify a quote, an RA-TLS certificate or a live server against a policy."""
-    from enclavefl.tee.collateral import collateral_source
-    from enclavefl.tee.quote import verify_quote
-    from enclavefl.tee.ratls import verify_certificate
+    from enclavefl.tee import Claims, Verdict, check_quote, collateral_source, load_policy, verify_certificate
 
     given = [x for x in (quote_path, cert_path, url) if x is not None]
     if len(given) != 1:
         raise UsageError("give exactly one of --quote, --cert, --url")
-    policy = _load_policy(policy_path)
+    policy = load_policy(policy_path)
     source = collateral_source(collateral, pccs)
 
-    claims = None
-    error: Rejected | None = None
-    try:
+    def verify_given() -> Claims:
         if quote_path is not None:
-            claims = verify_quote(_read_input(quote_path), source, at=at)
-            policy.check(claims)
-        elif cert_path is not None:
-            claims = verify_certificate(_read_input(cert_path), policy=policy, collateral=source, at=at)
-        else:
-            from enclavefl.net import probe_and_verify
+            return check_quote(_read_input(quote_path), policy=policy, collateral=source, at=at)
+        if cert_path is not None:
+            return verify_certificate(_read_input(cert_path), policy=policy, collateral=source, at=at)
+        from enclavefl.net import probe_and_verify
 
-            host, port = _split_host_port(url or "")
-            claims = probe_and_verify(host, port, policy=policy, collateral=source, at=at)
-    except Rejected as err:
-        error = err
-        claims = getattr(err, "claims", None) or claims
+        host, port = _split_host_port(url or "")
+        return probe_and_verify(host, port, policy=policy, collateral=source, at=at)
 
-    _report(_verify_result(claims, error), error, as_json)
+    verdict = Verdict.of(verify_given)
+    _report(verdict.to_json(), verdict.error, as_json)
 
 
 def _report(result: dict[str, Any], error: Rejected | None, as_json: bool) -> None:
@@ -252,19 +223,6 @@ def _print_claims(result: dict[str, Any]) -> None:
     stdout_console.print(table)
 
 
-def _simulated_measurement(job_file: Path | None, *, isv_prod_id: int = 0, isv_svn: int = 0) -> Any:
-    """The simulated measurement of this install, with a job: exactly what its parties report."""
-    from enclavefl.tee.measure import simulated_measurement
-
-    if job_file is None:
-        return simulated_measurement([], isv_prod_id=isv_prod_id, isv_svn=isv_svn)
-    from enclavefl.jobs.config import load_job
-
-    # As jobs/runtime.py measures a party: the job file and the user code it can load.
-    code = load_job(job_file).job_code().measured()
-    return simulated_measurement([job_file], code=code, isv_prod_id=isv_prod_id, isv_svn=isv_svn)
-
-
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), help="Write the RA-TLS certificate (PEM) here.")
 @click.option(
@@ -284,10 +242,10 @@ def _simulated_measurement(job_file: Path | None, *, isv_prod_id: int = 0, isv_s
 @typed_errors
 def attest(out: Path | None, attester: str, job_file: Path | None, allow_simulated_insecure: bool) -> None:
     """Make a fresh key in this TEE and an RA-TLS certificate binding it to evidence."""
-    from enclavefl.tee.attesters import make_attester
-    from enclavefl.tee.ratls import make_certificate
+    from enclavefl.jobs.measure import measure_job
+    from enclavefl.tee import make_attester, make_certificate
 
-    measurement = _simulated_measurement(job_file)
+    measurement = measure_job(job_file)
     att = make_attester(
         attester,
         allow_simulated_insecure=allow_simulated_insecure or attester == "simulated",
@@ -314,13 +272,14 @@ def attest(out: Path | None, attester: str, job_file: Path | None, allow_simulat
 @typed_errors
 def measure(sig: Path | None, job_file: Path | None, isv_prod_id: int, isv_svn: int, as_json: bool) -> None:
     """Print mr_enclave, mr_signer, isv_prod_id, isv_svn of this install or of a .sig file."""
-    from enclavefl.tee.measure import read_sigstruct
+    from enclavefl.jobs.measure import measure_job
+    from enclavefl.tee import read_sigstruct
 
     if sig is not None:
         m = read_sigstruct(sig)
         source = f"sigstruct {sig}"
     else:
-        m = _simulated_measurement(job_file, isv_prod_id=isv_prod_id, isv_svn=isv_svn)
+        m = measure_job(job_file, isv_prod_id=isv_prod_id, isv_svn=isv_svn)
         source = "simulated (hash of the installed package files" + (", the job and its code)" if job_file else ")")
     data = m.to_json()
     if as_json:
@@ -377,22 +336,13 @@ def policy_init(
     force: bool,
 ) -> None:
     """Write a policy pinning the given measurements (and, optionally, a privacy budget)."""
-    from enclavefl.tee.policy import Policy
+    from enclavefl.tee import Policy, read_measurement
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists (use --force to overwrite)")
-    entries: list[dict[str, Any]] = []
-    for path in from_measure:
-        try:
-            measured = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as err:
-            raise UsageError(f"{path} is not JSON from `enclavefl measure --json`: {err}") from err
-        if not isinstance(measured, dict):
-            raise UsageError(f"{path} is not JSON from `enclavefl measure --json`")
-        entries.append(measured)
+    entries = [read_measurement(path) for path in from_measure]
     entries.extend({"mr_enclave": value} for value in mr_enclave)
-    overrides = {"mr_signer": mr_signer, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn}
-    overrides = {key: value for key, value in overrides.items() if value is not None}
+    pinned = any(value is not None for value in (mr_signer, isv_prod_id, isv_svn))
     privacy_flags = {"--max-epsilon": max_epsilon, "--delta": delta, "--privacy-unit": privacy_unit}
     missing = [flag for flag, value in privacy_flags.items() if value is None]
     if missing and len(missing) < len(privacy_flags):
@@ -400,11 +350,13 @@ def policy_init(
             f"a privacy budget needs --max-epsilon, --delta and --privacy-unit; missing {', '.join(missing)}"
         )
     privacy = None if missing else {"unit": privacy_unit, "max_epsilon": max_epsilon, "delta": delta}
-    if not entries and not overrides and not (allow_simulated_insecure and privacy):
+    if not entries and not pinned and not (allow_simulated_insecure and privacy):
         raise UsageError("nothing to pin: give --from-measure, --mr-enclave or --mr-signer")
-    identities = [{**entry, **overrides} for entry in entries] or ([overrides] if overrides else [])
-    pol = Policy.from_identities(
-        identities,
+    pol = Policy.from_measurements(
+        entries,
+        mr_signer=mr_signer,
+        isv_prod_id=isv_prod_id,
+        isv_svn=isv_svn,
         allowed_tcb_status=["UpToDate", *allow_tcb_status],
         allow_debug=allow_debug_insecure,
         allow_simulated=allow_simulated_insecure,
@@ -420,7 +372,7 @@ def policy_init(
 @typed_errors
 def policy_show(path: Path) -> None:
     """Print a policy, normalized, with its digest."""
-    from enclavefl.tee.policy import Policy
+    from enclavefl.tee import Policy
 
     pol = Policy.load(path)
     click.echo(json.dumps(pol.to_json(), indent=2))
@@ -530,7 +482,7 @@ def unseal(
 @typed_errors
 def keygen(path: Path) -> None:
     """Create a random key file for `--key file:PATH` (development only: the key sits on the host)."""
-    from enclavefl.seal.keys import create_key_file
+    from enclavefl.insecure import create_key_file
 
     create_key_file(path)
     click.echo(f"wrote key file {path} (mode 0600); use --key file:{path}")
@@ -558,14 +510,16 @@ class _PartySetup:
     def credentials(self) -> Any:
         """Fresh credentials: a new key in this TEE, bound to new evidence (never printed)."""
         from enclavefl.net import PartyCredentials
-        from enclavefl.tee.attesters import make_attester
-        from enclavefl.tee.collateral import collateral_source
 
-        policy = _load_policy(self.policy_path)
-        source = collateral_source(self.collateral, self.pccs)
-        att = make_attester(self.attester, allow_simulated_insecure=self.allow_simulated_insecure)
-        return PartyCredentials.create(
-            att, policy, party=self.party, job_id=self.job_id, mode=self.mode, collateral=source
+        return PartyCredentials.from_options(
+            self.attester,
+            policy_path=self.policy_path,
+            party=self.party,
+            job_id=self.job_id,
+            allow_simulated_insecure=self.allow_simulated_insecure,
+            mode=self.mode,
+            collateral_file=self.collateral,
+            pccs_url=self.pccs,
         )
 
 
@@ -691,6 +645,7 @@ def echo_server(port: int, host: str, setup: _PartySetup) -> None:
 def echo_client(target: str, megabytes: float, wait_s: float, as_json: bool, setup: _PartySetup) -> None:
     """Attest the echo server at HOST:PORT, echo a payload through it, print its claims and the throughput."""
     from enclavefl.net import run_echo_client
+    from enclavefl.tee import Verdict
 
     _split_host_port(target)  # a malformed target fails before anything is attested
     credentials = setup.credentials()
@@ -703,7 +658,7 @@ def echo_client(target: str, megabytes: float, wait_s: float, as_json: bool, set
         figures = {key: value for key, value in echo.to_json().items() if key not in ("server_party", "server_claims")}
     except Rejected as err:
         error, claims = err, err.claims
-    result = {"server": target, "server_party": server_party, **_verify_result(claims, error), **figures}
+    result = {"server": target, "server_party": server_party, **Verdict(claims, error).to_json(), **figures}
     _report(result, error, as_json)
 
 
@@ -761,7 +716,6 @@ def keybroker_create_key(keys_dir: Path, name: str) -> None:
     """Make a fresh random key NAME in the broker's key directory (never overwrites; never prints it)."""
     from enclavefl.net import create_broker_key
 
-    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = create_broker_key(keys_dir, name)
     click.echo(f"wrote key {path} (mode 0600); clients use --key broker:HOST:PORT/{name}")
 
@@ -1075,10 +1029,10 @@ def health(
     as_json: bool,
 ) -> None:
     """Is the party listening at TARGET (HOST:PORT) up and ready? Exit 0 ready, 1 not."""
-    from enclavefl.net.health import check_health, wait_healthy
-    from enclavefl.tee.collateral import collateral_source
+    from enclavefl.net import check_health, wait_healthy
+    from enclavefl.tee import collateral_source, load_policy
 
-    policy = _load_policy(policy_path) if policy_path is not None else None
+    policy = load_policy(policy_path) if policy_path is not None else None
     source = collateral_source(collateral, pccs) if policy is not None else None
     if wait_s is not None:
         result = wait_healthy(target, timeout_s=wait_s, policy=policy, collateral=source)

@@ -16,13 +16,13 @@ from typing import Any
 from enclavefl.errors import ConfigError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import JobConfig, PartyConfig
+from enclavefl.jobs.measure import job_measurement
 from enclavefl.net import AttestedClient, AttestedServer, Mode, PartyCredentials, RetryPolicy
 from enclavefl.net.keybroker import configure_broker_access
 from enclavefl.seal import KeySource, ensure_development_key, parse_key_spec
 from enclavefl.seal.keys import GRAMINE_KEYS_DIR
 from enclavefl.tee.attesters import make_attester
 from enclavefl.tee.collateral import collateral_source
-from enclavefl.tee.measure import simulated_measurement
 from enclavefl.tee.policy import Policy, PrivacyBudget
 
 __all__ = ["PartyRuntime", "storage_key"]
@@ -82,7 +82,7 @@ class PartyRuntime:
         from enclavefl.jobs.privacy import check_job_privacy
 
         budget = check_job_privacy(job, policy)  # before attesting: a job over budget never starts
-        measurement = simulated_measurement([job_file], code=job.job_code().measured())
+        measurement = job_measurement(job, job_file)
         attester = make_attester(
             job.tee.attester,
             allow_simulated_insecure=job.tee.allow_simulated_insecure,

@@ -6,6 +6,7 @@ from enclavefl.net.allocator import bound_allocator, tune_allocator
 from enclavefl.net.client import AttestedClient, RetryPolicy
 from enclavefl.net.echo import ECHO_JOB, EchoResult, run_echo_client, run_echo_server, start_echo_server
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed, PeerRefused
+from enclavefl.net.health import Health, check_health, wait_healthy
 from enclavefl.net.keybroker import configure_broker_access, create_broker_key, serve_key_broker
 from enclavefl.net.probe import probe_and_verify
 from enclavefl.net.server import AttestedServer
@@ -30,6 +31,7 @@ __all__ = [
     "DigestSink",
     "EchoResult",
     "HandshakeFailed",
+    "Health",
     "LazyTensor",
     "Limits",
     "MemmapSink",
@@ -51,4 +53,6 @@ __all__ = [
     "start_echo_server",
     "tune_allocator",
     "bound_allocator",
+    "check_health",
+    "wait_healthy",
 ]

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
+from pathlib import Path
 from enum import StrEnum
 
 import cbor2
@@ -26,10 +27,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclavefl.errors import Check, FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
-from enclavefl.tee.attesters import Attester
+from enclavefl.tee.attesters import Attester, make_attester
 from enclavefl.tee.claims import Claims
-from enclavefl.tee.collateral import CollateralSource
-from enclavefl.tee.policy import Policy
+from enclavefl.tee.collateral import CollateralSource, collateral_source
+from enclavefl.tee.policy import Policy, load_policy
 from enclavefl.tee.ratls import (
     PUBKEY_HASH_CLAIM,
     SERVER_NAME,
@@ -182,6 +183,27 @@ class PartyCredentials:
     ) -> PartyCredentials:
         """Credentials with a fresh identity from `attester` (a new key and quote)."""
         return cls(make_identity(attester, policy, party=party), policy, party, job_id, Mode(mode), collateral, at)
+
+    @classmethod
+    def from_options(
+        cls,
+        attester: str = "auto",
+        *,
+        policy_path: Path | None,
+        party: str,
+        job_id: str,
+        allow_simulated_insecure: bool = False,
+        mode: Mode | str = Mode.TWO_WAY,
+        collateral_file: Path | None = None,
+        pccs_url: str | None = None,
+    ) -> PartyCredentials:
+        """Credentials from names and paths, as a command line gives them: the attester kind
+        (`make_attester`), the policy file (None: the default policy), and where collateral
+        for hardware quotes comes from (`collateral_source`). A new key and quote each call."""
+        policy = load_policy(policy_path)
+        collateral = collateral_source(collateral_file, pccs_url)
+        made = make_attester(attester, allow_simulated_insecure=allow_simulated_insecure)
+        return cls.create(made, policy, party=party, job_id=job_id, mode=mode, collateral=collateral)
 
 
 def admission_payload(nonce: bytes, server_cert_sha256: bytes, job_id: str, party: str) -> bytes:

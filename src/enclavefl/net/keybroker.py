@@ -65,7 +65,8 @@ def _check_key_name(name: Any) -> str:
 
 
 def create_broker_key(keys_dir: str | Path, name: str) -> Path:
-    """Make a fresh random key `name` in the broker's key directory (never overwrites)."""
+    """Make a fresh random key `name` in the broker's key directory (created, mode 0700, if
+    missing); never overwrites."""
     # Not create_key_file: its development-only warning is about keys on a party's host,
     # and the broker's key directory is where keys are meant to live.
     path = write_random_key(Path(keys_dir) / _check_key_name(name))

@@ -52,10 +52,20 @@ from pydantic import (
 )
 
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.errors import Check, ConfigError, PolicyRejected
+from enclavefl.errors import Check, ConfigError, PolicyRejected, UsageError
 from enclavefl.tee.claims import Claims, TeeType
 
-__all__ = ["PRIVACY_UNITS", "PartyIdentity", "Policy", "PrivacyBudget", "SgxIdentity", "TdxIdentity", "TCB_STATUSES"]
+__all__ = [
+    "PRIVACY_UNITS",
+    "TCB_STATUSES",
+    "PartyIdentity",
+    "Policy",
+    "PrivacyBudget",
+    "SgxIdentity",
+    "TdxIdentity",
+    "load_policy",
+    "read_measurement",
+]
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +458,33 @@ class Policy(BaseModel):
         return cls.from_json(obj)
 
     @classmethod
+    def from_measurements(
+        cls,
+        measurements: Sequence[Mapping[str, Any]],
+        *,
+        mr_signer: str | bytes | None = None,
+        isv_prod_id: int | None = None,
+        isv_svn: int | None = None,
+        allowed_tcb_status: tuple[str, ...] | list[str] = ("UpToDate",),
+        allow_debug: bool = False,
+        allow_simulated: bool = False,
+        privacy: Mapping[str, Any] | None = None,
+    ) -> Policy:
+        """A policy allowing any of `measurements` (as `enclavefl measure --json` writes them,
+        or just `{"mr_enclave": hex}`), each with the SGX fields given here pinned over it.
+        With no measurements, a policy pinning just the fields given here."""
+        given = {"mr_signer": mr_signer, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn}
+        overrides = {name: value for name, value in given.items() if value is not None}
+        identities = [{**entry, **overrides} for entry in measurements] or ([overrides] if overrides else [])
+        return cls.from_identities(
+            identities,
+            allowed_tcb_status=allowed_tcb_status,
+            allow_debug=allow_debug,
+            allow_simulated=allow_simulated,
+            privacy=privacy,
+        )
+
+    @classmethod
     def from_ra_tls_env(cls, environ: Mapping[str, str]) -> Policy:
         """A policy from Gramine's RA-TLS variables, with Gramine's semantics.
 
@@ -657,6 +694,24 @@ class Policy(BaseModel):
             atomic_write_bytes(file, text.encode("utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot write policy {file}: {exc}") from None
+
+
+def load_policy(path: str | os.PathLike[str] | None) -> Policy:
+    """The policy in the JSON file `path`, or the default one (UpToDate only, no debug, no
+    simulated evidence) when no path is given."""
+    return Policy.load(path) if path is not None else Policy.default()
+
+
+def read_measurement(path: Path) -> dict[str, Any]:
+    """One identity from a JSON file that `enclavefl measure --json` (or `gramine build`'s
+    measurement.json) wrote, for `Policy.from_measurements`; UsageError if it is not one."""
+    try:
+        measured = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise UsageError(f"{path} is not JSON from `enclavefl measure --json`: {err}") from err
+    if not isinstance(measured, dict):
+        raise UsageError(f"{path} is not JSON from `enclavefl measure --json`")
+    return measured
 
 
 def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
