@@ -18,13 +18,40 @@ import logging
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any, cast
+from typing import Any, ClassVar, Protocol, Self, cast, dataclass_transform
 
 import numpy as np
 
 from enclavefl.errors import Check, FormatError, Rejected, UsageError
+
+__all__ = [
+    "ID_KIND",
+    "MAX_IDS",
+    "POSITIONS",
+    "SESSION",
+    "SESSION_BYTES",
+    "AlignMessage",
+    "AlignmentResult",
+    "ByteRows",
+    "FixedBytes",
+    "IdKind",
+    "IdKindCode",
+    "Ids",
+    "Positions",
+    "WireKind",
+    "check_positions",
+    "check_session",
+    "duplicate_pair",
+    "has_repeats",
+    "hash_ids",
+    "lex_order",
+    "log_result",
+    "match_rows",
+    "new_session",
+    "wire",
+]
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +327,147 @@ def positions_array(positions: np.ndarray) -> np.ndarray:
     return np.asarray(positions, dtype="<u4")
 
 
+# --- declarative messages ------------------------------------------------------------------
+
+
+class WireKind(Protocol):
+    """How one field of an alignment message travels: encoded to, and checked from, one tensor."""
+
+    def encode(self, value: Any) -> np.ndarray: ...
+
+    def decode(self, arrays: Mapping[str, Any], name: str, what: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FixedBytes:
+    """`bytes` of exactly `size` bytes, as uint8 [size]."""
+
+    size: int
+
+    def encode(self, value: bytes) -> np.ndarray:
+        return bytes_array(value)
+
+    def decode(self, arrays: Mapping[str, Any], name: str, what: str) -> bytes:
+        return expect_bytes(arrays, name, self.size, what)
+
+
+@dataclass(frozen=True)
+class ByteRows:
+    """Fixed-width byte rows, uint8 [n, width], sent as they are."""
+
+    width: int
+
+    def encode(self, value: np.ndarray) -> np.ndarray:
+        return value
+
+    def decode(self, arrays: Mapping[str, Any], name: str, what: str) -> np.ndarray:
+        return expect_rows(arrays, name, self.width, what)
+
+
+class Positions:
+    """Row positions, int64 in memory, uint32 [k] on the wire."""
+
+    def encode(self, value: np.ndarray) -> np.ndarray:
+        return positions_array(value)
+
+    def decode(self, arrays: Mapping[str, Any], name: str, what: str) -> np.ndarray:
+        return expect_positions(arrays, name, what)
+
+
+class IdKindCode:
+    """An IdKind as its one-byte code, uint8 [1]."""
+
+    def encode(self, value: IdKind) -> np.ndarray:
+        return value.wire()
+
+    def decode(self, arrays: Mapping[str, Any], name: str, what: str) -> IdKind:
+        return IdKind.from_wire(expect_bytes(arrays, name, 1, what), what)
+
+
+def wire(kind: WireKind) -> Any:
+    """A message field that travels as `kind` (a dataclass field; declaration order is wire order)."""
+    return field(metadata={"wire": kind})
+
+
+SESSION = FixedBytes(SESSION_BYTES)
+ID_KIND = IdKindCode()
+POSITIONS = Positions()
+
+
+@dataclass_transform(frozen_default=True, eq_default=False, field_specifiers=(field, wire))
+class AlignMessage:
+    """Base of the alignment messages: each subclass is a frozen dataclass (compared by
+    identity: fields hold arrays) whose fields all declare a wire kind, named by `what`:
+
+        class TeeJoinIds(AlignMessage, what="tee-join ids"):
+            session: bytes = wire(SESSION)
+            hashed: np.ndarray = wire(ByteRows(16))
+
+    `to_arrays()` is one tensor per field, by field name; `from_arrays()` refuses any other
+    set of names and checks each tensor (FormatError naming `what`, the field and the shape).
+    """
+
+    WHAT: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def __init_subclass__(cls, *, what: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.WHAT = what
+        dataclass(frozen=True, eq=False)(cls)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {spec.name: spec.metadata["wire"].encode(getattr(self, spec.name)) for spec in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Self:
+        kinds: dict[str, WireKind] = {spec.name: spec.metadata["wire"] for spec in fields(cls)}
+        expect_names(arrays, set(kinds), cls.WHAT)
+        return cls(**{name: kind.decode(arrays, name, cls.WHAT) for name, kind in kinds.items()})
+
+
 def check_session(got: bytes, expected: bytes, what: str) -> None:
     if got != expected:
         raise Rejected(f"{what}: the message belongs to another alignment session", check=Check.ALIGN_SESSION)
+
+
+def check_followers(followers: Sequence[str], method: str) -> list[str]:
+    """A leader's followers: distinct names, at least one."""
+    if not followers or len(set(followers)) != len(followers):
+        raise UsageError(f"{method} leader: followers must be distinct names, at least one; got {list(followers)}")
+    return list(followers)
+
+
+def check_sender(
+    follower: str, followers: Sequence[str], received: Mapping[str, Any], what: str, *, answer: str
+) -> None:
+    """A follower's `answer` to the leader: from one of its followers, the first from it."""
+    if follower not in followers:
+        raise Rejected(f"{what}: not a follower of this alignment {list(followers)}", check=Check.ALIGN_PEER)
+    if follower in received:
+        raise Rejected(f"{what}: this follower already sent its {answer}", check=Check.ALIGN_PROTOCOL)
+
+
+def check_all_answered(followers: Sequence[str], received: Mapping[str, Any], method: str, *, answer: str) -> None:
+    """The leader finishes only once every follower sent its `answer` (a caller's mistake otherwise)."""
+    missing = [name for name in followers if name not in received]
+    if missing:
+        raise UsageError(f"{method} leader: no {answer} yet from followers {missing}")
+
+
+def check_id_kind(leader: IdKind, own: IdKind, method: str) -> None:
+    """Leader and follower ids must be of one kind (str ids never equal int ids)."""
+    if leader is not own:
+        raise UsageError(
+            f"{method}: id kind mismatch: the leader has {leader.name.lower()} ids, "
+            f"this follower has {own.name.lower()} ids"
+        )
+
+
+def check_answered_session(got: bytes, answered: bytes | None, what: str) -> None:
+    """The leader's last message belongs to the session whose hello this follower answered."""
+    if answered is None:
+        raise UsageError(f"{what}: received before the leader's hello was answered")
+    check_session(got, answered, what)
 
 
 def check_positions(positions: np.ndarray, count: int, what: str) -> None:

@@ -28,39 +28,38 @@ from __future__ import annotations
 import multiprocessing
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from enclavefl.errors import Check, Rejected, UsageError
-from enclavefl.vfl.align import (
-    SESSION_BYTES,
-    AlignmentResult,
-    IdKind,
-    Ids,
-    bytes_array,
-    check_positions,
-    check_session,
-    expect_bytes,
-    expect_names,
-    expect_positions,
-    expect_rows,
-    hash_ids,
-    lex_order,
-    log_result,
-    match_rows,
-    new_session,
-    positions_array,
-)
+from enclavefl.vfl.align import ID_KIND, POSITIONS, SESSION, AlignmentResult, AlignMessage, ByteRows, IdKind, Ids, wire
+from enclavefl.vfl.align import check_all_answered, check_answered_session, check_followers, check_id_kind
+from enclavefl.vfl.align import check_positions, check_sender, check_session
+from enclavefl.vfl.align import hash_ids, lex_order, log_result, match_rows, new_session
+
+__all__ = [
+    "ECDH_PSI",
+    "HASH_PERSON",
+    "POINTS",
+    "POINT_BYTES",
+    "EcdhPsiFollower",
+    "EcdhPsiLeader",
+    "PsiFollowerReply",
+    "PsiHello",
+    "PsiLeaderReply",
+    "hash_to_points",
+    "scalarmult_rows",
+]
 
 ECDH_PSI = "ecdh-psi"
 POINT_BYTES = 32
 HASH_PERSON = b"enclavefl-psi/1"  # BLAKE2b personalisation: domain separation of H
 _CHUNK_ROWS = 16384
+POINTS = ByteRows(POINT_BYTES)
 
 
 def hash_to_points(ids: Ids) -> tuple[IdKind, np.ndarray]:
@@ -111,85 +110,35 @@ def _worker_count(workers: int | None) -> int:
     return workers
 
 
-@dataclass(frozen=True, eq=False)
-class PsiHello:
+class PsiHello(AlignMessage, what="ecdh-psi hello"):
     """Leader -> follower: the session, the leader's id kind, its blinded ids (sorted)."""
 
-    session: bytes
-    id_kind: IdKind
-    blinded: np.ndarray
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"session": bytes_array(self.session), "id_kind": self.id_kind.wire(), "blinded": self.blinded}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PsiHello:
-        what = "ecdh-psi hello"
-        expect_names(arrays, {"session", "id_kind", "blinded"}, what)
-        return cls(
-            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
-            id_kind=IdKind.from_wire(expect_bytes(arrays, "id_kind", 1, what), what),
-            blinded=expect_rows(arrays, "blinded", POINT_BYTES, what),
-        )
+    session: bytes = wire(SESSION)
+    id_kind: IdKind = wire(ID_KIND)
+    blinded: np.ndarray = wire(POINTS)
 
 
-@dataclass(frozen=True, eq=False)
-class PsiFollowerReply:
+class PsiFollowerReply(AlignMessage, what="ecdh-psi follower reply"):
     """Follower -> leader: its own blinded ids (sorted), and the leader's re-blinded."""
 
-    session: bytes
-    blinded: np.ndarray
-    reblinded: np.ndarray
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"session": bytes_array(self.session), "blinded": self.blinded, "reblinded": self.reblinded}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PsiFollowerReply:
-        what = "ecdh-psi follower reply"
-        expect_names(arrays, {"session", "blinded", "reblinded"}, what)
-        return cls(
-            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
-            blinded=expect_rows(arrays, "blinded", POINT_BYTES, what),
-            reblinded=expect_rows(arrays, "reblinded", POINT_BYTES, what),
-        )
+    session: bytes = wire(SESSION)
+    blinded: np.ndarray = wire(POINTS)
+    reblinded: np.ndarray = wire(POINTS)
 
 
-@dataclass(frozen=True, eq=False)
-class PsiLeaderReply:
+class PsiLeaderReply(AlignMessage, what="ecdh-psi leader reply"):
     """Leader -> follower: the follower's ids re-blinded, and the aligned positions."""
 
-    session: bytes
-    reblinded: np.ndarray
-    positions: np.ndarray
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "session": bytes_array(self.session),
-            "reblinded": self.reblinded,
-            "positions": positions_array(self.positions),
-        }
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PsiLeaderReply:
-        what = "ecdh-psi leader reply"
-        expect_names(arrays, {"session", "reblinded", "positions"}, what)
-        return cls(
-            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
-            reblinded=expect_rows(arrays, "reblinded", POINT_BYTES, what),
-            positions=expect_positions(arrays, "positions", what),
-        )
+    session: bytes = wire(SESSION)
+    reblinded: np.ndarray = wire(POINTS)
+    positions: np.ndarray = wire(POSITIONS)
 
 
 class EcdhPsiLeader:
     """The leader's side: blinds its ids, re-blinds each follower's, decides the order."""
 
     def __init__(self, ids: Ids, followers: Sequence[str], *, workers: int | None = None) -> None:
-        if not followers or len(set(followers)) != len(followers):
-            raise UsageError(
-                f"ecdh-psi leader: followers must be distinct names, at least one; got {list(followers)}"
-            )
-        self._followers = list(followers)
+        self._followers = check_followers(followers, ECDH_PSI)
         self._workers = _worker_count(workers)
         self._kind, self._points = hash_to_points(ids)
         self._secret = secrets.token_bytes(32)
@@ -209,10 +158,7 @@ class EcdhPsiLeader:
 
     def receive(self, follower: str, reply: PsiFollowerReply) -> None:
         what = f"ecdh-psi reply from {follower!r}"
-        if follower not in self._followers:
-            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check=Check.ALIGN_PEER)
-        if follower in self._received:
-            raise Rejected(f"{what}: this follower already replied", check=Check.ALIGN_PROTOCOL)
+        check_sender(follower, self._followers, self._received, what, answer="reply")
         if self._hello is None:
             raise UsageError(f"{what}: received before the hello was made")
         check_session(reply.session, self._session, what)
@@ -226,9 +172,7 @@ class EcdhPsiLeader:
 
     def finish(self) -> tuple[AlignmentResult, dict[str, PsiLeaderReply]]:
         """The leader's own alignment and the reply for each follower."""
-        missing = [name for name in self._followers if name not in self._received]
-        if missing:
-            raise UsageError(f"ecdh-psi leader: no reply yet from followers {missing}")
+        check_all_answered(self._followers, self._received, ECDH_PSI, answer="reply")
         n = self._sent_order.size
         in_all = np.ones(n, dtype=bool)
         positions: dict[str, np.ndarray] = {}
@@ -264,11 +208,7 @@ class EcdhPsiFollower:
         self._reblinded = np.empty((0, POINT_BYTES), dtype=np.uint8)
 
     def answer(self, hello: PsiHello) -> PsiFollowerReply:
-        if hello.id_kind is not self._kind:
-            raise UsageError(
-                f"ecdh-psi: id kind mismatch: the leader has {hello.id_kind.name.lower()} ids, "
-                f"this follower has {self._kind.name.lower()} ids"
-            )
+        check_id_kind(hello.id_kind, self._kind, ECDH_PSI)
         secret = secrets.token_bytes(32)  # fresh per session: answers to two hellos are unlinkable
         m = self._points.shape[0]
         both = scalarmult_rows(secret, np.concatenate([self._points, hello.blinded]), self._workers)
@@ -279,9 +219,7 @@ class EcdhPsiFollower:
 
     def finish(self, reply: PsiLeaderReply) -> AlignmentResult:
         what = "ecdh-psi leader reply"
-        if self._session is None:
-            raise UsageError(f"{what}: received before the leader's hello was answered")
-        check_session(reply.session, self._session, what)
+        check_answered_session(reply.session, self._session, what)
         m = self._sent_order.size
         if reply.reblinded.shape[0] != m:
             raise Rejected(

@@ -18,32 +18,27 @@ the result holds only positions into the follower's own list.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from enclavefl.errors import Check, Rejected, UsageError
-from enclavefl.vfl.align import (
-    SESSION_BYTES,
-    AlignmentResult,
-    IdKind,
-    Ids,
-    bytes_array,
-    check_positions,
-    check_session,
-    expect_bytes,
-    expect_names,
-    expect_positions,
-    expect_rows,
-    hash_ids,
-    lex_order,
-    log_result,
-    match_rows,
-    new_session,
-    positions_array,
-)
+from enclavefl.errors import UsageError
+from enclavefl.vfl.align import ID_KIND, POSITIONS, SESSION, AlignmentResult, AlignMessage, ByteRows, FixedBytes
+from enclavefl.vfl.align import IdKind, Ids, wire
+from enclavefl.vfl.align import check_all_answered, check_answered_session, check_followers, check_id_kind
+from enclavefl.vfl.align import check_positions, check_sender, check_session
+from enclavefl.vfl.align import hash_ids, lex_order, log_result, match_rows, new_session
+
+__all__ = [
+    "ORDER_KEY_BYTES",
+    "TEE_JOIN",
+    "TeeJoinFollower",
+    "TeeJoinHello",
+    "TeeJoinIds",
+    "TeeJoinLeader",
+    "TeeJoinResult",
+]
 
 TEE_JOIN = "tee-join"
 ORDER_KEY_BYTES = 32
@@ -58,70 +53,26 @@ def _keyed(digests: np.ndarray, key: bytes) -> np.ndarray:
     return np.frombuffer(out, dtype=np.uint8).reshape(-1, _DIGEST)
 
 
-@dataclass(frozen=True)
-class TeeJoinHello:
+class TeeJoinHello(AlignMessage, what="tee-join hello"):
     """Leader -> follower: the session, the order key and the leader's id kind."""
 
-    session: bytes
-    order_key: bytes
-    id_kind: IdKind
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "session": bytes_array(self.session),
-            "order_key": bytes_array(self.order_key),
-            "id_kind": self.id_kind.wire(),
-        }
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TeeJoinHello:
-        what = "tee-join hello"
-        expect_names(arrays, {"session", "order_key", "id_kind"}, what)
-        return cls(
-            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
-            order_key=expect_bytes(arrays, "order_key", ORDER_KEY_BYTES, what),
-            id_kind=IdKind.from_wire(expect_bytes(arrays, "id_kind", 1, what), what),
-        )
+    session: bytes = wire(SESSION)
+    order_key: bytes = wire(FixedBytes(ORDER_KEY_BYTES))
+    id_kind: IdKind = wire(ID_KIND)
 
 
-@dataclass(frozen=True, eq=False)
-class TeeJoinIds:
+class TeeJoinIds(AlignMessage, what="tee-join ids"):
     """Follower -> leader: the follower's keyed id hashes, uint8 [m, 16], sorted."""
 
-    session: bytes
-    hashed: np.ndarray
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"session": bytes_array(self.session), "hashed": self.hashed}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TeeJoinIds:
-        what = "tee-join ids"
-        expect_names(arrays, {"session", "hashed"}, what)
-        return cls(
-            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
-            hashed=expect_rows(arrays, "hashed", _DIGEST, what),
-        )
+    session: bytes = wire(SESSION)
+    hashed: np.ndarray = wire(ByteRows(_DIGEST))
 
 
-@dataclass(frozen=True, eq=False)
-class TeeJoinResult:
+class TeeJoinResult(AlignMessage, what="tee-join result"):
     """Leader -> follower: positions in the follower's sent list, in the common order."""
 
-    session: bytes
-    positions: np.ndarray
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"session": bytes_array(self.session), "positions": positions_array(self.positions)}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TeeJoinResult:
-        what = "tee-join result"
-        expect_names(arrays, {"session", "positions"}, what)
-        return cls(
-            session=expect_bytes(arrays, "session", SESSION_BYTES, what),
-            positions=expect_positions(arrays, "positions", what),
-        )
+    session: bytes = wire(SESSION)
+    positions: np.ndarray = wire(POSITIONS)
 
 
 class TeeJoinLeader:
@@ -132,15 +83,11 @@ class TeeJoinLeader:
     """
 
     def __init__(self, ids: Ids, followers: Sequence[str], *, order_key: bytes | None = None) -> None:
-        if not followers or len(set(followers)) != len(followers):
-            raise UsageError(
-                f"tee-join leader: followers must be distinct names, at least one; got {list(followers)}"
-            )
         if order_key is not None and len(order_key) != ORDER_KEY_BYTES:
             raise UsageError(
                 f"tee-join leader: order_key must be {ORDER_KEY_BYTES} bytes, got {len(order_key)}"
             )
-        self._followers = list(followers)
+        self._followers = check_followers(followers, TEE_JOIN)
         self._kind, digests = hash_ids(ids, digest_size=_DIGEST)
         self._key = order_key if order_key is not None else secrets.token_bytes(ORDER_KEY_BYTES)
         self._keyed = _keyed(digests, self._key)
@@ -152,18 +99,13 @@ class TeeJoinLeader:
 
     def receive(self, follower: str, message: TeeJoinIds) -> None:
         what = f"tee-join ids from {follower!r}"
-        if follower not in self._followers:
-            raise Rejected(f"{what}: not a follower of this alignment {self._followers}", check=Check.ALIGN_PEER)
-        if follower in self._received:
-            raise Rejected(f"{what}: this follower already sent its ids", check=Check.ALIGN_PROTOCOL)
+        check_sender(follower, self._followers, self._received, what, answer="ids")
         check_session(message.session, self._session, what)
         self._received[follower] = message.hashed
 
     def finish(self) -> tuple[AlignmentResult, dict[str, TeeJoinResult]]:
         """The leader's own alignment and the result message for each follower."""
-        missing = [name for name in self._followers if name not in self._received]
-        if missing:
-            raise UsageError(f"tee-join leader: no ids yet from followers {missing}")
+        check_all_answered(self._followers, self._received, TEE_JOIN, answer="ids")
         n = self._keyed.shape[0]
         in_all = np.ones(n, dtype=bool)
         positions: dict[str, np.ndarray] = {}
@@ -189,11 +131,7 @@ class TeeJoinFollower:
         self._sent_order = np.empty(0, dtype=np.int64)
 
     def answer(self, hello: TeeJoinHello) -> TeeJoinIds:
-        if hello.id_kind is not self._kind:
-            raise UsageError(
-                f"tee-join: id kind mismatch: the leader has {hello.id_kind.name.lower()} ids, "
-                f"this follower has {self._kind.name.lower()} ids"
-            )
+        check_id_kind(hello.id_kind, self._kind, TEE_JOIN)
         keyed = _keyed(self._digests, hello.order_key)
         self._sent_order = lex_order(keyed)
         self._session = hello.session
@@ -201,9 +139,7 @@ class TeeJoinFollower:
 
     def finish(self, result: TeeJoinResult) -> AlignmentResult:
         what = "tee-join result"
-        if self._session is None:
-            raise UsageError(f"{what}: received before the leader's hello was answered")
-        check_session(result.session, self._session, what)
+        check_answered_session(result.session, self._session, what)
         check_positions(result.positions, self._sent_order.size, what)
         aligned = AlignmentResult(self._sent_order[result.positions])
         log_result(TEE_JOIN, "follower", aligned.size)
