@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -17,7 +18,7 @@ from enclavefl.errors import FormatError, KeyBindingRejected, PolicyRejected, Re
 from enclavefl.net import client as client_module
 from enclavefl.net import enclavefl_pb2 as pb
 from enclavefl.net import enclavefl_pb2_grpc as pb_grpc
-from enclavefl.net.admission import Mode, PartyCredentials, Peer, build_admission, make_identity
+from enclavefl.net.admission import AdmissionRequest, Mode, PartyCredentials, Peer, build_admission, make_identity
 from enclavefl.net.client import AttestedClient, RetryPolicy, pinned_channel
 from enclavefl.net.echo import ECHO_JOB, run_echo_client, start_echo_server
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed, PeerRefused
@@ -261,6 +262,14 @@ def test_different_policy_hash(server: AttestedServer) -> None:
     assert_serves(server)
 
 
+def test_admission_request_round_trips_through_its_protobuf() -> None:
+    request = AdmissionRequest("alice", JOB, b"n" * 32, b"h" * 32, b"cert", b"sig")
+    message = request.to_proto()
+    assert message.version == 1
+    assert (message.party, message.job_id, message.signature) == ("alice", JOB, b"sig")
+    assert AdmissionRequest.from_proto(pb.AdmitRequest.FromString(message.SerializeToString())) == request
+
+
 class RawAdmission:
     """Admission RPCs by hand, over a channel pinned to the server's certificate."""
 
@@ -284,17 +293,7 @@ class RawAdmission:
                 signer, nonce=nonce, server_cert_der=server_cert_der or self.probed.der, job_id=JOB, party=party
             )
             signature = other.signature
-        return self.stub.Admit(
-            pb.AdmitRequest(
-                version=1,
-                party=party,
-                job_id=JOB,
-                nonce=nonce,
-                server_cert_sha256=request.server_cert_sha256,
-                certificate_der=request.certificate_der,
-                signature=signature,
-            )  # fmt: skip
-        )
+        return self.stub.Admit(dataclasses.replace(request, signature=signature).to_proto())
 
     def refused(self, *args: object, **kwargs: object) -> tuple[str, str]:
         with pytest.raises(grpc.RpcError) as info:

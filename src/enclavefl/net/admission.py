@@ -8,6 +8,7 @@ module wires this logic to RPCs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclavefl.errors import Check, FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
+from enclavefl.net import enclavefl_pb2 as pb
+from enclavefl.net.tensors import PROTOCOL_VERSION
 from enclavefl.tee.attesters import Attester, make_attester
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import CollateralSource, collateral_source
@@ -481,6 +484,15 @@ class AdmissionRequest:
     server_cert_sha256: bytes
     certificate_der: bytes
     signature: bytes
+
+    def to_proto(self) -> pb.AdmitRequest:
+        """The AdmitRequest that carries this admission (field names are the same)."""
+        return pb.AdmitRequest(version=PROTOCOL_VERSION, **dataclasses.asdict(self))
+
+    @classmethod
+    def from_proto(cls, message: pb.AdmitRequest) -> AdmissionRequest:
+        """The admission an AdmitRequest carries (its version is the caller's to check)."""
+        return cls(**{spec.name: getattr(message, spec.name) for spec in dataclasses.fields(cls)})
 
 
 def build_admission(

@@ -237,18 +237,8 @@ class AttestedClient:
                 self._identity, nonce=nonce.nonce, server_cert_der=probed.der, job_id=self._job_id, party=self.party
             )
             try:
-                return admission.Admit(  # type: ignore[no-any-return]
-                    pb.AdmitRequest(
-                        version=PROTOCOL_VERSION,
-                        party=request.party,
-                        job_id=request.job_id,
-                        nonce=request.nonce,
-                        server_cert_sha256=request.server_cert_sha256,
-                        certificate_der=request.certificate_der,
-                        signature=request.signature,
-                    ),
-                    timeout=self._connect_timeout_s,
-                )
+                answer: pb.AdmitResponse = admission.Admit(request.to_proto(), timeout=self._connect_timeout_s)
+                return answer
             except grpc.RpcError as exc:
                 nonce_refused = (
                     exc.code() is grpc.StatusCode.PERMISSION_DENIED and exchange.rpc_error_check(exc) == "nonce"

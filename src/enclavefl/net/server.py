@@ -91,16 +91,8 @@ class _AdmissionServicer:
     def Admit(self, request: pb.AdmitRequest, context: grpc.ServicerContext) -> pb.AdmitResponse:
         if request.version != PROTOCOL_VERSION:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"admission version {request.version} not supported")
-        admission = AdmissionRequest(
-            party=request.party,
-            job_id=request.job_id,
-            nonce=request.nonce,
-            server_cert_sha256=request.server_cert_sha256,
-            certificate_der=request.certificate_der,
-            signature=request.signature,
-        )
         try:
-            _, token = self._admitter.admit(admission)
+            _, token = self._admitter.admit(AdmissionRequest.from_proto(request))
         except Rejected as exc:
             log.warning("refused admission of party %r from %s: %s", request.party[:128], context.peer(), exc.reason)
             abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.reason, exc.check)
