@@ -965,7 +965,6 @@ def gramine_build(
     template: Path | None,
 ) -> None:
     """Render (and, where Gramine is installed, sign) the manifest of one party's enclave."""
-    from enclavefl.jobs.config import load_job
     from enclavefl.jobs.gramine import EnclaveParams, build_enclave
 
     params = EnclaveParams(
@@ -976,8 +975,6 @@ def gramine_build(
         edmm=edmm,
         torch_threads=torch_threads,
     )
-    if out_dir is None:
-        out_dir = Path("build") / "gramine" / load_job(job_file).job.name / party
     result = build_enclave(
         job_file,
         party,

@@ -65,6 +65,7 @@ __all__ = [
     "Mount",
     "PythonRuntime",
     "build_enclave",
+    "default_build_dir",
     "default_template_path",
     "mount_key_name",
     "plan_manifest",
@@ -272,25 +273,55 @@ def plan_manifest(
     job_file = Path(job_file).resolve()
     job = load_job(job_file)
     name = job.party(party).name
+    measure_policy = _measures_policy(job, measure_policy)
     notes: list[str] = []
-
-    policy = Policy.load(job.policy)
-    pins_enclave = "mr_enclave" in policy.enabled_sgx_fields
-    if measure_policy is None:
-        measure_policy = not pins_enclave
-    elif measure_policy and pins_enclave:
-        raise ConfigError(
-            f"policy {job.policy} pins mr_enclave, so it cannot be measured into the enclave whose "
-            "mr_enclave it lists; leave it unmeasured (peers compare its SHA-256 at admission)"
-        )
     if job.tee.attester == "simulated":
         notes.append(
             "tee.attester is 'simulated': this enclave would present INSECURE self-reported "
             "evidence; set tee.attester to gramine (or auto) for SGX"
         )
-
     code_dirs = _outermost([runtime.stdlib, *runtime.site_packages, runtime.package])
-    trusted = [
+    trusted = _trusted_entries(runtime, job, job_file, code_dirs, measure_policy=measure_policy)
+    allowed = _allowed_entries(job, name, trusted, measure_policy=measure_policy, notes=notes)
+    checkpoint = _checkpoint_mount(job, name, allowed, notes=notes)
+    _check_overlaps(trusted, allowed)
+    env = _party_env(runtime, params, job, job_file, code_dirs)
+    return ManifestPlan(
+        job_file=job_file,
+        party=name,
+        entrypoint=str(runtime.executable),
+        argv=_party_argv(runtime, job, job_file, name),
+        env=tuple(sorted(env.items())),
+        start_dir=str(job_file.parent),
+        mounts=_mounts(trusted, allowed, checkpoint),
+        trusted=tuple(dict.fromkeys([_LIBOS, f"file:{_RUNTIME_DIR}/", *(e.uri for e in trusted)])),
+        allowed=tuple(dict.fromkeys(e.uri for e in allowed)),
+        params=params,
+        policy_measured=measure_policy,
+        checkpoint_mount=checkpoint,
+        output_dir=str(job.output.dir),
+        notes=tuple(notes),
+    )
+
+
+def _measures_policy(job: JobConfig, measure_policy: bool | None) -> bool:
+    """Whether the policy file is measured: asked for, or (None) unless it pins mr_enclave."""
+    pins_enclave = "mr_enclave" in Policy.load(job.policy).enabled_sgx_fields
+    if measure_policy is None:
+        return not pins_enclave
+    if measure_policy and pins_enclave:
+        raise ConfigError(
+            f"policy {job.policy} pins mr_enclave, so it cannot be measured into the enclave whose "
+            "mr_enclave it lists; leave it unmeasured (peers compare its SHA-256 at admission)"
+        )
+    return measure_policy
+
+
+def _trusted_entries(
+    runtime: PythonRuntime, job: JobConfig, job_file: Path, code_dirs: Sequence[Path], *, measure_policy: bool
+) -> list[_Entry]:
+    """What the enclave measures: the interpreter and its libraries, the code, the job (and policy)."""
+    return [
         _Entry(Path(runtime.arch_libdir), True),
         _Entry(Path("/usr" + runtime.arch_libdir), True),
         _Entry(runtime.executable, False),
@@ -303,8 +334,14 @@ def plan_manifest(
         *([_Entry(CA_BUNDLE, False)] if CA_BUNDLE.is_file() else []),
     ]
 
+
+def _allowed_entries(
+    job: JobConfig, party: str, trusted: Sequence[_Entry], *, measure_policy: bool, notes: list[str]
+) -> list[_Entry]:
+    """What the enclave may read unmeasured: host configuration, its data, outputs, an
+    unmeasured policy, offline collateral, a file: storage key (each with its note)."""
     allowed = [_Entry(Path(p), False) for p in HOST_CONFIG_FILES]
-    data, data_notes = _data_allowance(job, name, [e.path for e in trusted])
+    data, data_notes = _data_allowance(job, party, [e.path for e in trusted])
     allowed += data
     notes += data_notes
     allowed.append(_Entry(job.output.dir, True))
@@ -312,28 +349,37 @@ def plan_manifest(
         allowed.append(_Entry(job.policy, False))
     if job.tee.collateral is not None:
         allowed.append(_Entry(job.tee.collateral, False))
+    if job.storage is not None and job.storage.key.startswith("file:"):
+        allowed.append(_Entry(Path(job.storage.key.removeprefix("file:")), False))
+        notes.append(
+            "storage.key is a file: key on the host (INSECURE inside SGX: the host can read "
+            "it); use sgx-seal:mrsigner or broker:HOST:PORT/NAME"
+        )
+    return allowed
 
-    checkpoint: Mount | None = None
-    if job.storage is not None:
-        key_spec = job.storage.key
-        if key_spec.startswith("file:"):
-            allowed.append(_Entry(Path(key_spec.removeprefix("file:")), False))
-            notes.append(
-                "storage.key is a file: key on the host (INSECURE inside SGX: the host can read "
-                "it); use sgx-seal:mrsigner or broker:HOST:PORT/NAME"
-            )
-        ckpt = job.storage.party_dir(name)
-        checkpoint = Mount(path=str(ckpt), uri=f"file:{ckpt}", type="encrypted", key_name=mount_key_name(key_spec))
-        if checkpoint.key_name == CHECKPOINT_KEY_NAME:
-            notes.append(
-                f"checkpoints: the party must provision Gramine key {CHECKPOINT_KEY_NAME!r} from its "
-                f"{key_spec.split(':', 1)[0]}: key (enclavefl.jobs.gramine.provision_mount_key) before "
-                "it opens its checkpoint directory"
-            )
-        if any(_inside(ckpt, e.path) for e in allowed if e.is_dir):
-            notes.append(f"checkpoint directory {ckpt} lies inside an allowed directory: keep it apart")
 
-    _check_overlaps(trusted, allowed)
+def _checkpoint_mount(job: JobConfig, party: str, allowed: Sequence[_Entry], *, notes: list[str]) -> Mount | None:
+    """The party's encrypted checkpoint mount (None without storage), with what to know about it."""
+    if job.storage is None:
+        return None
+    key_spec = job.storage.key
+    ckpt = job.storage.party_dir(party)
+    checkpoint = Mount(path=str(ckpt), uri=f"file:{ckpt}", type="encrypted", key_name=mount_key_name(key_spec))
+    if checkpoint.key_name == CHECKPOINT_KEY_NAME:
+        notes.append(
+            f"checkpoints: the party must provision Gramine key {CHECKPOINT_KEY_NAME!r} from its "
+            f"{key_spec.split(':', 1)[0]}: key (enclavefl.jobs.gramine.provision_mount_key) before "
+            "it opens its checkpoint directory"
+        )
+    if any(_inside(ckpt, e.path) for e in allowed if e.is_dir):
+        notes.append(f"checkpoint directory {ckpt} lies inside an allowed directory: keep it apart")
+    return checkpoint
+
+
+def _party_env(
+    runtime: PythonRuntime, params: EnclaveParams, job: JobConfig, job_file: Path, code_dirs: Sequence[Path]
+) -> dict[str, str]:
+    """The enclave's environment: the loader's, the job's code roots, Keras and TLS roots."""
     env = _loader_env(runtime, params, job_file)
     # Listed code: modules outside site-packages are found through PYTHONPATH, as here.
     code_roots = [path.parent for path in job.job_code().measured().values()
@@ -344,35 +390,27 @@ def plan_manifest(
         env.update(_keras_env(params, code_dirs))
     if CA_BUNDLE.is_file():
         env["SSL_CERT_FILE"] = str(CA_BUNDLE)
+    return env
 
+
+def _mounts(trusted: Sequence[_Entry], allowed: Sequence[_Entry], checkpoint: Mount | None) -> tuple[Mount, ...]:
+    """Gramine's runtime, the host directories holding what is trusted or allowed, /tmp, checkpoints."""
     mounts = [Mount(path="/lib", uri=f"file:{_RUNTIME_DIR}")]
     mounts += [Mount(path=str(d), uri=f"file:{d}") for d in _mount_roots([*trusted, *allowed])]
     mounts.append(Mount(path="/tmp", type="tmpfs"))
     if checkpoint is not None:
         mounts.append(checkpoint)
+    return tuple(mounts)
 
-    # The command line is measured, so the host cannot add --resume after a crash: a party
-    # with storage always resumes (its first start finds no checkpoint and starts fresh).
-    argv = (
+
+def _party_argv(runtime: PythonRuntime, job: JobConfig, job_file: Path, party: str) -> tuple[str, ...]:
+    """`enclavefl party` for this party. The command line is measured, so the host cannot add
+    --resume after a crash: a party with storage always resumes (its first start finds no
+    checkpoint and starts fresh)."""
+    return (
         str(runtime.executable), "-m", "enclavefl", "party", str(job_file),
-        "--name", name, "--out", str(job.output.dir), *(("--resume",) if job.storage is not None else ()),
+        "--name", party, "--out", str(job.output.dir), *(("--resume",) if job.storage is not None else ()),
     )  # fmt: skip
-    return ManifestPlan(
-        job_file=job_file,
-        party=name,
-        entrypoint=str(runtime.executable),
-        argv=argv,
-        env=tuple(sorted(env.items())),
-        start_dir=str(job_file.parent),
-        mounts=tuple(mounts),
-        trusted=tuple(dict.fromkeys([_LIBOS, f"file:{_RUNTIME_DIR}/", *(e.uri for e in trusted)])),
-        allowed=tuple(dict.fromkeys(e.uri for e in allowed)),
-        params=params,
-        policy_measured=measure_policy,
-        checkpoint_mount=checkpoint,
-        output_dir=str(job.output.dir),
-        notes=tuple(notes),
-    )
 
 
 def _data_allowance(job: JobConfig, party: str, measured: Sequence[Path]) -> tuple[list[_Entry], list[str]]:
@@ -581,11 +619,16 @@ class BuildResult:
         return self.measurement is not None
 
 
+def default_build_dir(job_file: Path, party: str) -> Path:
+    """Where `build_enclave` writes by default: build/gramine/<job name>/<party>."""
+    return Path("build") / "gramine" / load_job(job_file).job.name / party
+
+
 def build_enclave(
     job_file: Path,
     party: str,
     *,
-    out_dir: Path,
+    out_dir: Path | None = None,
     signing_key: Path | None = None,
     params: EnclaveParams = EnclaveParams(),
     runtime: PythonRuntime | None = None,
@@ -596,29 +639,51 @@ def build_enclave(
     """Render party `party`'s manifest into `out_dir`; where Gramine is installed, sign it.
 
     Always writes enclavefl.manifest.template (this party's) and host-dirs (the directories
-    to create before the enclave starts, one a line). `tool_path` is the PATH searched for
-    gramine-manifest and gramine-sgx-sign (default: $PATH). Signing adds enclavefl.manifest,
-    enclavefl.manifest.sgx, enclavefl.sig and measurement.json (the `enclavefl measure --json`
-    shape, for `policy init --from-measure`).
+    to create before the enclave starts, one a line). `out_dir` None: `default_build_dir`.
+    `tool_path` is the PATH searched for gramine-manifest and gramine-sgx-sign (default:
+    $PATH). Signing adds enclavefl.manifest, enclavefl.manifest.sgx, enclavefl.sig and
+    measurement.json (the `enclavefl measure --json` shape, for `policy init --from-measure`).
     """
+    if out_dir is None:
+        out_dir = default_build_dir(job_file, party)
     plan = plan_manifest(job_file, party, runtime=runtime, params=params, measure_policy=measure_policy)
+    out_dir = Path(out_dir)
+    rendered = _write_manifest_template(plan, template, out_dir)
+    tools = {name: shutil.which(name, path=tool_path) for name in GRAMINE_TOOLS}
+    missing = tuple(name for name, found in tools.items() if found is None)
+    if missing:
+        return BuildResult(out_dir=out_dir, template=rendered, plan=plan, missing_tools=missing)
+    manifest_sgx, sigstruct, measurement = _sign_enclave(tools, rendered, out_dir, signing_key)
+    write_measurement(measurement, out_dir / MEASUREMENT_FILE)
+    return BuildResult(
+        out_dir=out_dir,
+        template=rendered,
+        plan=plan,
+        manifest_sgx=manifest_sgx,
+        sigstruct=sigstruct,
+        measurement=measurement,
+    )
+
+
+def _write_manifest_template(plan: ManifestPlan, template: Path | None, out_dir: Path) -> Path:
+    """Render `plan` into `template` (default: the shipped one) in `out_dir`, with host-dirs beside it."""
     template_path = Path(template) if template is not None else default_template_path()
     try:
         template_text = template_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read manifest template {template_path}: {exc.strerror or exc}") from None
     text = render_manifest(plan, template_text)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rendered = out_dir / TEMPLATE_NAME
     atomic_write_bytes(rendered, text.encode("utf-8"))
     atomic_write_bytes(out_dir / HOST_DIRS_FILE, "".join(f"{d}\n" for d in plan.host_dirs).encode("utf-8"))
+    return rendered
 
-    tools = {name: shutil.which(name, path=tool_path) for name in GRAMINE_TOOLS}
-    missing = tuple(name for name, found in tools.items() if found is None)
-    if missing:
-        return BuildResult(out_dir=out_dir, template=rendered, plan=plan, missing_tools=missing)
 
+def _sign_enclave(
+    tools: dict[str, str | None], rendered: Path, out_dir: Path, signing_key: Path | None
+) -> tuple[Path, Path, Measurement]:
+    """gramine-manifest then gramine-sgx-sign; the SIGSTRUCT's identity, checked against the key."""
     key = Path(signing_key if signing_key is not None else DEFAULT_SIGNING_KEY).expanduser()
     if not key.is_file():
         raise UsageError(
@@ -640,15 +705,7 @@ def build_enclave(
             f"{sigstruct}: mr_signer {measurement.mr_signer.hex()} is not that of the signing key "
             f"{key} ({expected_signer.hex()})"
         )
-    write_measurement(measurement, out_dir / MEASUREMENT_FILE)
-    return BuildResult(
-        out_dir=out_dir,
-        template=rendered,
-        plan=plan,
-        manifest_sgx=manifest_sgx,
-        sigstruct=sigstruct,
-        measurement=measurement,
-    )
+    return manifest_sgx, sigstruct, measurement
 
 
 def write_measurement(measurement: Measurement, path: Path) -> None:
