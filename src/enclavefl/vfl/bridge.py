@@ -27,6 +27,7 @@ that rejoins unable to restore a checkpoint it had committed is refused by the l
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -89,6 +90,42 @@ def _data_name(meta: Mapping[str, Any], field: str, what: str) -> str:
     if not _NAME.fullmatch(value):
         raise FormatError(f"{what}: message name {value!r} must match {_NAME.pattern}")
     return value
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A follower's call inside its session: who, how errors name the call, which iteration."""
+
+    party: str
+    what: str
+    iteration: int
+
+
+_Handler = Callable[["LeaderBridge", _Call, Message], Message]
+
+
+def _in_session(action: str) -> Callable[[_Handler], Callable[[LeaderBridge, Peer, Message], Message]]:
+    """A handler of a follower's per-iteration call (`action` names it in errors).
+
+    The wrapper checks the party and the iteration field, then runs the handler under the
+    bridge's lock; a call made under a stale session is answered "rejoin" before its other
+    fields are read.
+    """
+
+    def wrap(handler: _Handler) -> Callable[[LeaderBridge, Peer, Message], Message]:
+        @functools.wraps(handler)
+        def handle(self: LeaderBridge, peer: Peer, request: Message) -> Message:
+            party = self._party(peer)
+            what = f"{action} {party}"
+            iteration = meta_int(request.meta, "iteration", what, minimum=0)
+            with self._cond:
+                if self._stale(party, request.meta):
+                    return self._rejoin()
+                return handler(self, _Call(party, what, iteration), request)
+
+        return handle
+
+    return wrap
 
 
 class LeaderBridge:
@@ -372,90 +409,72 @@ class LeaderBridge:
             "sealed": self._sealed,
         })  # fmt: skip
 
-    def _on_start(self, peer: Peer, request: Message) -> Message:
-        party = self._party(peer)
-        what = f"start from {party}"
-        iteration = meta_int(request.meta, "iteration", what, minimum=0)
+    @_in_session("start from")
+    def _on_start(self, call: _Call, request: Message) -> Message:
+        party, what, iteration = call.party, call.what, call.iteration
         committed = meta_int(request.meta, "committed", what)
-        with self._cond:
+        plan = self._require_plan()
+        if committed > self._opened:
+            raise Rejected(f"{what}: commits iteration {committed}, which was never opened", check=Check.VFL_PROTOCOL)
+        if committed > self._committed[party]:
+            self._committed[party] = committed
+            if plan.is_checkpoint(committed):
+                self._follower_sealed[party] = max(self._follower_sealed[party], committed)
+            for key in [k for k in self._outbox if k[2] == party and k[0] <= committed]:
+                del self._outbox[key]
+            self._cond.notify_all()
+        deadline = time.monotonic() + self._poll_s
+        while True:
             if self._stale(party, request.meta):
                 return self._rejoin()
-            plan = self._require_plan()
-            if committed > self._opened:
+            if iteration <= self._opened:
+                return Message(meta={"status": "open", "iteration": iteration, "sealed": self._sealed})
+            if iteration > self._opened + 1:
                 raise Rejected(
-                    f"{what}: commits iteration {committed}, which was never opened", check=Check.VFL_PROTOCOL
-                )
-            if committed > self._committed[party]:
-                self._committed[party] = committed
-                if plan.is_checkpoint(committed):
-                    self._follower_sealed[party] = max(self._follower_sealed[party], committed)
-                for key in [k for k in self._outbox if k[2] == party and k[0] <= committed]:
-                    del self._outbox[key]
-                self._cond.notify_all()
-            deadline = time.monotonic() + self._poll_s
-            while True:
-                if self._stale(party, request.meta):
-                    return self._rejoin()
-                if iteration <= self._opened:
-                    return Message(meta={"status": "open", "iteration": iteration, "sealed": self._sealed})
-                if iteration > self._opened + 1:
-                    raise Rejected(
-                        f"{what}: asks for iteration {iteration}, but only {self._opened} is open",
-                        check=Check.VFL_PROTOCOL,
-                    )
-                need = plan.total - 1 if iteration == plan.total else plan.required(iteration)
-                if iteration == plan.total and self._closing:
-                    return Message(meta={"status": "done"})
-                remaining = deadline - time.monotonic()
-                # Waiting on this follower's own commits: tell it at once.
-                if self._committed[party] < need or remaining <= 0:
-                    return Message(meta={"status": "wait", "commit_through": need})
-                self._cond.wait(remaining)
-
-    def _on_send(self, peer: Peer, request: Message) -> Message:
-        party = self._party(peer)
-        what = f"data from {party}"
-        iteration = meta_int(request.meta, "iteration", what, minimum=0)
-        name = _data_name(request.meta, "name", what)
-        reply = request.meta.get("reply")
-        if reply is not None:
-            reply = _data_name(request.meta, "reply", what)
-        with self._cond:
-            if self._stale(party, request.meta):
-                return self._rejoin()
-            if iteration > self._opened:
-                raise Rejected(f"{what}: iteration {iteration} is not open", check=Check.VFL_PROTOCOL)
-            key = (iteration, name, party)
-            duplicate = (
-                (iteration, name) in self._collected or key in self._inbox or iteration <= self._committed[party]
-            )
-            if duplicate:
-                log.debug("dropped a duplicate %r for iteration %d from %s", name, iteration, party)
-            else:
-                if self._validate is not None:
-                    self._validate(party, iteration, name, request)
-                self._inbox[key] = request
-                self._cond.notify_all()
-            status = "duplicate" if duplicate else "ok"
-            if reply is None:
-                return Message(meta={"status": status})
-            answer = self._await_reply(party, request.meta, (iteration, reply, party))
-            return answer or Message(meta={"status": status})
-
-    def _on_recv(self, peer: Peer, request: Message) -> Message:
-        party = self._party(peer)
-        what = f"receive by {party}"
-        iteration = meta_int(request.meta, "iteration", what, minimum=0)
-        name = _data_name(request.meta, "name", what)
-        with self._cond:
-            if self._stale(party, request.meta):
-                return self._rejoin()
-            if iteration <= self._committed[party] or iteration > self._opened:
-                raise Rejected(
-                    f"{what}: iteration {iteration} is committed or not open (open through {self._opened})",
+                    f"{what}: asks for iteration {iteration}, but only {self._opened} is open",
                     check=Check.VFL_PROTOCOL,
                 )
-            return self._await_reply(party, request.meta, (iteration, name, party)) or Message(meta={"status": "wait"})
+            need = plan.total - 1 if iteration == plan.total else plan.required(iteration)
+            if iteration == plan.total and self._closing:
+                return Message(meta={"status": "done"})
+            remaining = deadline - time.monotonic()
+            # Waiting on this follower's own commits: tell it at once.
+            if self._committed[party] < need or remaining <= 0:
+                return Message(meta={"status": "wait", "commit_through": need})
+            self._cond.wait(remaining)
+
+    @_in_session("data from")
+    def _on_send(self, call: _Call, request: Message) -> Message:
+        party, what, iteration = call.party, call.what, call.iteration
+        name = _data_name(request.meta, "name", what)
+        reply = None if request.meta.get("reply") is None else _data_name(request.meta, "reply", what)
+        if iteration > self._opened:
+            raise Rejected(f"{what}: iteration {iteration} is not open", check=Check.VFL_PROTOCOL)
+        key = (iteration, name, party)
+        duplicate = (iteration, name) in self._collected or key in self._inbox or iteration <= self._committed[party]
+        if duplicate:
+            log.debug("dropped a duplicate %r for iteration %d from %s", name, iteration, party)
+        else:
+            if self._validate is not None:
+                self._validate(party, iteration, name, request)
+            self._inbox[key] = request
+            self._cond.notify_all()
+        status = "duplicate" if duplicate else "ok"
+        if reply is None:
+            return Message(meta={"status": status})
+        answer = self._await_reply(party, request.meta, (iteration, reply, party))
+        return answer or Message(meta={"status": status})
+
+    @_in_session("receive by")
+    def _on_recv(self, call: _Call, request: Message) -> Message:
+        party, what, iteration = call.party, call.what, call.iteration
+        name = _data_name(request.meta, "name", what)
+        if iteration <= self._committed[party] or iteration > self._opened:
+            raise Rejected(
+                f"{what}: iteration {iteration} is committed or not open (open through {self._opened})",
+                check=Check.VFL_PROTOCOL,
+            )
+        return self._await_reply(party, request.meta, (iteration, name, party)) or Message(meta={"status": "wait"})
 
     def _on_leave(self, peer: Peer, request: Message) -> Message:
         party = self._party(peer)
