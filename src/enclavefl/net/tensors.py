@@ -509,74 +509,115 @@ def decode_message(
     Raises FormatError on anything malformed; the partial tensor's writer is aborted.
     """
     sink = sink or ArraySink()
-    header = next(frames, None)
-    if isinstance(header, Malformed):
-        raise FormatError(header.reason)
-    if not isinstance(header, pb.Frame) or header.WhichOneof("kind") != "header":
+    head = _call_header(next(frames, None), limits)
+    reader = _MessageReader(Message(meta=_message_meta(head.meta_json, limits)), head.tensor_count, sink, limits)
+    try:
+        for frame in frames:
+            reader.feed(frame)
+        return head.method, reader.finish()
+    finally:
+        reader.abort()
+
+
+def _call_header(frame: Frame | Malformed | None, limits: Limits) -> pb.CallHeader:
+    """The call header every message starts with, within the limits."""
+    if isinstance(frame, Malformed):
+        raise FormatError(frame.reason)
+    if not isinstance(frame, pb.Frame) or frame.WhichOneof("kind") != "header":
         raise FormatError("message must start with a call header")
-    head = header.header
+    head = frame.header
     if head.version != PROTOCOL_VERSION:
         raise FormatError(f"call header version {head.version} not supported (expected {PROTOCOL_VERSION})")
     if head.tensor_count > limits.max_tensors:
         raise FormatError(f"message declares {head.tensor_count} tensors, limit {limits.max_tensors}")
     if len(head.meta_json) > limits.max_meta_bytes:
         raise FormatError(f"message meta has {len(head.meta_json)} characters, limit {limits.max_meta_bytes}")
+    return head
+
+
+def _message_meta(meta_json: str, limits: Limits) -> dict[str, Any]:
+    """The message's meta: a JSON object (empty when none was sent)."""
     try:
-        meta = json.loads(head.meta_json) if head.meta_json else {}
+        meta = json.loads(meta_json) if meta_json else {}
     except ValueError as exc:  # also integers too long to convert
         raise FormatError(f"message meta is not valid JSON: {exc}") from exc
     except RecursionError:
         raise FormatError("message meta is nested too deeply") from None
     if not isinstance(meta, dict):
         raise FormatError(f"message meta must be a JSON object, got {type(meta).__name__}")
+    return meta
 
-    message = Message(meta=meta)
-    total = 0
-    spec: TensorSpec | None = None
-    writer: TensorWriter | None = None
-    received = 0
-    try:
-        for frame in frames:
-            if isinstance(frame, Malformed):
-                raise FormatError(frame.reason)
-            if isinstance(frame, Chunk):
-                if spec is None or writer is None:
-                    raise FormatError("tensor chunk outside a tensor")
-                chunk = frame
-                if chunk.offset != received:
-                    raise FormatError(f"tensor {spec.name!r}: chunk at offset {chunk.offset}, expected {received}")
-                if received + len(chunk.data) > spec.nbytes:
-                    raise FormatError(
-                        f"tensor {spec.name!r}: {received + len(chunk.data)} bytes received, declared {spec.nbytes}"
-                    )
-                writer.write(chunk.data)
-                received += len(chunk.data)
-            elif frame.WhichOneof("kind") == "tensor":
-                if spec is not None:
-                    if writer is None or received != spec.nbytes:
-                        raise FormatError(f"tensor {spec.name!r}: {received} of {spec.nbytes} bytes before next tensor")
-                    message.tensors[spec.name] = writer.close()
-                    writer = None
-                spec = _header_spec(frame.tensor, limits)
-                if spec.name in message.tensors:
-                    raise FormatError(f"tensor {spec.name!r} sent twice")
-                if len(message.tensors) >= head.tensor_count:
-                    raise FormatError(f"more tensors than the {head.tensor_count} declared")
-                total += spec.nbytes
-                if total > limits.max_total_bytes:
-                    raise FormatError(f"message exceeds {limits.max_total_bytes} tensor bytes")
-                writer = sink.open(spec)
-                received = 0
-            else:
-                raise FormatError(f"unexpected {frame.WhichOneof('kind') or 'empty'} frame inside a message")
-        if spec is not None:
-            if writer is None or received != spec.nbytes:
-                raise FormatError(f"tensor {spec.name!r}: stream ended after {received} of {spec.nbytes} bytes")
-            message.tensors[spec.name] = writer.close()
-            writer = None
-        if len(message.tensors) != head.tensor_count:
-            raise FormatError(f"message declared {head.tensor_count} tensors, {len(message.tensors)} arrived")
-    finally:
-        if writer is not None:
-            writer.abort()
-    return head.method, message
+
+class _MessageReader:
+    """The tensors of one message, frame by frame: each tensor's header, then its chunks in
+    order, into a writer from the sink; never more tensors or bytes than declared or allowed."""
+
+    def __init__(self, message: Message, declared: int, sink: TensorSink, limits: Limits) -> None:
+        self.message = message
+        self._declared = declared
+        self._sink = sink
+        self._limits = limits
+        self._spec: TensorSpec | None = None
+        self._writer: TensorWriter | None = None
+        self._received = 0
+        self._total = 0
+
+    def feed(self, frame: Frame | Malformed) -> None:
+        if isinstance(frame, Malformed):
+            raise FormatError(frame.reason)
+        if isinstance(frame, Chunk):
+            self._write(frame)
+        elif frame.WhichOneof("kind") == "tensor":
+            self._close_tensor("{received} of {nbytes} bytes before next tensor")
+            self._open_tensor(frame.tensor)
+        else:
+            raise FormatError(f"unexpected {frame.WhichOneof('kind') or 'empty'} frame inside a message")
+
+    def finish(self) -> Message:
+        """The whole message, once the stream has ended: every declared tensor complete."""
+        self._close_tensor("stream ended after {received} of {nbytes} bytes")
+        if len(self.message.tensors) != self._declared:
+            raise FormatError(f"message declared {self._declared} tensors, {len(self.message.tensors)} arrived")
+        return self.message
+
+    def abort(self) -> None:
+        """Drop a partly received tensor (nothing to do after `finish`)."""
+        if self._writer is not None:
+            self._writer.abort()
+
+    def _write(self, chunk: Chunk) -> None:
+        spec, writer = self._spec, self._writer
+        if spec is None or writer is None:
+            raise FormatError("tensor chunk outside a tensor")
+        if chunk.offset != self._received:
+            raise FormatError(f"tensor {spec.name!r}: chunk at offset {chunk.offset}, expected {self._received}")
+        if self._received + len(chunk.data) > spec.nbytes:
+            raise FormatError(
+                f"tensor {spec.name!r}: {self._received + len(chunk.data)} bytes received, declared {spec.nbytes}"
+            )
+        writer.write(chunk.data)
+        self._received += len(chunk.data)
+
+    def _close_tensor(self, incomplete: str) -> None:
+        """Add the tensor being received to the message; `incomplete` explains a short one."""
+        spec = self._spec
+        if spec is None:
+            return
+        if self._writer is None or self._received != spec.nbytes:
+            detail = incomplete.format(received=self._received, nbytes=spec.nbytes)
+            raise FormatError(f"tensor {spec.name!r}: {detail}")
+        self.message.tensors[spec.name] = self._writer.close()
+        self._writer = None
+
+    def _open_tensor(self, header: pb.TensorHeader) -> None:
+        spec = _header_spec(header, self._limits)
+        if spec.name in self.message.tensors:
+            raise FormatError(f"tensor {spec.name!r} sent twice")
+        if len(self.message.tensors) >= self._declared:
+            raise FormatError(f"more tensors than the {self._declared} declared")
+        self._total += spec.nbytes
+        if self._total > self._limits.max_total_bytes:
+            raise FormatError(f"message exceeds {self._limits.max_total_bytes} tensor bytes")
+        self._spec = spec
+        self._writer = self._sink.open(spec)
+        self._received = 0
