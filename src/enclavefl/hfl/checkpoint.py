@@ -29,6 +29,7 @@ import torch
 from enclavefl.errors import Check, FormatError, Rejected, SealError, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
+from enclavefl.validate import is_int
 
 __all__ = [
     "CheckpointStore",
@@ -73,7 +74,7 @@ class CheckpointStore:
         keep_last: int = 3,
         freshness: VersionRegister | None = None,
     ) -> None:
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        if not is_int(keep_last) or keep_last < 1:
             raise UsageError(f"keep_last must be an int >= 1, got {keep_last!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", artifact):
             raise UsageError(f"checkpoint artifact name must be [A-Za-z0-9._-]+, got {artifact!r}")

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from enclavefl.errors import ConfigError, FormatError, UsageError
 from enclavefl.hfl.contract import Contribution
 from enclavefl.privacy.central import CentralDp
+from enclavefl.validate import is_int, is_number
 
 __all__ = ["DpFedAvg"]
 
@@ -68,7 +69,7 @@ class DpFedAvg:
         max_epsilon: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        if not is_int(population) or population < 1:
             raise UsageError(f"population must be an int >= 1, got {population!r}")
         self.population = population
         self.central = CentralDp(fraction=fraction, clip=clip, delta=delta, rounds=rounds,
@@ -109,7 +110,7 @@ class DpFedAvg:
             mean, metrics = self.central.noise_only(like, population=self.population), self.central.report()
         new = {n: (np.asarray(state[n], dtype=np.float64) + mean[n].double().numpy()).astype(state[n].dtype)
                for n in names}  # fmt: skip
-        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: float(v) for k, v in metrics.items() if is_number(v)}
         return new, {**numbers, "dp_sampled_workers": float(len(updates))}
 
     def stop_reason(self) -> str | None:

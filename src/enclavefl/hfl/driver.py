@@ -30,6 +30,7 @@ from enclavefl.hfl.contract import Contribution, check_strategy
 from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.state import load_state, model_state
 from enclavefl.hfl.strategies import GradContribution, UpdateContribution
+from enclavefl.validate import is_int, is_number
 
 __all__ = ["Accumulator", "StrategyDriver"]
 
@@ -124,7 +125,7 @@ class StrategyDriver:
         self.streaming = callable(getattr(strategy, "aggregate_mean", None))
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         version = getattr(strategy, "version", 0)
-        self.version = version if isinstance(version, int) and not isinstance(version, bool) else 0
+        self.version = version if is_int(version) else 0
         self.config: dict[str, Any] = {}
         self._held: list[Contribution] = []
         self._sum = Accumulator(layout, self.device)
@@ -239,7 +240,7 @@ class StrategyDriver:
         if saved["name"] != self.name:
             raise ConfigError(f"checkpoint is of strategy {saved['name']!r}, this job runs {self.name!r}")
         version = saved["version"]
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        if not is_int(version) or version < 0:
             raise FormatError(f"checkpoint version must be an int >= 0, got {version!r}")
         self.strategy.load_state_dict(saved["strategy"])
         if "model" in saved:
@@ -251,7 +252,7 @@ class StrategyDriver:
 
     def _check_version(self) -> None:
         own = getattr(self.strategy, "version", None)
-        if isinstance(own, int) and not isinstance(own, bool) and own != self.version:
+        if is_int(own) and own != self.version:
             raise FormatError(f"strategy {self.name} is at version {own}, the server at {self.version}")
 
     def _public(
@@ -311,7 +312,7 @@ def _metrics(name: str, metrics: Any) -> dict[str, float]:
         raise UsageError(f"strategy {name}: metrics must be a mapping of name -> number, got {type(metrics).__name__}")
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        if not (is_number(value) or isinstance(value, np.number)):
             raise UsageError(f"strategy {name}: metric {key!r} must be a number, got {value!r}")
         out[str(key)] = float(value)
     return out

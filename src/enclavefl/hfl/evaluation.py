@@ -23,6 +23,7 @@ from enclavefl.errors import UsageError
 from enclavefl.hfl import wire
 from enclavefl.net.tensors import Message
 from enclavefl.train.metrics import EvalStats, aggregate_stats
+from enclavefl.validate import is_number
 
 __all__ = ["EvalPool", "Reported", "eval_record", "parse_report", "pool"]
 
@@ -49,10 +50,10 @@ def parse_report(request: Message) -> Report:
         )
     examples = wire.meta_int(request.meta, "examples", minimum=1)
     loss, metrics = request.meta.get("loss"), request.meta.get("metrics")
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+    if not is_number(loss) or not math.isfinite(loss):
         raise UsageError(f"evaluation report: loss must be a finite number, got {loss!r}")
     if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        isinstance(k, str) and is_number(v) and math.isfinite(v)
         for k, v in metrics.items()
     ):
         raise UsageError("evaluation report: metrics must map names to finite numbers")

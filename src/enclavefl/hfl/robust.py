@@ -21,6 +21,7 @@ import numpy as np
 from enclavefl.errors import ConfigError, FormatError, UsageError
 from enclavefl.hfl.contract import Contribution
 from enclavefl.hfl.registry import NoParams, TrimmedMeanParams
+from enclavefl.validate import is_number
 
 __all__ = ["CoordinateMedian", "TrimmedMean"]
 
@@ -99,11 +100,7 @@ class TrimmedMean(_RobustAggregator):
 
     def __init__(self, trim_fraction: float = 0.1) -> None:
         super().__init__()
-        if (
-            isinstance(trim_fraction, bool)
-            or not isinstance(trim_fraction, (int, float))
-            or not (0 <= trim_fraction < 0.5)
-        ):
+        if not is_number(trim_fraction) or not 0 <= trim_fraction < 0.5:
             raise UsageError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
         self.trim_fraction = float(trim_fraction)
         self._warned = False

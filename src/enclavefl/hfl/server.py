@@ -71,6 +71,7 @@ from enclavefl.net.server import AttestedServer
 from enclavefl.net.flow import GatedPayload, Places, UploadGate
 from enclavefl.net.tensors import Message
 from enclavefl.train.metrics import EvalStats
+from enclavefl.validate import is_number
 
 __all__ = ["ParameterServer", "QuorumLost"]
 
@@ -495,10 +496,10 @@ class ParameterServer:
             version = wire.meta_int(request.meta, "version")
             weight = wire.meta_int(request.meta, "weight", minimum=1)
             compute_s = request.meta.get("compute_s", 0.0)
-            if isinstance(compute_s, bool) or not isinstance(compute_s, (int, float)) or not compute_s >= 0:
+            if not is_number(compute_s) or not compute_s >= 0:
                 raise UsageError(f"message field 'compute_s' must be a number >= 0, got {compute_s!r}")
             loss = request.meta.get("loss")
-            if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+            if loss is not None and not is_number(loss):
                 raise UsageError(f"message field 'loss' must be a number, got {loss!r}")
             uploaded = int(payload.tensor.nbytes) + wire.message_bytes(request.tensors)
             want = wire.parse_want(self._layout, request.tensors)

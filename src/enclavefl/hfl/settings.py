@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from enclavefl.errors import UsageError
+from enclavefl.validate import is_int, is_number
 
 __all__ = ["ServerSettings"]
 
@@ -57,16 +58,16 @@ class ServerSettings:
             "max_pending_downloads": max_pending_downloads,
         }
         for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UsageError(f"{name} must be an int >= 1, got {value!r}")
         quorum = len(names) if min_workers is None else min_workers
-        if isinstance(quorum, bool) or not isinstance(quorum, int) or not 1 <= quorum <= len(names):
+        if not is_int(quorum) or not 1 <= quorum <= len(names):
             raise UsageError(f"min_workers must be an int in [1, {len(names)}], got {min_workers!r}")
         seconds = {"round_timeout_s": round_timeout_s, "poll_s": poll_s, "upload_lease_s": upload_lease_s}
         if quorum_timeout_s is not None:
             seconds["quorum_timeout_s"] = quorum_timeout_s
         for name, duration in seconds.items():
-            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+            if not is_number(duration) or not duration > 0:
                 raise UsageError(f"{name} must be > 0, got {duration!r}")
         return cls(
             workers=names,

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from enclavefl.errors import UsageError
+from enclavefl.validate import is_int
 
 __all__ = [
     "GradForm",
@@ -69,7 +70,7 @@ class SparseRows:
             )
         if not self.values.is_floating_point():
             raise UsageError(f"SparseRows.values must be floating point, got {self.values.dtype}")
-        if isinstance(self.num_rows, bool) or not isinstance(self.num_rows, int) or self.num_rows < 1:
+        if not is_int(self.num_rows) or self.num_rows < 1:
             raise UsageError(f"SparseRows.num_rows must be an int >= 1, got {self.num_rows!r}")
         if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.num_rows):
             raise UsageError(

@@ -60,6 +60,7 @@ from enclavefl.hfl.state import (
     load_state,
     model_state,
 )
+from enclavefl.validate import is_int, is_number
 
 __all__ = [
     "AsyncResult",
@@ -158,7 +159,7 @@ class AsyncResult:
 
 
 def _number(field_name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise UsageError(f"{field_name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -354,7 +355,7 @@ class Strategy(ABC):
                     f"this job's {key}={mine!r}"
                 )
         version = state["version"]
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        if not is_int(version) or version < 0:
             raise FormatError(f"checkpoint version must be an int >= 0, got {version!r}")
         check_state(self.model, state["model"])
         self._check_optimizer_state(state["server_optimizer"])
@@ -377,7 +378,7 @@ class Strategy(ABC):
         first = contributions[0]
         for c in contributions:
             self._check_version(c, allow_stale=allow_stale)
-            if isinstance(c.weight, bool) or not isinstance(c.weight, int) or c.weight < 1:
+            if not is_int(c.weight) or c.weight < 1:
                 raise UsageError(
                     f"worker {c.worker!r}: batch size / num_examples must be an int >= 1, got {c.weight!r}"
                 )
@@ -556,7 +557,7 @@ class AsyncSGD(_GradientStrategy):
         max_staleness: int,
         staleness_policy: StalenessPolicy = "refuse",
     ) -> None:
-        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+        if not is_int(max_staleness) or max_staleness < 0:
             raise UsageError(f"max_staleness must be an int >= 0, got {max_staleness!r}")
         if staleness_policy not in STALENESS_POLICIES:
             raise UsageError(f"staleness_policy must be one of {list(STALENESS_POLICIES)}, got {staleness_policy!r}")

@@ -30,6 +30,7 @@ from enclavefl.errors import UsageError
 from enclavefl.hfl.sparse import SparseRows
 from enclavefl.hfl.state import buffer_names, embedding_names
 from enclavefl.hfl.strategies import GradContribution, UpdateContribution
+from enclavefl.validate import is_int
 
 __all__ = [
     "DENSE",
@@ -346,7 +347,7 @@ def _check_vector(what: str, value: Any, dtype: torch.dtype, size: int) -> None:
 def meta_int(meta: Mapping[str, Any], key: str, *, minimum: int = 0) -> int:
     """An integer field of a message's meta, checked (UsageError names the field)."""
     value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise UsageError(f"message field {key!r} must be an int >= {minimum}, got {value!r}")
     return value
 

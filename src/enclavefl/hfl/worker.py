@@ -67,6 +67,7 @@ from enclavefl.train.torch import (
     proximal_term,
     sgd_factory,
 )
+from enclavefl.validate import is_int, is_number
 
 __all__ = ["Worker", "builtin_trainer", "embedding_rows", "evaluate"]
 
@@ -133,7 +134,7 @@ def builtin_trainer(
     rounds are DP-SGD (see the module docstring). `task` and `metrics` shape its
     evaluation statistics (see `TorchTrainer`).
     """
-    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+    if not is_int(eval_batch_size) or eval_batch_size < 1:
         raise UsageError(f"eval_batch_size must be an int >= 1, got {eval_batch_size!r}")
     cls = TorchTrainer if privacy is None else _PrivateTrainer
     trainer = cls(
@@ -458,7 +459,7 @@ class Worker:
             return
         tensors = {**wire.want_tensors(want_t), **layout.pack_contribution(contribution)}
         meta = {"version": version, "weight": contribution.weight, "compute_s": compute_s, "lease": lease.meta["lease"]}
-        if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss):
+        if is_number(loss) and math.isfinite(loss):
             meta["loss"] = float(loss)  # the server's per-party training metrics
         sent = {name: int(tensors[f"index/{name}"].numel()) for name in layout.tables}
         self._counts["pushes"] += 1
@@ -595,7 +596,7 @@ class Worker:
         self._version = wire.meta_int(reply.meta, "version")
         self._done = reply.meta.get("done") is True
         durable = reply.meta.get("durable")
-        if isinstance(durable, int) and not isinstance(durable, bool):
+        if is_int(durable):
             self._durable_seen = max(self._durable_seen, durable)
 
     def _apply_rows(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -684,7 +685,7 @@ def _check_weights_match(layout: wire.Layout, weights: Mapping[str, Any]) -> Non
 
 
 def _check_examples(what: str, count: Any) -> None:
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+    if not (is_int(count) or isinstance(count, np.integer)) or count < 1:
         raise UsageError(f"trainer.{what} must report num_examples as an int >= 1, got {count!r}")
 
 

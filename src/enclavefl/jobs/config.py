@@ -48,6 +48,7 @@ from enclavefl.jobs.quick import apply_quick_caps
 from enclavefl.jobs.refs import JobCode, is_ref
 from enclavefl.train.device import DEVICE_PATTERN
 from enclavefl.train.tasks import DEFAULT_LOSS, DEFAULT_METRICS, LOSSES, METRICS, TaskType
+from enclavefl.validate import is_int, is_number
 
 __all__ = [
     "Address",
@@ -239,7 +240,7 @@ Int = Annotated[int, Strict(), Field(le=MAX_INT)]
 
 
 def _real(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise _invalid(f"expected a number, got {type(value).__name__} {value!r}")
     try:
         number = float(value)
@@ -364,7 +365,7 @@ class Cifar10Data(_Section):
 
 def _vocab_sizes(value: Any) -> Any:
     sizes = value if isinstance(value, list | tuple) else [value]
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in sizes):
+    if any(not is_int(v) or v < 2 for v in sizes):
         raise _invalid(f"expected an int >= 2 or a list of {CRITEO_SPARSE_FIELDS} such ints, got {value!r}")
     if isinstance(value, list | tuple):
         if len(value) != CRITEO_SPARSE_FIELDS:

@@ -9,6 +9,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from enclavefl.validate import is_number
+
 __all__ = ["PARTY_PLOTTED", "PLOTTED", "plot_metrics", "print_results", "result_notes", "result_table"]
 
 PLOTTED = ("accuracy", "auc", "logloss", "macro_f1", "r2", "rmse", "loss")
@@ -33,7 +35,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str) -> No
         party = record.get("party") if record.get("event") == "party" else None
         for name in PARTY_PLOTTED if party else PLOTTED:
             value = record.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if is_number(value):
                 panel = f"party {name}" if party else name
                 panels[panel][party or ""].append((x, value))
     if not panels:

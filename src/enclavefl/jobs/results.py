@@ -13,6 +13,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from enclavefl.validate import is_number
+
 __all__ = [
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
@@ -42,7 +44,7 @@ def evaluations(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         return None
     return float(value)
 

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from enclavefl.validate import is_number
+
 __all__ = ["MLFLOW_DIR", "TENSORBOARD_DIR", "job_params", "write_tracking"]
 
 log = logging.getLogger("enclavefl.jobs")
@@ -77,7 +79,7 @@ def _series(records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
             names, prefix = _ROUND_METRICS, "train"
         for name in names:
             value = record.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if is_number(value):
                 points.append((f"{prefix}/{name}", step, float(value)))
     return points
 

@@ -42,6 +42,7 @@ from enclavefl.jobs.tasks import JobTask, check_party_data, first_rows, job_task
 from enclavefl.train.losses import LossFn
 from enclavefl.train.metrics import MetricFn
 from enclavefl.train.tasks import TaskType
+from enclavefl.validate import is_int
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
@@ -208,7 +209,7 @@ def _bottom_width(job: VflJobConfig, spec: ModelSpec, where: str) -> int:
     """The width of a bottom model's activations, from its arguments or its factory's default."""
     if "out_features" in spec.args:
         width = spec.args["out_features"]
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        if not is_int(width) or width < 1:
             raise ConfigError(f"{where}.args.out_features: must be an int >= 1, got {width!r}")
         return width
     factory = model_factory(spec, job, what=f"{where}.name")

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from enclavefl.errors import UsageError
+from enclavefl.validate import is_int
+
+__all__ = ["InvalidDepthError", "PreActBlock", "ResNetV2", "resnet_v2"]
 
 _STAGE_WIDTHS = (16, 32, 64)
 
@@ -70,7 +73,7 @@ class ResNetV2(nn.Module):
 
 def resnet_v2(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -> ResNetV2:
     """CIFAR ResNet v2 of `depth` = 6n+2 layers (20: ~0.27 M parameters, 56: ~0.85 M)."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    if not is_int(depth) or depth < 8 or (depth - 2) % 6:
         raise InvalidDepthError(
             f"ResNet v2 depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, 44, 56, 110, ...), got {depth!r}"
         )

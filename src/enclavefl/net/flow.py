@@ -16,6 +16,7 @@ from typing import Any
 
 from enclavefl.errors import UsageError
 from enclavefl.net.tensors import ArraySink, TensorSpec, TensorWriter
+from enclavefl.validate import is_int
 
 __all__ = ["GatedPayload", "Places", "Slot", "UploadGate"]
 
@@ -40,7 +41,7 @@ class Places:
     """At most `count` holders at once; `what` names the setting in errors."""
 
     def __init__(self, count: int, what: str) -> None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if not is_int(count) or count < 1:
             raise UsageError(f"{what} must be an int >= 1, got {count!r}")
         self._semaphore = threading.BoundedSemaphore(count)
 

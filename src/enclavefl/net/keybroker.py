@@ -26,6 +26,7 @@ from enclavefl.net.client import AttestedClient, split_target
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import KEK_SIZE, FileKeySource, KeySource, register_key_scheme, write_random_key
+from enclavefl.validate import is_int
 
 __all__ = [
     "BROKER_SCHEME",
@@ -119,7 +120,7 @@ class VersionRegister:
             except (OSError, ValueError) as exc:
                 raise FormatError(f"{path}: version register does not load: {exc}") from None
             if not isinstance(loaded, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in loaded.items()
+                isinstance(k, str) and is_int(v) for k, v in loaded.items()
             ):
                 raise FormatError(f"{path}: version register must map names to integers")
             self._versions = loaded
@@ -135,7 +136,7 @@ class VersionRegister:
         with self._lock:
             current = self._versions.get(entry)
             if record is not None:
-                if isinstance(record, bool) or not isinstance(record, int) or record < 0:
+                if not is_int(record) or record < 0:
                     raise UsageError(f"a recorded version must be an int >= 0, got {record!r}")
                 if current is not None and record < current:
                     raise Rejected(
@@ -224,7 +225,7 @@ class BrokerVersions:
         with AttestedClient(self.target, self.credentials) as client:
             answer = client.call(VERSION_METHOD, Message(meta=meta))
         version = answer.meta.get("version")
-        if isinstance(version, bool) or not isinstance(version, int):
+        if not is_int(version):
             raise FormatError(f"key broker {self.target} answered without a version")
         return version
 

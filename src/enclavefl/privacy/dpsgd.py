@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from enclavefl.errors import UsageError
 from enclavefl.privacy.rdp import RdpAccountant, resolve_noise_multiplier
+from enclavefl.validate import is_int
 
 try:
     from opacus import GradSampleModule
@@ -137,7 +138,7 @@ def make_private(
         raise UsageError("give exactly one of target_epsilon and noise_multiplier")
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise UsageError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise UsageError(f"planned steps must be an int >= 1, got {steps!r}")
     batches = len(data_loader)
     if batches < 1:
@@ -306,7 +307,7 @@ class DpSgd:
             raise UsageError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
         check_model(model)
         rows = int(train[-1].shape[0])
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise UsageError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self._train = tuple(train)
         self._steps_per_epoch = -(-rows // batch_size)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from enclavefl.errors import UsageError
+from enclavefl.validate import is_int
 
 __all__ = [
     "ACCOUNTANT",
@@ -133,7 +134,7 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int) -> None:
         raise UsageError(f"noise multiplier must be a finite number >= 0, got {noise_multiplier}")
     if not 0 <= sample_rate <= 1:
         raise UsageError(f"sampling rate must be within [0, 1], got {sample_rate}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise UsageError(f"steps must be an int >= 0, got {steps!r}")
 
 

@@ -51,6 +51,19 @@ from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
 
 from enclavefl.errors import Check, ConfigError, FormatError, SealError, UsageError
 from enclavefl.seal.keys import KEK_SIZE, KeySource
+from enclavefl.validate import is_int
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "SEGMENT_SIZE",
+    "SealedHeader",
+    "read_header",
+    "read_sealed",
+    "seal_file",
+    "unseal_file",
+    "write_sealed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +120,7 @@ def _check_binding(job_id: str, name: str, version: int) -> None:
     for field, value in (("job_id", job_id), ("name", name)):
         if not isinstance(value, str) or not value:
             raise UsageError(f"sealed file {field} must be a non-empty string, got {value!r}")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+    if not is_int(version) or version < 0:
         raise UsageError(f"sealed file version must be an integer >= 0, got {version!r}")
 
 

@@ -54,6 +54,7 @@ from pydantic import (
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.errors import Check, ConfigError, PolicyRejected, UsageError
 from enclavefl.tee.claims import Claims, TeeType
+from enclavefl.validate import is_int
 
 __all__ = [
     "PRIVACY_UNITS",
@@ -116,7 +117,7 @@ def _parse_u16(value: Any) -> int | None:
         return None
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,5}\s*", value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ValueError(f"must be an integer 0..65535 (or its decimal string), got {value!r}")
     if not 0 <= value <= 0xFFFF:
         raise ValueError(f"must be within 0..65535, got {value}")

@@ -17,6 +17,9 @@ import dcap_qvl
 from enclavefl.errors import Check, FormatError, QuoteRejected, UsageError
 from enclavefl.tee.claims import Claims, TeeType
 from enclavefl.tee.collateral import CollateralSource, collateral_validity, isotime
+from enclavefl.validate import is_int
+
+__all__ = ["MAX_QUOTE_SIZE", "verify_quote"]
 
 MAX_QUOTE_SIZE = 64 * 1024  # real quotes are 4-8 KiB
 
@@ -102,7 +105,7 @@ def _quote_bytes(quote: bytes) -> bytes:
 def _verification_time(at: int | None) -> int:
     if at is None:
         return int(time.time())
-    if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < 2**63:
+    if not is_int(at) or not 0 <= at < 2**63:
         raise UsageError(f"verification time must be a unix time in seconds, got {at!r}")
     return at
 

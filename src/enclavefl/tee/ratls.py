@@ -37,6 +37,7 @@ from enclavefl.tee.attesters import Attester
 from enclavefl.tee.claims import Claims, TeeType
 from enclavefl.tee.quote import verify_quote
 from enclavefl.tee.simulated import REPORT_DATA_SIZE, decode_cbor, parse_simulated_quote
+from enclavefl.validate import is_int
 
 __all__ = [
     "Evidence",
@@ -195,7 +196,7 @@ def verify_certificate(
     "pubkey-hash" as [hash-alg-id, digest].
     """
     if at is not None and (
-        isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= _MAX_UNIX_TIME
+        not is_int(at) or not 0 <= at <= _MAX_UNIX_TIME
     ):
         raise UsageError(f"verification time must be a unix time in seconds, got {at!r}")
     certificate = load_certificate(cert)

@@ -31,6 +31,7 @@ from enclavefl.errors import UsageError
 from enclavefl.extras import import_from_extra
 from enclavefl.train.contract import Config, EvalResult, FitResult, GradResult, Weights
 from enclavefl.train.metrics import eval_stats
+from enclavefl.validate import is_int
 
 keras = import_from_extra("keras", "tf", needed_for="Keras trainers")
 
@@ -275,7 +276,7 @@ class KerasTrainer:
             "local_epochs": local_epochs,
             "eval_batch_size": eval_batch_size,
         }.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UsageError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(model, keras.Model):
             raise UsageError(f"KerasTrainer needs a keras.Model, got {type(model).__name__}")

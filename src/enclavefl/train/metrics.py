@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from enclavefl.errors import UsageError
+from enclavefl.validate import is_int
 
 __all__ = [
     "AUC_BINS",
@@ -243,7 +244,7 @@ class EvalStats:
     def __post_init__(self) -> None:
         for field_name in ("count", "correct"):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise UsageError(f"EvalStats.{field_name} must be an int, got {value!r}")
         if self.count < 1 or not 0 <= self.correct <= self.count:
             raise UsageError(
@@ -416,7 +417,7 @@ def eval_stats(
     true, pred, hit = _class_counts(task, logits, labels)
     if task == "multiclass" or auc_bins is None:
         return EvalStats(count, correct, loss, None, None, true, pred, hit, user_sums=users)
-    if isinstance(auc_bins, bool) or not isinstance(auc_bins, int) or auc_bins < 2:
+    if not is_int(auc_bins) or auc_bins < 2:
         raise UsageError(f"auc_bins must be an int >= 2, got {auc_bins!r}")
     scaled = (logits.double() + AUC_LOGIT_RANGE) * (auc_bins / (2 * AUC_LOGIT_RANGE))
     bins = scaled.floor().clamp(0, auc_bins - 1).long()

@@ -31,6 +31,7 @@ from enclavefl.train.device import resolve_device
 from enclavefl.train.losses import default_loss
 from enclavefl.train.metrics import AUC_BINS, MetricFn, eval_stats
 from enclavefl.train.tasks import TaskType
+from enclavefl.validate import is_int, is_number
 
 __all__ = [
     "LossFn",
@@ -67,7 +68,7 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: floa
 
     Its gradient mu (w - w_anchor) is dense, embedding tables included.
     """
-    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
+    if not is_number(mu) or not mu >= 0:
         raise UsageError(f"mu must be >= 0, got {mu!r}")
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in anchor]
     if missing:
@@ -87,7 +88,7 @@ class TensorBatches:
 
     def __init__(self, tensors: Sequence[Any], batch_size: int, *, shuffle: bool = True, seed: int = 0) -> None:
         self.tensors = as_tensors("training data", tensors)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise UsageError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -190,7 +191,7 @@ class TorchTrainer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"TorchTrainer needs a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1:
+        if not is_int(local_epochs) or local_epochs < 1:
             raise UsageError(f"local_epochs must be an int >= 1, got {local_epochs!r}")
         self.device = resolve_device(device)
         self._cpu = self.device.type == "cpu"

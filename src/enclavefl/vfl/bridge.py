@@ -43,8 +43,25 @@ from enclavefl.net.client import AttestedClient
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
+from enclavefl.validate import is_int
 from enclavefl.vfl.errors import FollowerUnavailable, LeaderUnreachable, ResumeFailed
 from enclavefl.vfl.plan import Plan
+
+__all__ = [
+    "DEFAULT_POLL_S",
+    "JOIN",
+    "LEAVE",
+    "RECV",
+    "SEND",
+    "START",
+    "FollowerBridge",
+    "JoinReport",
+    "LeaderBridge",
+    "Rewind",
+    "SessionLost",
+    "meta_int",
+    "meta_str",
+]
 
 log = logging.getLogger("enclavefl.vfl")
 
@@ -73,7 +90,7 @@ class JoinReport:
 
 def meta_int(meta: Mapping[str, Any], name: str, what: str, *, minimum: int = -1) -> int:
     value = meta.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise FormatError(f"{what}: field {name!r} must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -352,7 +369,7 @@ class LeaderBridge:
         alignment_id = meta_str(request.meta, "alignment", what)
         restorable = request.meta.get("restorable")
         if not isinstance(restorable, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= -1 for i in restorable
+            is_int(i) and i >= -1 for i in restorable
         ):
             raise FormatError(f"{what}: 'restorable' must be a list of iterations >= -1, got {restorable!r}")
         report = JoinReport(alignment_id, frozenset(restorable) | {-1})

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from enclavefl.errors import FormatError, UsageError
+from enclavefl.validate import is_int
 
 Mode = Literal["train", "predict"]
 TRAIN: Final = "train"
@@ -63,12 +64,12 @@ class Plan:
             raise UsageError(f"plan mode must be 'train' or 'predict', got {self.mode!r}")
         for name in ("rows", "batch_size", "epochs", "pipeline_depth"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UsageError(f"plan {name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise UsageError(f"plan seed must be an integer >= 0, got {self.seed!r}")
         every = self.checkpoint_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        if not is_int(every) or every < 0:
             raise UsageError(f"plan checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if self.mode == TRAIN:
             if not 0.0 < self.validation_fraction < 1.0:

@@ -33,6 +33,7 @@ import torch
 from enclavefl.errors import FormatError, Rejected, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
+from enclavefl.validate import is_int
 from enclavefl.vfl.align import AlignmentResult
 
 __all__ = ["FRESHNESS_ARTIFACT", "Aligned", "Storage", "VersionRecord", "ids_digest"]
@@ -252,7 +253,7 @@ class Storage:
     def _seal_of(self, iteration: int) -> int:
         seal = self.load_checkpoint(iteration).get("seal")
         # A checkpoint sealed without a register has no number: older than any recorded one.
-        return seal if isinstance(seal, int) and not isinstance(seal, bool) else -1
+        return seal if is_int(seal) else -1
 
     def _next_seal(self) -> int:
         assert self.freshness is not None
