@@ -21,7 +21,7 @@ from typing import Any
 
 from enclavefl.errors import EnclaveflError, UsageError
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.jobs.config import JobConfig, load_job
+from enclavefl.jobs.config import JobConfig, PartyConfig, load_job
 
 __all__ = [
     "MEMBER_GRACE_S",
@@ -294,26 +294,9 @@ def run_job(
     """
     job_file = Path(job_file).resolve()
     job = load_job(job_file)
-    if task != "train" and job.mode != "vfl":
-        raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a {job.mode} job")
     everyone = [job.coordinator(), *job.members()]
-    inputs = dict(inputs or {})
-    unknown = sorted(set(inputs) - {p.name for p in everyone})
-    if unknown:
-        raise UsageError(f"--input for unknown parties {unknown}; the job's parties are {[p.name for p in everyone]}")
-    if task == "predict":
-        missing = [p.name for p in everyone if p.name not in inputs]
-        if missing:
-            raise UsageError(f"predict needs an input file for every party (--input NAME=PATH); missing: {missing}")
-    out = Path(out_dir or job.output.dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    from enclavefl.jobs.runtime import storage_key
-
-    storage_key(job)  # simulation: create a missing file: key once, before the parties race for it
-    stale = [result_file(task), summary_file(task), PHASE_FILE] + ([METRICS_FILE] if task == "train" else [])
-    if not resume:
-        for name in stale:
-            (out / name).unlink(missing_ok=True)
+    inputs = _check_task_inputs(job, job_file, everyone, task, dict(inputs or {}))
+    out = _prepare_out_dir(job, out_dir, task, resume=resume)
 
     started = time.monotonic()
     procs = [
@@ -323,6 +306,32 @@ def run_job(
     ]
     follower = MetricsFollower(out / METRICS_FILE, from_end=task != "train")
     warm_up = _PlottingWarmUp() if task == "train" and job.output.plot else None
+    deadline = None if timeout_s is None else started + timeout_s
+    _wait_for_parties(procs, follower, on_metrics, warm_up, deadline=deadline, on_phase=on_phase)
+
+    summary = build_summary(job, out, procs, time.monotonic() - started, task=task)
+    atomic_write_bytes(out / summary_file(task), json.dumps(summary, indent=2).encode())
+    if task == "train" and job.output.plot and follower.records:
+        from enclavefl.jobs.report import plot_metrics
+
+        plot_metrics(follower.records, out / PLOT_FILE, title=job.job.name)
+    failures = summary.get("failures", [])
+    _log_failures(procs, failures)
+    failed = {f["party"]: f["exit_code"] for f in failures}
+    return RunResult(summary=summary, out_dir=out, failed=failed)  # type: ignore[arg-type]
+
+
+def _wait_for_parties(
+    procs: list[PartyProcess],
+    follower: MetricsFollower,
+    on_metrics: Callable[[dict[str, Any]], None] | None,
+    warm_up: _PlottingWarmUp | None,
+    *,
+    deadline: float | None,
+    on_phase: Callable[[str], None] | None,
+) -> None:
+    """Supervise the parties until the job is over (SIGTERM interrupts it), stop any left,
+    and pass on every metrics record (the first starts the plotting warm-up)."""
 
     def forward(record: dict[str, Any]) -> None:
         if warm_up is not None:
@@ -332,8 +341,7 @@ def run_job(
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _supervise(procs, follower, forward, deadline=None if timeout_s is None else started + timeout_s,
-                   on_phase=on_phase)
+        _supervise(procs, follower, forward, deadline=deadline, on_phase=on_phase)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for proc in procs:
@@ -342,15 +350,39 @@ def run_job(
         if on_metrics:
             on_metrics(record)
 
-    wall_s = time.monotonic() - started
-    summary = build_summary(job, out, procs, wall_s, task=task)
-    atomic_write_bytes(out / summary_file(task), json.dumps(summary, indent=2).encode())
-    if task == "train" and job.output.plot and follower.records:
-        from enclavefl.jobs.report import plot_metrics
 
-        plot_metrics(follower.records, out / PLOT_FILE, title=job.job.name)
-    failures = summary.get("failures", [])
-    failed = {f["party"]: f["exit_code"] for f in failures}
+def _check_task_inputs(
+    job: JobConfig, job_file: Path, everyone: list[PartyConfig], task: str, inputs: dict[str, Path]
+) -> dict[str, Path]:
+    """The task suits the job, and `inputs` name only its parties (for predict: every one)."""
+    if task != "train" and job.mode != "vfl":
+        raise UsageError(f"{task} is a step of vertical jobs; {job_file} is a {job.mode} job")
+    unknown = sorted(set(inputs) - {p.name for p in everyone})
+    if unknown:
+        raise UsageError(f"--input for unknown parties {unknown}; the job's parties are {[p.name for p in everyone]}")
+    if task == "predict":
+        missing = [p.name for p in everyone if p.name not in inputs]
+        if missing:
+            raise UsageError(f"predict needs an input file for every party (--input NAME=PATH); missing: {missing}")
+    return inputs
+
+
+def _prepare_out_dir(job: JobConfig, out_dir: Path | None, task: str, *, resume: bool) -> Path:
+    """The output directory, created; a fresh run removes the last run's results of this task."""
+    out = Path(out_dir or job.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from enclavefl.jobs.runtime import storage_key
+
+    storage_key(job)  # simulation: create a missing file: key once, before the parties race for it
+    stale = [result_file(task), summary_file(task), PHASE_FILE] + ([METRICS_FILE] if task == "train" else [])
+    if not resume:
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _log_failures(procs: list[PartyProcess], failures: list[dict[str, Any]]) -> None:
+    """The first failure with the last error lines of its log, then one line for each other."""
     for index, failure in enumerate(failures):
         proc = next(p for p in procs if p.name == failure["party"])
         if index == 0:
@@ -358,7 +390,6 @@ def run_job(
                       proc.exit_code, failure["error"], proc.log_path, _error_lines(proc.log_path))
         else:
             log.error("then party %s (exit %s): %s", proc.name, proc.exit_code, failure["error"])
-    return RunResult(summary=summary, out_dir=out, failed=failed)  # type: ignore[arg-type]
 
 
 def _left_behind(proc: PartyProcess, procs: list[PartyProcess]) -> bool:
@@ -401,46 +432,71 @@ def _supervise(
     deadline: float | None,
     on_phase: Callable[[str], None] | None = None,
 ) -> None:
-    coordinator = procs[0]
-    phase_path = coordinator.log_path.parent.parent / PHASE_FILE
-    last_phase: str | None = None
-    coordinator_done_at: float | None = None
-    members_done_at: float | None = None
+    watch = _Watch(procs, on_phase)
     while True:
         for record in follower.poll():
             if on_metrics:
                 on_metrics(record)
-        for proc in procs:
-            if proc.exit_code is None:
-                proc.exit_code = proc.process.poll()
-                if proc.exit_code is not None:
-                    proc.exited_at = time.monotonic()
-        if on_phase is not None:
-            phase = _read_phase(phase_path)
-            if phase is not None and phase != last_phase:
-                last_phase = phase
-                on_phase(phase)
-        if coordinator.exit_code is not None and coordinator_done_at is None:
-            coordinator_done_at = time.monotonic()
-        if all(p.exit_code is not None for p in procs):
+        _reap(procs)
+        watch.report_phase()
+        if watch.over():
             return
+        if deadline is not None and time.monotonic() > deadline:
+            raise UsageError(f"job did not finish within its time limit; logs in {procs[0].log_path.parent}")
+        time.sleep(0.05)  # cheap: a few polls; a party that exits is noticed at once
+
+
+def _reap(procs: list[PartyProcess]) -> None:
+    """Note the exit code and time of every party that has exited."""
+    for proc in procs:
+        if proc.exit_code is None:
+            proc.exit_code = proc.process.poll()
+            if proc.exit_code is not None:
+                proc.exited_at = time.monotonic()
+
+
+class _Watch:
+    """When a local job is over: every party exited, the coordinator failed, or one side
+    (the coordinator, or every member) has been gone for longer than MEMBER_GRACE_S."""
+
+    def __init__(self, procs: list[PartyProcess], on_phase: Callable[[str], None] | None) -> None:
+        self._procs = procs
+        self._on_phase = on_phase
+        self._phase_path = procs[0].log_path.parent.parent / PHASE_FILE
+        self._last_phase: str | None = None
+        self._coordinator_done_at: float | None = None
+        self._members_done_at: float | None = None
+
+    def report_phase(self) -> None:
+        """Tell `on_phase` when the coordinator has entered a new phase."""
+        if self._on_phase is None:
+            return
+        phase = _read_phase(self._phase_path)
+        if phase is not None and phase != self._last_phase:
+            self._last_phase = phase
+            self._on_phase(phase)
+
+    def over(self) -> bool:
+        coordinator = self._procs[0]
+        if coordinator.exit_code is not None and self._coordinator_done_at is None:
+            self._coordinator_done_at = time.monotonic()
+        if all(p.exit_code is not None for p in self._procs):
+            return True
         if coordinator.exit_code not in (None, 0):
             log.error("coordinator %s failed (exit %s); stopping the other parties", coordinator.name,
                       coordinator.exit_code)
-            return
+            return True
         now = time.monotonic()
-        if coordinator_done_at is not None and now - coordinator_done_at > MEMBER_GRACE_S:
+        if self._coordinator_done_at is not None and now - self._coordinator_done_at > MEMBER_GRACE_S:
             log.warning("coordinator finished %.0f s ago; stopping the remaining parties", MEMBER_GRACE_S)
-            return
-        if members_done_at is None and all(p.exit_code is not None for p in procs[1:]):
-            members_done_at = now
-        if members_done_at is not None and now - members_done_at > MEMBER_GRACE_S:
+            return True
+        if self._members_done_at is None and all(p.exit_code is not None for p in self._procs[1:]):
+            self._members_done_at = now
+        if self._members_done_at is not None and now - self._members_done_at > MEMBER_GRACE_S:
             # No local member is left to rejoin: the coordinator would only wait out its timeouts.
             log.error("every member has exited; stopping the coordinator %s", coordinator.name)
-            return
-        if deadline is not None and now > deadline:
-            raise UsageError(f"job did not finish within its time limit; logs in {procs[0].log_path.parent}")
-        time.sleep(0.05)  # cheap: a few polls; a party that exits is noticed at once
+            return True
+        return False
 
 
 def _stop(proc: PartyProcess) -> None:
