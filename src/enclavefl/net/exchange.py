@@ -132,6 +132,16 @@ class ExchangeServicer:
         except grpc.RpcError:
             log.info("party %s cancelled a call before sending it", peer.party)
             return
+        header, route = self._route(first, context)
+        method = header.header.method
+        request = self._receive(_prepend(header, frames), method, route, peer, context)
+        if request is None:
+            return
+        response = _run_handler(route, peer, method, request, context)
+        yield from self._encode(response, method, context)
+
+    def _route(self, first: Frame | None, context: grpc.ServicerContext) -> tuple[pb.Frame, _Route]:
+        """The call header and the route registered for the method it names (else the RPC ends)."""
         if not isinstance(first, pb.Frame) or first.WhichOneof("kind") != "header":
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request must start with a call header", Check.FORMAT)
         method = first.header.method
@@ -142,40 +152,54 @@ class ExchangeServicer:
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"no handler for method {method!r}; registered: {self._router.methods()}",
             )
+        return first, route
+
+    def _receive(
+        self, frames: Iterator[Frame], method: str, route: _Route, peer: Peer, context: grpc.ServicerContext
+    ) -> Message | None:
+        """The request, decoded into the route's sink; None when the caller cancelled it."""
         try:
-            _, request = decode_message(_prepend(first, frames), sink=route.sink, limits=self._limits)
+            _, request = decode_message(frames, sink=route.sink, limits=self._limits)
         except grpc.RpcError:
             log.info("party %s cancelled %s while sending it", peer.party, method)
-            return
+            return None
         except UsageError as exc:
             log.warning("malformed %s request from party %s: %s", method, peer.party, exc.reason)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, Check.FORMAT)
         except Exception:  # e.g. the sink's disk is full
             log.exception("receiving %s from party %s failed", method, peer.party)
             abort(context, grpc.StatusCode.INTERNAL, f"receiving {method!r} failed on the server")
-        try:
-            response = route.handler(peer, request)
-        except Rejected as exc:
-            log.warning("refused %s from party %s: %s", method, peer.party, exc.reason)
-            abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.reason, exc.check)
-        except UsageError as exc:
-            log.warning("malformed %s request from party %s: %s", method, peer.party, exc.reason)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, Check.FORMAT)
-        except EnclaveflError as exc:  # a known failure of this party: its reason, no traceback
-            log.error("handler for %s failed (caller: party %s): %s", method, peer.party, exc.reason)
-            abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
-        except Exception:
-            # Our bug or the handler's: keep the details in our log, not on the wire.
-            log.exception("handler for %s failed (caller: party %s)", method, peer.party)
-            abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
+        return request
+
+    def _encode(self, response: Any, method: str, context: grpc.ServicerContext) -> Iterator[Frame]:
+        """The handler's response as frames (a response that cannot be sent ends the RPC)."""
         try:
             if not isinstance(response, Message):
                 raise UsageError(f"handler returned {type(response).__name__}, not Message")
-            frames_out = encode_message(response, chunk_size=self._chunk_size)
+            return encode_message(response, chunk_size=self._chunk_size)
         except UsageError as exc:
             log.error("handler for %s returned a response that cannot be sent: %s", method, exc.reason)
             abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
-        yield from frames_out
+
+
+def _run_handler(route: _Route, peer: Peer, method: str, request: Message, context: grpc.ServicerContext) -> Any:
+    """The route's handler on the request; a refusal, bad input or failure ends the RPC with
+    its status (our bugs' details stay in our log, never on the wire)."""
+    try:
+        return route.handler(peer, request)
+    except Rejected as exc:
+        log.warning("refused %s from party %s: %s", method, peer.party, exc.reason)
+        abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.reason, exc.check)
+    except UsageError as exc:
+        log.warning("malformed %s request from party %s: %s", method, peer.party, exc.reason)
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.reason, Check.FORMAT)
+    except EnclaveflError as exc:  # a known failure of this party: its reason, no traceback
+        log.error("handler for %s failed (caller: party %s): %s", method, peer.party, exc.reason)
+        abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
+    except Exception:
+        # Our bug or the handler's: keep the details in our log, not on the wire.
+        log.exception("handler for %s failed (caller: party %s)", method, peer.party)
+        abort(context, grpc.StatusCode.INTERNAL, f"handler for {method!r} failed on the server")
 
 
 def _prepend(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
