@@ -9,8 +9,12 @@ at nice 19, as an attacker's CPU is not the job's). Per round after the first (w
 waits for the workers to start) it reports wall time loaded / unloaded; the target is
 every round within 1.2x; unloaded and loaded runs alternate `--repeats` times and the
 ratios are of per-round medians. It also reports the server process's CPU time with and
-without the flood (independent of the machine's other load) and times one fresh admission
-while the flood is held.
+without the flood (independent of the machine's other load), the server CPU per refused
+call, the flood's rates (calls opened and refused per second while the job ran, and the
+flooder's own CPU time), and times one fresh admission while the flood is held. The flooder
+runs at nice 19 so that the rounds measure what the flood costs the SERVER, not the CPU a
+co-located attacker process takes from the workers on a small machine; its rates show it
+still floods (about a thousand calls a second on an idle 2-core machine).
 
     python bench/bench_flood.py [--calls 1000] [--rounds 6] [--rows 4096] [--width 256] [--reopen-s 1]
                                 [--repeats 2]
@@ -86,10 +90,25 @@ def _flood(port: int, calls: int, reopen_s: float, ready: Any, stop: Any, out: A
     while flood.opened < calls and time.monotonic() < deadline:
         time.sleep(0.05)
     ready.set()
+    # Rates over the time the job runs: the flood must really flood (at nice 19 it gets the
+    # CPU the job leaves, so these show how hard it pushed).
+    started, opened, refused = time.monotonic(), flood.opened, flood.ended["RESOURCE_EXHAUSTED"]
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
     held = []
     while not stop.wait(0.5):
         held.append(flood.held)
-    out.send({**flood.stop(), "open_at_attacker_median": statistics.median(held) if held else None})
+    seconds = time.monotonic() - started
+    opened, refused = flood.opened - opened, flood.ended["RESOURCE_EXHAUSTED"] - refused
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out.send({
+        **flood.stop(),
+        "open_at_attacker_median": statistics.median(held) if held else None,
+        "held_s": round(seconds, 3),
+        "opened_per_s": round(opened / seconds, 1),
+        "refused_per_s": round(refused / seconds, 1),
+        "flooder_cpu_s": round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 3),
+        "nice": os.nice(0),
+    })  # fmt: skip
 
 
 def _job(rounds: int, rows: int, width: int, calls: int, reopen_s: float) -> dict[str, Any]:
@@ -115,9 +134,10 @@ def _job(rounds: int, rows: int, width: int, calls: int, reopen_s: float) -> dic
     for process in workers:
         process.start()
     try:
-        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        cpu, refused = resource.getrusage(resource.RUSAGE_SELF), server._guard.refused
         summary = ps.run()
         after = resource.getrusage(resource.RUSAGE_SELF)
+        result["refused_during_job"] = server._guard.refused - refused
         # This process is the server (workers and flood are other processes): its CPU time
         # is what the flood costs the server, whatever else the machine runs.
         result["server_cpu_s"] = round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 3)
@@ -134,6 +154,7 @@ def _job(rounds: int, rows: int, width: int, calls: int, reopen_s: float) -> dic
             result["flood"] = ours.recv()
             flood.join(30)
         result["open_calls_refused_by_guard"] = server._guard.refused
+        result["open_calls_refused_without_a_thread"] = server._guard.refused_inline
         server.stop(1.0)
     result["version"] = summary["version"]
     result["round_wall_s"] = [round(r["wall_s"], 4) for r in records if r["event"] == "round"]
@@ -180,6 +201,13 @@ def main() -> None:
         "median_round_ratio": round(statistics.median(ratios), 4),
         "server_cpu_s_unloaded": cpu[0], "server_cpu_s_loaded": cpu[1],
         "server_cpu_ratio": round(cpu[1] / cpu[0], 4),
+        # The server's cost per refused call, from its CPU time with and without the flood.
+        "server_cpu_us_per_refused_call": round(
+            1e6 * (cpu[1] - cpu[0]) / max(1, statistics.median(run["refused_during_job"] for run in loaded)), 1
+        ),
+        "flood_opened_per_s": statistics.median(run["flood"]["opened_per_s"] for run in loaded),
+        "flood_refused_per_s": statistics.median(run["flood"]["refused_per_s"] for run in loaded),
+        "flooder_nice": 19,
         "target_max_round_ratio": 1.2,
     }))  # fmt: skip
 

@@ -32,7 +32,7 @@ from enclavefl.net.admission import Mode, NonceStore, PartyCredentials, make_ide
 from enclavefl.net.client import AttestedClient, RetryPolicy, pinned_channel
 from enclavefl.net.exchange import exchange_callable
 from enclavefl.net.errors import PartyNameHeld, PeerRefused
-from enclavefl.net.guard import OpenLimits, source_of
+from enclavefl.net.guard import OpenCallGuard, OpenLimits, source_of
 from enclavefl.net.probe import fetch_certificate
 from enclavefl.net.server import SESSION_METADATA_KEY, AttestedServer
 from enclavefl.net.tensors import PROTOCOL_VERSION, Chunk, LazyTensor, Message, decode_message
@@ -105,6 +105,18 @@ def test_stalled_calls_are_cancelled_and_limited_per_source(server: AttestedServ
     assert flood.ended["CANCELLED"] > 0  # within it: cancelled after the timeout
     assert held <= 40
     assert server._guard.refused > 0 and limits.max_calls_per_source < 40
+    # Refused on gRPC's serving thread, without a pool thread each (what keeps a flood cheap;
+    # this fails if a gRPC upgrade changes what the guard's pool is handed).
+    assert server._guard.refused_inline > 0
+
+
+def test_open_pool_runs_anything_else_on_its_threads() -> None:
+    guard = OpenCallGuard(OpenLimits(max_calls=1, max_calls_per_source=1))
+    try:
+        ran_on = guard._pool.submit(threading.current_thread).result(timeout=10)
+        assert ran_on is not threading.current_thread()
+    finally:
+        guard.close()
 
 
 def _blobs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
