@@ -19,6 +19,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,55 +72,69 @@ def make_wide_deep_data(
         )
     if not 0.0 < follower_overlap <= 1.0:
         raise UsageError(f"follower_overlap must be in (0, 1], got {follower_overlap}")
-    informative = min(informative_fields, fields_per_party)
     rng = np.random.default_rng(seed)
     features = [
         rng.integers(0, vocab_size, size=(rows, fields_per_party), dtype=np.int64)
         for _ in range(1 + num_followers)
     ]
+    informative = min(informative_fields, fields_per_party)
     if random_labels:
         y = rng.integers(0, 2, size=rows, dtype=np.int64)
     else:
-        score = np.zeros(rows)
-        for x in features:
-            weights = rng.normal(size=(informative, vocab_size))
-            score += weights[np.arange(informative), x[:, :informative]].sum(axis=1)
-        # Scaled so the label is mostly, not fully, determined by the features.
-        score *= 3.0 / np.sqrt(informative * len(features))
-        y = (rng.random(rows) < 1.0 / (1.0 + np.exp(-score))).astype(np.int64)
+        y = _labels(rng, features, informative, vocab_size)
     ids = np.asarray([str(i) for i in range(rows)], dtype=str)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     leader = out / "leader.npz"
-    # Atomic: both parties of a job may generate the (identical) files at the same moment.
-    with atomic_writer(leader) as handle:
-        np.savez_compressed(
-            handle,
-            ids=ids,
-            x=_compact(features[0], vocab_size),
-            y=y.astype(np.uint8),
-            vocab_size=vocab_size,
-            role="leader",
-        )
+    _write_party(leader, ids, features[0], vocab_size, "leader", y=y)
     followers = []
     for k, x in enumerate(features[1:]):
         f_ids, f_x = ids, x
         if follower_overlap < 1.0:
-            kept = rng.choice(rows, size=max(1, int(round(rows * follower_overlap))), replace=False)
-            extra = rows - len(kept)
-            extra_ids = np.asarray([f"f{k}-{i}" for i in range(extra)], dtype=str)
-            extra_x = rng.integers(0, vocab_size, size=(extra, fields_per_party), dtype=np.int64)
-            order = rng.permutation(rows)
-            f_ids = np.concatenate([ids[kept], extra_ids])[order]
-            f_x = np.concatenate([x[kept], extra_x])[order]
+            f_ids, f_x = _partly_overlapping(rng, ids, x, follower_overlap, vocab_size, prefix=f"f{k}-")
         path = out / f"follower_{k}.npz"
-        with atomic_writer(path) as handle:
-            np.savez_compressed(
-                handle, ids=f_ids, x=_compact(f_x, vocab_size), vocab_size=vocab_size, role="follower"
-            )
+        _write_party(path, f_ids, f_x, vocab_size, "follower")
         followers.append(path)
     return WideDeepFiles(leader, tuple(followers))
+
+
+def _labels(rng: np.random.Generator, features: list[np.ndarray], informative: int, vocab_size: int) -> np.ndarray:
+    """Labels from a hidden logistic model over the first `informative` fields of every party."""
+    rows = features[0].shape[0]
+    score = np.zeros(rows)
+    for x in features:
+        weights = rng.normal(size=(informative, vocab_size))
+        score += weights[np.arange(informative), x[:, :informative]].sum(axis=1)
+    # Scaled so the label is mostly, not fully, determined by the features.
+    score *= 3.0 / np.sqrt(informative * len(features))
+    return (rng.random(rows) < 1.0 / (1.0 + np.exp(-score))).astype(np.int64)
+
+
+def _partly_overlapping(
+    rng: np.random.Generator, ids: np.ndarray, x: np.ndarray, overlap: float, vocab_size: int, *, prefix: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A follower's rows: `overlap` of the leader's, completed by rows of its own (ids
+    `prefix`0, `prefix`1, ...), shuffled."""
+    rows, fields = x.shape
+    kept = rng.choice(rows, size=max(1, int(round(rows * overlap))), replace=False)
+    extra = rows - len(kept)
+    extra_ids = np.asarray([f"{prefix}{i}" for i in range(extra)], dtype=str)
+    extra_x = rng.integers(0, vocab_size, size=(extra, fields), dtype=np.int64)
+    order = rng.permutation(rows)
+    return np.concatenate([ids[kept], extra_ids])[order], np.concatenate([x[kept], extra_x])[order]
+
+
+def _write_party(
+    path: Path, ids: np.ndarray, x: np.ndarray, vocab_size: int, role: str, *, y: np.ndarray | None = None
+) -> None:
+    """One party's .npz, written atomically: both parties of a job may generate the
+    (identical) files at the same moment."""
+    arrays: dict[str, Any] = {"ids": ids, "x": _compact(x, vocab_size)}
+    if y is not None:
+        arrays["y"] = y.astype(np.uint8)
+    with atomic_writer(path) as handle:
+        np.savez_compressed(handle, **arrays, vocab_size=vocab_size, role=role)
 
 
 def _compact(x: np.ndarray, vocab_size: int) -> np.ndarray:

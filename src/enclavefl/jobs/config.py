@@ -1034,6 +1034,16 @@ class JobConfig(_Section):
         mode = self.job.mode
         if mode != self.MODE:
             return [("job.mode", f"is {mode!r}, but this is a {self.MODE} job")]
+        issues = self._party_list_issues()
+        issues.extend(self._mode_issues())
+        if self.privacy is not None:
+            issues.extend(self._privacy_mechanism_issues(self.privacy))
+        return issues
+
+    def _party_list_issues(self) -> list[tuple[str, str]]:
+        """Unique names, roles of this mode, exactly one coordinator (with an address), at
+        least one member, and each party's data."""
+        mode = self.job.mode
         coordinator, member = ROLES[mode]
         issues: list[tuple[str, str]] = []
         first_index: dict[str, int] = {}
@@ -1050,22 +1060,8 @@ class JobConfig(_Section):
                 issues.append((f"{at}.role", f"{party.role!r} is not a role in {mode} mode ({', '.join(ROLES[mode])})"))
                 continue
             if party.role == coordinator:
-                if coordinators:
-                    issues.append(
-                        (
-                            f"{at}.role",
-                            f"a second {coordinator}: parties[{coordinators[0]}] is the {coordinator}; "
-                            f"{mode} jobs have exactly one",
-                        )
-                    )
+                issues.extend(self._coordinator_issues(at, party, coordinators))
                 coordinators.append(i)
-                if party.address is None:
-                    issues.append(
-                        (
-                            f"{at}.address",
-                            f"required for the {coordinator}: it listens there and every {member} dials it",
-                        )
-                    )
             else:
                 members += 1
             issues.extend(self._party_data_issues(at, party))
@@ -1073,28 +1069,48 @@ class JobConfig(_Section):
             issues.append(("parties", f"no {coordinator}: {mode} jobs have exactly one"))
         if not members:
             issues.append(("parties", f"no {member}: {mode} jobs need at least one"))
-        issues.extend(self._mode_issues())
-        if self.privacy is not None:
-            runs_in = PRIVACY_MECHANISMS[self.privacy.mechanism][1]
-            if runs_in != mode:
-                issues.append(
-                    ("privacy.mechanism", f"{self.privacy.mechanism} is for {runs_in} jobs (job.mode is {mode!r})")
+        return issues
+
+    def _coordinator_issues(self, at: str, party: PartyConfig, earlier: list[int]) -> list[tuple[str, str]]:
+        """A coordinator at `at`: the only one (`earlier`: the indices of those before it), with an address."""
+        mode = self.job.mode
+        coordinator, member = ROLES[mode]
+        issues: list[tuple[str, str]] = []
+        if earlier:
+            issues.append(
+                (
+                    f"{at}.role",
+                    f"a second {coordinator}: parties[{earlier[0]}] is the {coordinator}; "
+                    f"{mode} jobs have exactly one",
                 )
-            elif (
-                self.privacy.mechanism == "dp-fedavg"
-                and isinstance(self, HflJobConfig)
-                and self.strategy.name != "fedavg"
-            ):
-                issues.append(
-                    (
-                        "privacy.mechanism",
-                        "dp-fedavg is the server's noised FedAvg: set strategy.name "
-                        f"to fedavg (it is {self.strategy.name!r})",
-                    )
+            )
+        if party.address is None:
+            issues.append(
+                (
+                    f"{at}.address",
+                    f"required for the {coordinator}: it listens there and every {member} dials it",
                 )
-            regression = self.task is not None and self.task.type == "regression"
-            if self.privacy.mechanism == "randomized-response" and regression:
-                issues.append(("privacy.mechanism", "randomized-response flips class labels: it needs classification"))
+            )
+        return issues
+
+    def _privacy_mechanism_issues(self, privacy: PrivacyConfig) -> list[tuple[str, str]]:
+        """The privacy mechanism suits the job's mode, strategy and task."""
+        mode = self.job.mode
+        issues: list[tuple[str, str]] = []
+        runs_in = PRIVACY_MECHANISMS[privacy.mechanism][1]
+        if runs_in != mode:
+            issues.append(("privacy.mechanism", f"{privacy.mechanism} is for {runs_in} jobs (job.mode is {mode!r})"))
+        elif privacy.mechanism == "dp-fedavg" and isinstance(self, HflJobConfig) and self.strategy.name != "fedavg":
+            issues.append(
+                (
+                    "privacy.mechanism",
+                    "dp-fedavg is the server's noised FedAvg: set strategy.name "
+                    f"to fedavg (it is {self.strategy.name!r})",
+                )
+            )
+        regression = self.task is not None and self.task.type == "regression"
+        if privacy.mechanism == "randomized-response" and regression:
+            issues.append(("privacy.mechanism", "randomized-response flips class labels: it needs classification"))
         return issues
 
     @abstractmethod
