@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -299,41 +300,9 @@ def run_server(
     device = resolve_device(runtime.party.device)
     model, keras_model = _server_model(job)
     central_dp = _central_dp(runtime, job)
-    if central_dp and strategy is not None:
-        raise ConfigError("privacy: worker-level DP-FedAvg (privacy.mechanism dp-fedavg) is the server's strategy; "
-                          "a server with another strategy cannot promise it")
-    if central_dp:
-        from enclavefl.jobs.privacy import plan_central_dp
-
-        assert runtime.privacy is not None
-        # Refused here, before listening, when the planned rounds exceed the budget.
-        strategy = plan_central_dp(job, runtime.privacy)
-        model = model.to(device)
-    elif strategy is None:
-        model = model.to(device)
-        strategy = make_job_strategy(job, model)
-    else:
-        check_strategy(strategy)
-        held = getattr(strategy, "model", None)
-        model = held if isinstance(held, torch.nn.Module) else model.to(device)
-    evaluation = job.evaluation
-    evaluate_fn = None
-    if prepared.evaluation is not None:
-        eval_data = prepared.evaluation
-        if keras_model is not None:
-            evaluate_fn = _keras_evaluate(keras_model, eval_data)
-        else:
-            eval_tensors = _tensors(eval_data)
-            evaluate_fn = lambda m: evaluate(  # noqa: E731 - the server's held-out set
-                m, eval_tensors, task=prepared.kind, user_metrics=prepared.task.metrics
-            )
-    checkpoints = None
-    key = runtime.key_source()
-    if job.storage is not None and key is not None:
-        # A broker: key also keeps the versions sealed with it, which the host cannot roll back.
-        freshness = key.versions() if isinstance(key, BrokerKeySource) else None
-        checkpoints = CheckpointStore(job.storage.party_dir(runtime.party.name), key=key, job_id=job.job.id,
-                                      keep_last=job.storage.keep_last, freshness=freshness)
+    strategy, model = _server_strategy(runtime, job, strategy, model, device, central_dp=central_dp)
+    evaluate_fn = _server_evaluate(prepared, keras_model)
+    checkpoints = _checkpoint_store(runtime, job)
     server = runtime.server(max_workers=max(16, 4 * len(job.workers())))
     ps = ParameterServer(
         server,
@@ -344,7 +313,7 @@ def run_server(
         min_workers=strategy_cfg.min_workers,
         round_timeout_s=strategy_cfg.round_timeout_s,
         evaluate=evaluate_fn,
-        eval_every=evaluation.every,
+        eval_every=job.evaluation.every,
         checkpoints=checkpoints,
         checkpoint_every=job.storage.checkpoint_every if job.storage else 1,
         resume=resume,
@@ -361,14 +330,68 @@ def run_server(
     if central_dp:
         runtime.write_party_record(privacy=strategy.central.report(),
                                    **({"stopped": summary["stopped"]} if "stopped" in summary else {}))
+    return _server_result(job, prepared, summary)
+
+
+def _server_strategy(
+    runtime: PartyRuntime,
+    job: HflJobConfig,
+    strategy: Any,
+    model: torch.nn.Module,
+    device: torch.device,
+    *,
+    central_dp: bool,
+) -> tuple[Any, torch.nn.Module]:
+    """The server's strategy (the user's, the job's, or DP-FedAvg) and the global model it steps."""
+    if central_dp and strategy is not None:
+        raise ConfigError("privacy: worker-level DP-FedAvg (privacy.mechanism dp-fedavg) is the server's strategy; "
+                          "a server with another strategy cannot promise it")
+    if central_dp:
+        from enclavefl.jobs.privacy import plan_central_dp
+
+        assert runtime.privacy is not None
+        # Refused here, before listening, when the planned rounds exceed the budget.
+        return plan_central_dp(job, runtime.privacy), model.to(device)
+    if strategy is None:
+        model = model.to(device)
+        return make_job_strategy(job, model), model
+    check_strategy(strategy)
+    held = getattr(strategy, "model", None)
+    return strategy, held if isinstance(held, torch.nn.Module) else model.to(device)
+
+
+def _server_evaluate(prepared: Prepared, keras_model: Any) -> Callable[[torch.nn.Module], Any] | None:
+    """How the server evaluates the global model on its held-out set (None without one)."""
+    if prepared.evaluation is None:
+        return None
+    eval_data = prepared.evaluation
+    if keras_model is not None:
+        return _keras_evaluate(keras_model, eval_data)
+    eval_tensors = _tensors(eval_data)
+    return lambda m: evaluate(m, eval_tensors, task=prepared.kind, user_metrics=prepared.task.metrics)
+
+
+def _checkpoint_store(runtime: PartyRuntime, job: HflJobConfig) -> CheckpointStore | None:
+    """The server's sealed checkpoints, when the job has storage and a key."""
+    key = runtime.key_source()
+    if job.storage is None or key is None:
+        return None
+    # A broker: key also keeps the versions sealed with it, which the host cannot roll back.
+    freshness = key.versions() if isinstance(key, BrokerKeySource) else None
+    return CheckpointStore(job.storage.party_dir(runtime.party.name), key=key, job_id=job.job.id,
+                           keep_last=job.storage.keep_last, freshness=freshness)
+
+
+def _server_result(job: HflJobConfig, prepared: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
+    """The job result from the server's summary: the task's final metrics and how the run went."""
     final = summary.get("final_metrics", {})
-    metrics = _job_names(final.get(evaluation.where) or next(iter(final.values()), {}))
+    metrics = _job_names(final.get(job.evaluation.where) or next(iter(final.values()), {}))
     wanted = set(prepared.task.names) | {"count"}
     return {
         "metrics": {k: v for k, v in metrics.items() if k in wanted or k.endswith("_error")},
         "extra": {
             "task": prepared.kind,
-            "strategy": summary.get("strategy", strategy_cfg.name),
+            "strategy": summary.get("strategy", job.strategy.name),
             "rounds": summary.get("version"),
             "resumed_from": summary.get("resumed_from"),
             "rollback_protection": summary.get("rollback_protection"),

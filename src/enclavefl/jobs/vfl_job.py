@@ -440,11 +440,19 @@ def train_leader(
         log.info("wrote the %d validation ids to %s", summary["validation_rows"], split_file)
     runtime.phase("exporting")
     exported = _export(runtime, job, model)
-    final = _metrics_record(summary["final"]) if summary["final"] else {}
     if on_split is not None:
         on_split(*leader.split_ids())
+    return _leader_result(job, prepared, summary, split_file=split_file, exported=exported)
+
+
+def _leader_result(
+    job: VflJobConfig, prepared: Prepared, summary: dict[str, Any], *, split_file: Path | None, exported: Path | None
+) -> dict[str, Any]:
+    """The job result from the leader's summary: final metrics, alignment, the split, the export."""
+    training = job.training
+    final = _metrics_record(summary["final"]) if summary["final"] else {}
     return {
-        "metrics": {k: final[k] for k in (*task.names, *user.metrics) if k in final},
+        "metrics": {k: final[k] for k in (*prepared.task.names, *prepared.user.metrics) if k in final},
         "extra": {
             "task": prepared.kind,
             "alignment": summary["alignment"],
