@@ -93,16 +93,6 @@ class LoopbackPccs:
 
 
 @pytest.fixture
-def sgx_quote(attestation_dir: Path) -> bytes:
-    return (attestation_dir / "sgx_quote").read_bytes()
-
-
-@pytest.fixture
-def tdx_quote(attestation_dir: Path) -> bytes:
-    return (attestation_dir / "tdx_quote").read_bytes()
-
-
-@pytest.fixture
 def sgx_pccs(attestation_dir: Path) -> Iterator[LoopbackPccs]:
     pccs = LoopbackPccs(attestation_dir / "sgx_quote_collateral.json")
     yield pccs

@@ -7,7 +7,7 @@ import hashlib
 
 import cbor2
 import pytest
-from conftest import PINNED_TIME, fuzz_settings, shared_file
+from conftest import PINNED_TIME, fuzz_settings
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
@@ -17,7 +17,6 @@ from test_ratls import build_cert, spki_der
 from enclavefl.errors import EnclaveflError, FormatError
 from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.claims import Claims
-from enclavefl.tee.collateral import OfflineCollateral
 from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import (
@@ -119,18 +118,10 @@ def test_any_x509_version_is_refused_or_keeps_the_claims(version: int, length: i
         assert result == verify_certificate(IDENTITY.cert_der, policy=POLICY)
 
 
-@pytest.fixture(scope="module")
-def sgx():
-    return (
-        shared_file("attestation", "sgx_quote").read_bytes(),
-        OfflineCollateral(shared_file("attestation", "sgx_quote_collateral.json")),
-    )
-
-
 @fuzz_settings(60)
 @given(data=st.data())
-def test_mutated_real_quote_in_legacy_extension(sgx, data):
-    quote, collateral = sgx
+def test_mutated_real_quote_in_legacy_extension(sgx_sample, data):
+    quote, collateral = sgx_sample
     cert = build_cert(KEY, {GRAMINE_LEGACY_QUOTE_OID: data.draw(mutations(quote))})
     with pytest.raises(EnclaveflError):
         verify_certificate(cert, policy=Policy.default(), collateral=collateral, at=PINNED_TIME)

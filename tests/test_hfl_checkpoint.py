@@ -17,11 +17,6 @@ from enclavefl.seal.keys import FileKeySource, create_key_file
 JOB = "ckpt-job"
 
 
-@pytest.fixture
-def key(tmp_path: Path) -> FileKeySource:
-    return create_key_file(tmp_path / "job.key")
-
-
 def state(version: int) -> dict[str, object]:
     return {
         "version": version,

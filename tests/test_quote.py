@@ -27,16 +27,6 @@ HEADER, SGX_BODY = 48, 384
 
 
 @pytest.fixture
-def sgx_quote(attestation_dir: Path) -> bytes:
-    return (attestation_dir / "sgx_quote").read_bytes()
-
-
-@pytest.fixture
-def tdx_quote(attestation_dir: Path) -> bytes:
-    return (attestation_dir / "tdx_quote").read_bytes()
-
-
-@pytest.fixture
 def sgx_collateral(attestation_dir: Path) -> OfflineCollateral:
     return OfflineCollateral(attestation_dir / "sgx_quote_collateral.json")
 

@@ -341,16 +341,8 @@ def test_hardware_quote_needs_collateral():
 # -- real hardware evidence ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sgx():
-    return (
-        shared_file("attestation", "sgx_quote").read_bytes(),
-        OfflineCollateral(shared_file("attestation", "sgx_quote_collateral.json")),
-    )
-
-
-def test_real_sgx_quote_in_tagged_layout_reaches_key_binding(sgx):
-    quote, collateral = sgx
+def test_real_sgx_quote_in_tagged_layout_reaches_key_binding(sgx_sample):
+    quote, collateral = sgx_sample
     key = ec.generate_private_key(ec.SECP384R1())
     cert = build_cert(
         key, {TCG_DICE_TAGGED_EVIDENCE_OID: gramine_evidence(quote, gramine_claims(key))}
@@ -365,8 +357,8 @@ def test_real_sgx_quote_in_tagged_layout_reaches_key_binding(sgx):
     assert b"Hello, world!".hex() in err.value.reason
 
 
-def test_real_sgx_quote_is_verified_before_key_binding(sgx):
-    quote, collateral = sgx
+def test_real_sgx_quote_is_verified_before_key_binding(sgx_sample):
+    quote, collateral = sgx_sample
     tampered = bytearray(quote)
     tampered[48 + 64] ^= 0x01  # a byte of mr_enclave in the signed report body
     key = ec.generate_private_key(ec.SECP384R1())
@@ -377,8 +369,8 @@ def test_real_sgx_quote_is_verified_before_key_binding(sgx):
         verify_certificate(cert, policy=Policy.default(), collateral=collateral, at=PINNED_TIME)
 
 
-def test_real_sgx_quote_in_legacy_layout_reaches_key_binding(sgx):
-    quote, collateral = sgx
+def test_real_sgx_quote_in_legacy_layout_reaches_key_binding(sgx_sample):
+    quote, collateral = sgx_sample
     cert = build_cert(ec.generate_private_key(ec.SECP384R1()), {GRAMINE_LEGACY_QUOTE_OID: quote})
     # Gramine writes the OID's own DER TLV as its content: 06 0B | 06 09 2A 86 48 86 F8 4D 8A 39 06.
     assert bytes.fromhex("060b06092a864886f84d8a3906") in cert
@@ -395,9 +387,9 @@ def test_real_sgx_quote_in_legacy_layout_reaches_key_binding(sgx):
     assert "legacy" in err.value.reason
 
 
-def test_tagged_extension_takes_precedence_over_legacy(sgx):
+def test_tagged_extension_takes_precedence_over_legacy(sgx_sample):
     # Gramine >= 1.8 certificates carry both; like Gramine, the tagged one decides.
-    quote, collateral = sgx
+    quote, collateral = sgx_sample
     key = ec.generate_private_key(ec.SECP384R1())
     cert = build_cert(
         key,

@@ -62,11 +62,6 @@ def builtin_schemes_only(monkeypatch) -> None:
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> FileKeySource:
-    return create_key_file(tmp_path / "kek.hex")
-
-
-@pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     work = tmp_path / "work"
     work.mkdir()
