@@ -1,13 +1,22 @@
-"""Shared fixtures: where the shared test data lives, and a pinned verification clock."""
+"""Shared fixtures: where the shared test data lives, a pinned verification clock, the sample
+quotes, a key file, and simulated parties (measurement, policy, credentials)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from enclavefl.net.admission import Mode, PartyCredentials
+from enclavefl.seal.keys import FileKeySource, create_key_file
+from enclavefl.tee.attesters import SimulatedAttester
+from enclavefl.tee.collateral import OfflineCollateral
+from enclavefl.tee.measure import Measurement
+from enclavefl.tee.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ENCLAVEFL_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -50,6 +59,51 @@ def attestation_dir() -> Path:
 @pytest.fixture
 def tabular_dir() -> Path:
     return shared_file("tabular")
+
+
+@pytest.fixture
+def sgx_quote(attestation_dir: Path) -> bytes:
+    return (attestation_dir / "sgx_quote").read_bytes()
+
+
+@pytest.fixture
+def tdx_quote(attestation_dir: Path) -> bytes:
+    return (attestation_dir / "tdx_quote").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def sgx_sample() -> tuple[bytes, OfflineCollateral]:
+    """The SGX sample quote and its offline collateral (verifies at PINNED_TIME)."""
+    return (
+        shared_file("attestation", "sgx_quote").read_bytes(),
+        OfflineCollateral(shared_file("attestation", "sgx_quote_collateral.json")),
+    )
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> FileKeySource:
+    """A fresh key file (the insecure `file:` key source) in the test's directory."""
+    return create_key_file(tmp_path / "kek.hex")
+
+
+# --- simulated parties ------------------------------------------------------------------
+
+
+def sim_measurement(enclave: bytes, signer: bytes = b"signer") -> Measurement:
+    """A measurement for simulated evidence: mr_enclave and mr_signer are SHA-256 of the names."""
+    return Measurement(hashlib.sha256(enclave).digest(), hashlib.sha256(signer).digest())
+
+
+def sim_policy(measurement: Measurement, **values: Any) -> Policy:
+    """A policy that pins `measurement`'s mr_enclave and accepts simulated evidence."""
+    return Policy.from_values(mr_enclave=measurement.mr_enclave, allow_simulated=True, **values)
+
+
+def sim_credentials(
+    party: str, measurement: Measurement, policy: Policy, job_id: str, mode: Mode | str = Mode.TWO_WAY
+) -> PartyCredentials:
+    """Credentials of a simulated party that runs `measurement` and enforces `policy`."""
+    return PartyCredentials.create(SimulatedAttester(measurement), policy, party=party, job_id=job_id, mode=mode)
 
 
 # Fuzz budgets: each property test names its default number of examples (small, so that

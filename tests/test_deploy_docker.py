@@ -3,7 +3,6 @@ and the readiness probe they use (`enclavefl.net.health`) works against a real p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sim_credentials, sim_measurement, sim_policy
 import yaml
 
 from enclavefl.errors import PolicyRejected
 from enclavefl.jobs.config import HflJobConfig, VflJobConfig, load_job
 from enclavefl.net.health import check_health, wait_healthy
-from enclavefl.net.admission import PartyCredentials
 from enclavefl.net.errors import ConnectFailed
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.tee.attesters import SimulatedAttester
-from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +32,8 @@ COMPOSE = {"hfl": DOCKER / "compose.hfl.yaml", "vfl": DOCKER / "compose.vfl.yaml
 PARTIES = {"hfl": ["ps0", "worker0", "worker1"], "vfl": ["leader", "follower"]}
 COORDINATOR = {"hfl": ("ps0", 50051), "vfl": ("leader", 50091)}
 
-MEASUREMENT = Measurement(hashlib.sha256(b"party").digest(), hashlib.sha256(b"signer").digest())
-SIM_POLICY = Policy.from_values(mr_enclave=MEASUREMENT.mr_enclave, allow_simulated=True)
+MEASUREMENT = sim_measurement(b"party")
+SIM_POLICY = sim_policy(MEASUREMENT)
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -178,7 +176,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def party_server():
-    credentials = PartyCredentials.create(SimulatedAttester(MEASUREMENT), SIM_POLICY, party="ps0", job_id="fed")
+    credentials = sim_credentials("ps0", MEASUREMENT, SIM_POLICY, "fed")
     server = AttestedServer(credentials)
     server.register("train", lambda peer, request: Message())
     server.start()

@@ -4,7 +4,6 @@ input would have given (the same party and claims; the tensors the headers annou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import dcap_qvl
 import numpy as np
 import pytest
-from conftest import PINNED_TIME, fuzz_settings, shared_file
+from conftest import PINNED_TIME, fuzz_settings, shared_file, sim_measurement, sim_policy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,12 +40,10 @@ from enclavefl.net.tensors import (
 from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.claims import Claims
 from enclavefl.tee.collateral import OfflineCollateral
-from enclavefl.tee.measure import Measurement
-from enclavefl.tee.policy import Policy
 from enclavefl.tee.quote import verify_quote
 
-GOOD = Measurement(hashlib.sha256(b"fuzz net").digest(), hashlib.sha256(b"signer").digest())
-POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
+GOOD = sim_measurement(b"fuzz net")
+POLICY = sim_policy(GOOD)
 JOB = "fuzz-net"
 SERVER = PartyCredentials(
     make_identity(SimulatedAttester(GOOD), POLICY, party="server"), POLICY, "server", JOB, Mode.TWO_WAY

@@ -7,7 +7,7 @@ import hashlib
 
 import cbor2
 import pytest
-from conftest import PINNED_TIME, fuzz_settings
+from conftest import PINNED_TIME, fuzz_settings, sim_measurement
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
@@ -17,7 +17,6 @@ from test_ratls import build_cert, spki_der
 from enclavefl.errors import EnclaveflError, FormatError
 from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.claims import Claims
-from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import (
     GRAMINE_LEGACY_QUOTE_OID,
@@ -29,7 +28,7 @@ from enclavefl.tee.ratls import (
 )
 from enclavefl.tee.simulated import decode_cbor, parse_simulated_quote
 
-MEASUREMENT = Measurement(hashlib.sha256(b"fuzz").digest(), hashlib.sha256(b"signer").digest())
+MEASUREMENT = sim_measurement(b"fuzz")
 POLICY = Policy.from_json({"sgx_mrs": [MEASUREMENT.to_json()], "allow_simulated": True})
 IDENTITY = make_certificate(
     SimulatedAttester(MEASUREMENT), extra_claims={"policy-hash": POLICY.digest()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -39,15 +38,13 @@ from enclavefl.net.errors import PeerRefused
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message, TensorSpec
 from enclavefl.seal.keys import FileKeySource, create_key_file
-from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.measure import Measurement
-from enclavefl.tee.policy import Policy
 
-from conftest import shared_file
+from conftest import shared_file, sim_credentials, sim_measurement, sim_policy
 
-GOOD = Measurement(hashlib.sha256(b"hfl enclave").digest(), hashlib.sha256(b"hfl signer").digest())
-OTHER = Measurement(hashlib.sha256(b"tampered enclave").digest(), hashlib.sha256(b"hfl signer").digest())
-POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
+GOOD = sim_measurement(b"hfl enclave", b"hfl signer")
+OTHER = sim_measurement(b"tampered enclave", b"hfl signer")
+POLICY = sim_policy(GOOD)
 JOB = "hfl-test"
 SPAWN = mp.get_context("spawn")
 
@@ -57,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def credentials(party: str, measurement: Measurement = GOOD) -> PartyCredentials:
-    return PartyCredentials.create(SimulatedAttester(measurement), POLICY, party=party, job_id=JOB)
+    return sim_credentials(party, measurement, POLICY, JOB)
 
 
 def attested_server(port: int = 0) -> AttestedServer:

@@ -13,15 +13,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from enclavefl.net.admission import PartyCredentials
+from conftest import sim_credentials, sim_measurement, sim_policy
+
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.tensors import LazyTensor, Message
-from enclavefl.tee.attesters import SimulatedAttester
-from enclavefl.tee.measure import Measurement
-from enclavefl.tee.policy import Policy
 
-MEASUREMENT = Measurement(hashlib.sha256(b"big").digest(), hashlib.sha256(b"signer").digest())
-POLICY = Policy.from_values(mr_enclave=MEASUREMENT.mr_enclave, allow_simulated=True)
+MEASUREMENT = sim_measurement(b"big")
+POLICY = sim_policy(MEASUREMENT)
 BLOCK = 4 << 20
 GIB = 1 << 30
 
@@ -98,7 +96,7 @@ def stream_through(tmp_path: Path, total: int, sink: str, measure: str = "rss") 
         ready = json.loads(receiver.stdout.readline())  # type: ignore[union-attr]
         sent = hashlib.sha256()
         lazy = LazyTensor("uint8", (total,), lambda: blocks(total, sent))
-        credentials = PartyCredentials.create(SimulatedAttester(MEASUREMENT), POLICY, party="sender", job_id="big")
+        credentials = sim_credentials("sender", MEASUREMENT, POLICY, "big")
         with AttestedClient(f"127.0.0.1:{ready['port']}", credentials) as client:
             answer = client.call("receive", Message(tensors={"big": lazy}))
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import secrets
 import threading
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from conftest import sim_measurement, sim_policy
 import torch
 
 from enclavefl.errors import FormatError, KeyBindingRejected, PolicyRejected, Rejected, UsageError
@@ -31,9 +31,9 @@ from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import RaTlsIdentity
 
-GOOD = Measurement(hashlib.sha256(b"good enclave").digest(), hashlib.sha256(b"signer").digest())
-OTHER = Measurement(hashlib.sha256(b"other enclave").digest(), hashlib.sha256(b"signer").digest())
-POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
+GOOD = sim_measurement(b"good enclave")
+OTHER = sim_measurement(b"other enclave")
+POLICY = sim_policy(GOOD)
 JOB = "job-1"
 
 

@@ -8,7 +8,6 @@ that the job completes and that good peers are admitted while the abuse goes on.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from conftest import sim_credentials, sim_measurement, sim_policy
 import torch
 import torch.nn.functional as F
 from flood import StalledFlood
@@ -40,15 +40,13 @@ from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 
-GOOD = Measurement(hashlib.sha256(b"hardened enclave").digest(), hashlib.sha256(b"signer").digest())
-POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
+GOOD = sim_measurement(b"hardened enclave")
+POLICY = sim_policy(GOOD)
 JOB = "hardening"
 
 
 def credentials(party: str) -> PartyCredentials:
-    return PartyCredentials(
-        make_identity(SimulatedAttester(GOOD), POLICY, party=party), POLICY, party, JOB, Mode.TWO_WAY
-    )
+    return sim_credentials(party, GOOD, POLICY, JOB)
 
 
 def client(port: int, party: str, host: str = "127.0.0.1") -> AttestedClient:
@@ -404,7 +402,7 @@ def test_received_arrays_are_writable_and_exact() -> None:
 
 # -- item 4: party names are bound to the evidence ------------------------------------------------
 
-OTHER = Measurement(hashlib.sha256(b"another build").digest(), hashlib.sha256(b"signer").digest())
+OTHER = sim_measurement(b"another build")
 
 
 class FakeClock:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import sim_credentials, sim_measurement
 
 from enclavefl.errors import ConfigError, SealError, UsageError
 from enclavefl.net.admission import PartyCredentials
@@ -21,18 +21,17 @@ from enclavefl.net.keybroker import (
 from enclavefl.net.server import AttestedServer
 from enclavefl.seal.keys import FileKeySource, create_key_file, parse_key_spec
 from enclavefl.seal.sealed import seal_file, unseal_file
-from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 
-TRUSTED = Measurement(hashlib.sha256(b"fl party").digest(), hashlib.sha256(b"signer").digest())
-UNTRUSTED = Measurement(hashlib.sha256(b"tampered party").digest(), hashlib.sha256(b"signer").digest())
+TRUSTED = sim_measurement(b"fl party")
+UNTRUSTED = sim_measurement(b"tampered party")
 POLICY = Policy.from_values(mr_signer=TRUSTED.mr_signer, mr_enclave=TRUSTED.mr_enclave, allow_simulated=True)
 JOB = "job-broker"
 
 
 def access(measurement: Measurement, party: str) -> PartyCredentials:
-    return PartyCredentials.create(SimulatedAttester(measurement), POLICY, party=party, job_id=JOB)
+    return sim_credentials(party, measurement, POLICY, JOB)
 
 
 @pytest.fixture
@@ -113,7 +112,7 @@ def test_broker_spec_needs_configuration_and_a_valid_form(configured: None) -> N
 def test_broker_setup_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         serve_key_broker(tmp_path / "nope", access(TRUSTED, "keybroker"))
-    lax = PartyCredentials.create(SimulatedAttester(TRUSTED), POLICY, party="keybroker", job_id=JOB, mode="server")
+    lax = sim_credentials("keybroker", TRUSTED, POLICY, JOB, mode="server")
     with pytest.raises(UsageError, match="must attest its clients"):
         serve_key_broker(tmp_path, lax)
     with pytest.raises(UsageError, match="key name"):

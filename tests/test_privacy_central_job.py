@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sim_credentials, sim_measurement, sim_policy
 import torch
 import yaml
 
@@ -28,9 +28,6 @@ from enclavefl.net.client import AttestedClient, RetryPolicy
 from enclavefl.net.server import AttestedServer
 from enclavefl.privacy.rdp import RdpAccountant
 from enclavefl.seal.keys import FileKeySource, create_key_file
-from enclavefl.tee.attesters import SimulatedAttester
-from enclavefl.tee.measure import Measurement
-from enclavefl.tee.policy import Policy
 
 BUDGET = {"unit": "worker", "max_epsilon": 8.0, "delta": 1e-5}
 
@@ -106,18 +103,17 @@ def test_dp_fedavg_needs_strategy_fedavg_and_its_own_settings(tmp_path: Path) ->
 
 @pytest.mark.usefixtures("one_torch_thread")  # parties share the cores in this process
 def test_server_stops_at_the_budget_with_its_last_checkpoint_sealed(tmp_path: Path) -> None:
-    good = Measurement(hashlib.sha256(b"central dp").digest(), hashlib.sha256(b"signer").digest())
+    good = sim_measurement(b"central dp")
     # A budget for exactly 2 rounds at sigma 1 (every worker sampled); the run plans 6.
     two, three = RdpAccountant(), RdpAccountant()
     two.step(noise_multiplier=1.0, sample_rate=1.0, steps=2)
     three.step(noise_multiplier=1.0, sample_rate=1.0, steps=3)
     budget = (two.epsilon(1e-5) + three.epsilon(1e-5)) / 2
-    policy = Policy.from_values(mr_enclave=good.mr_enclave, allow_simulated=True,
-                                privacy={"unit": "worker", "max_epsilon": budget, "delta": 1e-5})
+    policy = sim_policy(good, privacy={"unit": "worker", "max_epsilon": budget, "delta": 1e-5})
 
     @functools.cache
     def credentials(party: str) -> PartyCredentials:
-        return PartyCredentials.create(SimulatedAttester(good), policy, party=party, job_id="central-dp")
+        return sim_credentials(party, good, policy, "central-dp")
 
     store = CheckpointStore(tmp_path / "ckpt", key=FileKeySource(create_key_file(tmp_path / "k").path),
                             job_id="central-dp")

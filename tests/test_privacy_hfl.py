@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sim_credentials, sim_measurement, sim_policy
 import torch
 
 from enclavefl.errors import Rejected
@@ -24,23 +24,19 @@ from enclavefl.net.errors import PeerRefused
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import FileKeySource, create_key_file
-from enclavefl.tee.attesters import SimulatedAttester
-from enclavefl.tee.measure import Measurement
-from enclavefl.tee.policy import Policy
 
 pytest.importorskip("opacus")
 from enclavefl.privacy.dpsgd import DpSgd  # noqa: E402
 
-GOOD = Measurement(hashlib.sha256(b"dp enclave").digest(), hashlib.sha256(b"dp signer").digest())
-POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True,
-                            privacy={"unit": "record", "max_epsilon": 1.0, "delta": 1e-5})
+GOOD = sim_measurement(b"dp enclave", b"dp signer")
+POLICY = sim_policy(GOOD, privacy={"unit": "record", "max_epsilon": 1.0, "delta": 1e-5})
 JOB = "dp-test"
 
 
 @functools.cache
 def credentials(party: str) -> PartyCredentials:
     # One identity per party name: the server holds a name for the key that used it last.
-    return PartyCredentials.create(SimulatedAttester(GOOD), POLICY, party=party, job_id=JOB)
+    return sim_credentials(party, GOOD, POLICY, JOB)
 
 
 def client(port: int, party: str) -> AttestedClient:

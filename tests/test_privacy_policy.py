@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sim_measurement, sim_policy
 from click.testing import CliRunner
 
 from enclavefl.cli import main
@@ -18,16 +18,15 @@ from enclavefl.net.client import AttestedClient, RetryPolicy
 from enclavefl.net.errors import PeerRefused
 from enclavefl.net.server import AttestedServer
 from enclavefl.tee.attesters import SimulatedAttester
-from enclavefl.tee.measure import Measurement
 from enclavefl.tee.policy import Policy
 from enclavefl.tee.ratls import verify_certificate
 
-GOOD = Measurement(hashlib.sha256(b"good enclave").digest(), hashlib.sha256(b"signer").digest())
+GOOD = sim_measurement(b"good enclave")
 RECORD_3 = {"unit": "record", "max_epsilon": 3, "delta": 1e-5}
 
 
 def policy(privacy: dict[str, Any] | None) -> Policy:
-    return Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True, privacy=privacy)
+    return sim_policy(GOOD, privacy=privacy)
 
 
 def test_budget_is_part_of_the_digest_and_round_trips(tmp_path: Path) -> None:
@@ -109,7 +108,7 @@ def test_peer_with_another_budget_is_refused_naming_privacy(
 
 def test_same_budget_other_policy_difference_is_a_hash_mismatch() -> None:
     cert = make_identity(SimulatedAttester(GOOD), policy(RECORD_3)).cert_der
-    looser = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True, allow_debug=True, privacy=RECORD_3)
+    looser = sim_policy(GOOD, allow_debug=True, privacy=RECORD_3)
     claims = verify_certificate(cert, policy=looser)
     with pytest.raises(PolicyRejected, match="policy hash mismatch") as info:
         check_policy_hash(claims, looser, "party peer")

@@ -34,9 +34,7 @@ from enclavefl.net.errors import CallFailed, PeerRefused
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import FileKeySource, create_key_file
-from enclavefl.tee.attesters import SimulatedAttester
 from enclavefl.tee.measure import Measurement
-from enclavefl.tee.policy import Policy
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
 from enclavefl.vfl.errors import FollowerUnavailable
 from enclavefl.vfl.export import export_model, load_model
@@ -45,11 +43,11 @@ from enclavefl.vfl.leader import Leader, SplitMlpLeader, predict_as_leader
 from enclavefl.vfl.plan import TRAIN, Plan
 from enclavefl.vfl.storage import Storage
 
-from conftest import shared_file
+from conftest import shared_file, sim_credentials, sim_measurement, sim_policy
 
-GOOD = Measurement(hashlib.sha256(b"vfl enclave").digest(), hashlib.sha256(b"vfl signer").digest())
-OTHER = Measurement(hashlib.sha256(b"tampered enclave").digest(), hashlib.sha256(b"vfl signer").digest())
-POLICY = Policy.from_values(mr_enclave=GOOD.mr_enclave, allow_simulated=True)
+GOOD = sim_measurement(b"vfl enclave", b"vfl signer")
+OTHER = sim_measurement(b"tampered enclave", b"vfl signer")
+POLICY = sim_policy(GOOD)
 JOB = "vfl-test"
 SPAWN = mp.get_context("spawn")
 POLL_S = 0.5  # long polls answer within this: short, so that tests end quickly
@@ -60,7 +58,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def credentials(party: str, measurement: Measurement = GOOD) -> PartyCredentials:
-    return PartyCredentials.create(SimulatedAttester(measurement), POLICY, party=party, job_id=JOB)
+    return sim_credentials(party, measurement, POLICY, JOB)
 
 
 def leader_server() -> AttestedServer:
