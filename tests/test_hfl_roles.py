@@ -556,50 +556,68 @@ def _server_process(port: int, directory: str, key_path: str, conn: Any) -> None
     server.stop(1.0)
 
 
+class _KilledAtRound4:
+    """A server process with workers a and b, SIGKILLed once both trained round 4 (they wait,
+    holding their deltas, until `gate` is set); `restart()` starts a second one on its port."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.key = create_key_file(tmp_path / "job.key")
+        self.directory = tmp_path / "checkpoints"
+        self.gate = threading.Event()
+        self.results: dict[str, Any] = {}
+        self.errors: dict[str, BaseException] = {}
+        blocked = threading.Semaphore(0)
+
+        def pace(event: dict[str, Any]) -> None:
+            if event["event"] == "train" and event["version"] == 4 and not self.gate.is_set():
+                blocked.release()
+                assert self.gate.wait(timeout=60)
+
+        def body(party: str, seed: int) -> None:
+            worker = Worker.for_model(client(self.port, party), tiny_model(), blobs(40, seed=seed), batch_size=8,
+                                      on_metrics=pace, reconnect_timeout_s=60)  # fmt: skip
+            try:
+                self.results[party] = worker.run()
+            except BaseException as exc:  # the test asserts on it
+                self.errors[party] = exc
+
+        self.ours, self._theirs = SPAWN.Pipe()
+        first = self._start(0)
+        self.started = self.ours.recv()
+        self.port: int = self.started["port"]
+        self.threads = [threading.Thread(target=body, args=(p, i), daemon=True) for i, p in enumerate("ab")]
+        for thread in self.threads:
+            thread.start()
+        assert blocked.acquire(timeout=60) and blocked.acquire(timeout=60)
+        os.kill(first.pid, signal.SIGKILL)
+        first.join()
+        self.store = CheckpointStore(self.directory, key=self.key, job_id=JOB)
+
+    def _start(self, port: int) -> Any:
+        process = SPAWN.Process(
+            target=_server_process, args=(port, str(self.directory), str(self.key.path), self._theirs), daemon=True
+        )
+        process.start()
+        return process
+
+    def restart(self) -> Any:
+        return self._start(self.port)
+
+    def join_workers(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
 def test_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    key = create_key_file(tmp_path / "job.key")
-    directory = tmp_path / "checkpoints"
-    gate = threading.Event()
-    blocked = threading.Semaphore(0)
-
-    def pace(event: dict[str, Any]) -> None:
-        if event["event"] == "train" and event["version"] == 4 and not gate.is_set():
-            blocked.release()
-            assert gate.wait(timeout=60)
-
-    ours, theirs = SPAWN.Pipe()
-    first = SPAWN.Process(target=_server_process, args=(0, str(directory), str(key.path), theirs), daemon=True)
-    first.start()
-    started = ours.recv()
-    port = started["port"]
-    assert started["resumed_from"] is None
-
-    results: dict[str, Any] = {}
-    threads = []
-    for i, party in enumerate("ab"):
-
-        def body(p: str = party, s: int = i) -> None:
-            worker = Worker.for_model(client(port, p), tiny_model(), blobs(40, seed=s), batch_size=8, on_metrics=pace,
-                            reconnect_timeout_s=60)  # fmt: skip
-            results[p] = worker.run()
-
-        threads.append(threading.Thread(target=body, daemon=True))
-        threads[-1].start()
-    # Both workers trained round 4 and hold their deltas.
-    assert blocked.acquire(timeout=60) and blocked.acquire(timeout=60)
-    os.kill(first.pid, signal.SIGKILL)
-    first.join()
-
-    store = CheckpointStore(directory, key=key, job_id=JOB)
-    assert store.versions() == [2, 4]
-    saved = store.load(4)
-    second = SPAWN.Process(target=_server_process, args=(port, str(directory), str(key.path), theirs), daemon=True)
-    second.start()
-    resumed = ours.recv()
-    gate.set()
-    summary = ours.recv()
-    for thread in threads:
-        thread.join(timeout=60)
+    run = _KilledAtRound4(tmp_path)
+    assert run.started["resumed_from"] is None
+    assert run.store.versions() == [2, 4]
+    saved = run.store.load(4)
+    second = run.restart()
+    resumed = run.ours.recv()
+    run.gate.set()
+    summary = run.ours.recv()
+    run.join_workers()
     second.join(timeout=30)
 
     assert resumed["resumed_from"] == 4
@@ -610,65 +628,28 @@ def test_restarted_server_resumes_from_its_last_checkpoint(tmp_path: Path) -> No
     # Nothing before the checkpoint is lost: evaluations 1-4 come from the first server.
     assert [e["version"] for e in summary["evaluations"]] == list(range(1, 9))
     assert summary["evaluations"][:4] == saved["evaluations"]
-    assert all(r["done"] and r["version"] == 8 and r["rejoins"] >= 1 for r in results.values())
-    assert store.versions() == [2, 4, 6, 8]
+    assert not run.errors
+    assert all(r["done"] and r["version"] == 8 and r["rejoins"] >= 1 for r in run.results.values())
+    assert run.store.versions() == [2, 4, 6, 8]
 
 
 def test_workers_refuse_a_server_resumed_from_older_state_than_it_had_sealed(tmp_path: Path) -> None:
     """Without a key broker: the host deleted the newest checkpoint, the server resumed from
     the one before; the workers were told version 4 was sealed and refuse (issue 12, item 3)."""
-    key = create_key_file(tmp_path / "job.key")
-    directory = tmp_path / "checkpoints"
-    gate = threading.Event()
-    blocked = threading.Semaphore(0)
+    run = _KilledAtRound4(tmp_path)
+    assert run.store.versions() == [2, 4]
+    run.store.path(4).unlink()  # the host deletes the newest checkpoint
 
-    def pace(event: dict[str, Any]) -> None:
-        if event["event"] == "train" and event["version"] == 4 and not gate.is_set():
-            blocked.release()
-            assert gate.wait(timeout=60)
-
-    ours, theirs = SPAWN.Pipe()
-    first = SPAWN.Process(target=_server_process, args=(0, str(directory), str(key.path), theirs), daemon=True)
-    first.start()
-    port = ours.recv()["port"]
-    errors: dict[str, BaseException] = {}
-    threads = []
-    for i, party in enumerate("ab"):
-
-        def body(p: str = party, s: int = i) -> None:
-            try:
-                Worker.for_model(
-                    client(port, p),
-                    tiny_model(),
-                    blobs(40, seed=s),
-                    batch_size=8,
-                    on_metrics=pace,
-                    reconnect_timeout_s=60,
-                ).run()
-            except BaseException as exc:  # asserted below
-                errors[p] = exc
-
-        threads.append(threading.Thread(target=body, daemon=True))
-        threads[-1].start()
-    assert blocked.acquire(timeout=60) and blocked.acquire(timeout=60)
-    os.kill(first.pid, signal.SIGKILL)
-    first.join()
-    store = CheckpointStore(directory, key=key, job_id=JOB)
-    assert store.versions() == [2, 4]
-    store.path(4).unlink()  # the host deletes the newest checkpoint
-
-    second = SPAWN.Process(target=_server_process, args=(port, str(directory), str(key.path), theirs), daemon=True)
-    second.start()
+    second = run.restart()
     try:
-        assert ours.recv()["resumed_from"] == 2
-        gate.set()
-        for thread in threads:
-            thread.join(timeout=60)
+        assert run.ours.recv()["resumed_from"] == 2
+        run.gate.set()
+        run.join_workers()
     finally:
         second.kill()
         second.join()
-    assert set(errors) == {"a", "b"}
-    for error in errors.values():
+    assert set(run.errors) == {"a", "b"}
+    for error in run.errors.values():
         assert isinstance(error, Rejected) and error.check == "freshness"
         assert "came back at version 2, but it had sealed a checkpoint of version 4" in error.reason
         assert "peer-based rollback protection" in error.reason

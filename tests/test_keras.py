@@ -221,28 +221,19 @@ def test_sync_sgd_steps_with_the_gradient_tape_gradients() -> None:
     keras.utils.set_random_seed(5)
     initial = build_keras_model("mlp", in_features=5, hidden=[8])
     start = get_weights(initial)
-    reference = KerasTrainer(
-        build_keras_model("mlp", in_features=5, hidden=[8]),
-        BCE,
-        keras.optimizers.SGD(0.1),
-        (x, y),
-        batch_size=32,
-        shuffle=False,
-    )
+
+    def full_batch_trainer() -> KerasTrainer:  # a fresh model and optimizer each, one batch of all rows
+        return KerasTrainer(build_keras_model("mlp", in_features=5, hidden=[8]), BCE, keras.optimizers.SGD(0.1),
+                            (x, y), batch_size=32, shuffle=False)  # fmt: skip
+
+    reference = full_batch_trainer()
     grads = reference.gradients(start, {"round": 1}).gradients
 
     server = attested_server()
     ps = ParameterServer(server, make_strategy("sync-sgd", TorchMirror(initial), lr=0.5), workers=["a"], total=1,
                          round_timeout_s=60)  # fmt: skip
     fed = Federation(server, ps)
-    trainer = KerasTrainer(
-        build_keras_model("mlp", in_features=5, hidden=[8]),
-        BCE,
-        keras.optimizers.SGD(0.1),
-        (x, y),
-        batch_size=32,
-        shuffle=False,
-    )
+    trainer = full_batch_trainer()
     fed.worker("a", lambda c: Worker(c, trainer))
     fed.run()
     assert not fed.errors, fed.errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta, UTC
+from typing import Any
 
 import cbor2
 import pytest
@@ -92,6 +93,16 @@ def build_cert(
     return builder.sign(signer or key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
+def simulated_evidence(quote: bytes, claims: bytes) -> bytes:
+    """The tagged-evidence extension value under the simulated tag: CBOR tag ([quote, claims])."""
+    return cbor2.dumps(cbor2.CBORTag(SIMULATED_EVIDENCE_CBOR_TAG, [quote, claims]))
+
+
+def simulated_cert(key: ec.EllipticCurvePrivateKey, quote: bytes, claims: bytes, **options: Any) -> bytes:
+    """A certificate for `key` whose tagged evidence is the simulated `quote` and `claims`."""
+    return build_cert(key, {TCG_DICE_TAGGED_EVIDENCE_OID: simulated_evidence(quote, claims)}, **options)
+
+
 def gramine_claims(key) -> bytes:
     """Claims exactly as Gramine's libcbor writes them (hand-assembled bytes)."""
     digest = hashlib.sha256(spki_der(key.public_key())).digest()
@@ -156,9 +167,7 @@ def test_evidence_layout_matches_gramine_byte_for_byte(identity):
         TCG_DICE_TAGGED_EVIDENCE_OID
     ).value.value
     # Same outer CBOR layout as Gramine, under the simulated tag.
-    assert raw == cbor2.dumps(
-        cbor2.CBORTag(SIMULATED_EVIDENCE_CBOR_TAG, [evidence.quote, evidence.claims])
-    )
+    assert raw == simulated_evidence(evidence.quote, evidence.claims)
     claims = cbor2.loads(evidence.claims)
     assert list(claims) == ["pubkey-hash", "policy-hash"]
     # Gramine's one-entry map, with the extra claim appended: map(2) instead of map(1).
@@ -228,14 +237,7 @@ def test_claims_not_matching_report_data_are_rejected(attester):
     key = ec.generate_private_key(ec.SECP384R1())
     claims = gramine_claims(key)
     quote = attester.quote(hashlib.sha256(claims + b"x").digest() + bytes(32))
-    cert = build_cert(
-        key,
-        {
-            TCG_DICE_TAGGED_EVIDENCE_OID: cbor2.dumps(
-                cbor2.CBORTag(SIMULATED_EVIDENCE_CBOR_TAG, [quote, claims])
-            )
-        },
-    )
+    cert = simulated_cert(key, quote, claims)
     with pytest.raises(KeyBindingRejected) as err:
         verify_certificate(cert, policy=SIM_POLICY)
     assert err.value.check == "key-binding"
@@ -246,14 +248,7 @@ def test_claims_without_pubkey_hash_are_rejected(attester):
     key = ec.generate_private_key(ec.SECP384R1())
     claims = cbor2.dumps({"nonce": b"1234"})
     quote = attester.quote(hashlib.sha256(claims).digest() + bytes(32))
-    cert = build_cert(
-        key,
-        {
-            TCG_DICE_TAGGED_EVIDENCE_OID: cbor2.dumps(
-                cbor2.CBORTag(SIMULATED_EVIDENCE_CBOR_TAG, [quote, claims])
-            )
-        },
-    )
+    cert = simulated_cert(key, quote, claims)
     with pytest.raises(KeyBindingRejected) as err:
         verify_certificate(cert, policy=SIM_POLICY)
     assert err.value.check == "key-binding"
@@ -265,14 +260,7 @@ def test_other_pubkey_hash_algorithms_are_read(attester, alg, hash_fn):
     entry = cbor2.dumps([alg, hash_fn(spki_der(key.public_key())).digest()])
     claims = cbor2.dumps({"pubkey-hash": entry})
     quote = attester.quote(hashlib.sha256(claims).digest() + bytes(32))
-    cert = build_cert(
-        key,
-        {
-            TCG_DICE_TAGGED_EVIDENCE_OID: cbor2.dumps(
-                cbor2.CBORTag(SIMULATED_EVIDENCE_CBOR_TAG, [quote, claims])
-            )
-        },
-    )
+    cert = simulated_cert(key, quote, claims)
     assert verify_certificate(cert, policy=SIM_POLICY).bound["pubkey-hash"][0] == alg
 
 
@@ -280,15 +268,10 @@ def test_certificate_signed_by_another_key_is_rejected(attester):
     key = ec.generate_private_key(ec.SECP384R1())
     claims = gramine_claims(key)
     quote = attester.quote(hashlib.sha256(claims).digest() + bytes(32))
-    evidence = cbor2.dumps(cbor2.CBORTag(SIMULATED_EVIDENCE_CBOR_TAG, [quote, claims]))
-    good = build_cert(key, {TCG_DICE_TAGGED_EVIDENCE_OID: evidence})
+    good = simulated_cert(key, quote, claims)
     assert verify_certificate(good, policy=SIM_POLICY).mr_enclave == MEASUREMENT.mr_enclave
 
-    forged = build_cert(
-        key,
-        {TCG_DICE_TAGGED_EVIDENCE_OID: evidence},
-        signer=ec.generate_private_key(ec.SECP384R1()),
-    )
+    forged = simulated_cert(key, quote, claims, signer=ec.generate_private_key(ec.SECP384R1()))
     with pytest.raises(KeyBindingRejected) as err:
         verify_certificate(forged, policy=SIM_POLICY)
     assert err.value.check == "self-signature"
