@@ -435,10 +435,10 @@ def _key_source(spec: str, *, job_id: str, attester: str, policy_path: Path | No
     return parse_key_spec(spec)
 
 
-@main.command()
-@_seal_options
-@typed_errors
-def seal(
+def _seal_command(
+    operation: Callable[..., None],
+    done: str,
+    *,
     src: Path,
     dst: Path,
     key_spec: str,
@@ -448,33 +448,30 @@ def seal(
     attester: str,
     policy_path: Path | None,
 ) -> None:
+    """`seal` and `unseal`: the same key and binding, `operation` from SRC to DST."""
+    key = _key_source(key_spec, job_id=job_id, attester=attester, policy_path=policy_path)
+    operation(src, dst, key=key, job_id=job_id, name=name, version=artifact_version)
+    click.echo(f"{done} {src} -> {dst}")
+
+
+@main.command()
+@_seal_options
+@typed_errors
+def seal(**options: Any) -> None:
     """Encrypt and authenticate SRC into DST, bound to (job id, name, version)."""
     from enclavefl.seal import seal_file
 
-    key = _key_source(key_spec, job_id=job_id, attester=attester, policy_path=policy_path)
-    seal_file(src, dst, key=key, job_id=job_id, name=name, version=artifact_version)
-    click.echo(f"sealed {src} -> {dst}")
+    _seal_command(seal_file, "sealed", **options)
 
 
 @main.command()
 @_seal_options
 @typed_errors
-def unseal(
-    src: Path,
-    dst: Path,
-    key_spec: str,
-    name: str,
-    job_id: str,
-    artifact_version: int,
-    attester: str,
-    policy_path: Path | None,
-) -> None:
+def unseal(**options: Any) -> None:
     """Check and decrypt SRC into DST; refuses altered, truncated or swapped files."""
     from enclavefl.seal import unseal_file
 
-    key = _key_source(key_spec, job_id=job_id, attester=attester, policy_path=policy_path)
-    unseal_file(src, dst, key=key, job_id=job_id, name=name, version=artifact_version)
-    click.echo(f"unsealed {src} -> {dst}")
+    _seal_command(unseal_file, "unsealed", **options)
 
 
 @main.command()
