@@ -55,40 +55,10 @@ def load_fate_csv(
     (a binary file, NUL bytes, a field over the csv module's limit) is a FormatError.
     """
     path = Path(path)
-    try:
-        handle = path.open("r", encoding="utf-8", newline="")
-    except OSError as exc:
-        raise UsageError(f"cannot read table {path}: {exc.strerror}") from None
-    reader = csv.reader(handle)
-    try:
-        with handle:
-            try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                raise FormatError(f"{path}: empty file (expected a header such as id,y,x0,...)") from None
-            if id_column not in header:
-                raise FormatError(f"{path}: no id column {id_column!r} in header {header[:6]}")
-            if len(set(header)) != len(header):
-                raise FormatError(f"{path}: duplicate column names in header {header}")
-            if require_label and label_column not in header:
-                raise FormatError(
-                    f"{path}: no label column {label_column!r} in header {header[:6]}"
-                    f"{' ...' if len(header) > 6 else ''}: set the data spec's label to the file's label column"
-                )
-            id_at = header.index(id_column)
-            label_at = header.index(label_column) if label_column in header else None
-            feature_at = [i for i in range(len(header)) if i not in (id_at, label_at)]
-            records = []
-            for line_no, record in enumerate(reader, start=2):
-                if not record:
-                    continue
-                if len(record) != len(header):
-                    raise FormatError(f"{path} line {line_no}: expected {len(header)} fields, got {len(record)}")
-                records.append((line_no, record))
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: not a CSV text file (not UTF-8 at byte {exc.start}: {exc.reason})") from None
-    except csv.Error as exc:
-        raise FormatError(f"{path} line {reader.line_num}: not a CSV text file ({exc})") from None
+    header, records = _read_rows(path, id_column=id_column, label_column=label_column, require_label=require_label)
+    id_at = header.index(id_column)
+    label_at = header.index(label_column) if label_column in header else None
+    feature_at = [i for i in range(len(header)) if i not in (id_at, label_at)]
     if not records:
         raise FormatError(f"{path}: no data rows after the header")
     cells = np.asarray([record for _, record in records], dtype=str)
@@ -104,6 +74,50 @@ def load_fate_csv(
         y = y.astype(np.int64) if np.all(y == np.round(y)) else y.astype(np.float32)
         numbers = numbers[:, 1:]
     return Table(id_array, y, numbers.astype(np.float32), tuple(header[i] for i in feature_at))
+
+
+def _read_rows(
+    path: Path, *, id_column: str, label_column: str, require_label: bool
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (stripped names, checked first) and the non-empty records with their line
+    numbers, each as wide as the header; FormatError for a file that is not UTF-8 CSV text."""
+    try:
+        handle = path.open("r", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise UsageError(f"cannot read table {path}: {exc.strerror}") from None
+    reader = csv.reader(handle)
+    try:
+        with handle:
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise FormatError(f"{path}: empty file (expected a header such as id,y,x0,...)") from None
+            _check_header(path, header, id_column=id_column, label_column=label_column, require_label=require_label)
+            records = []
+            for line_no, record in enumerate(reader, start=2):
+                if not record:
+                    continue
+                if len(record) != len(header):
+                    raise FormatError(f"{path} line {line_no}: expected {len(header)} fields, got {len(record)}")
+                records.append((line_no, record))
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not a CSV text file (not UTF-8 at byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:
+        raise FormatError(f"{path} line {reader.line_num}: not a CSV text file ({exc})") from None
+    return header, records
+
+
+def _check_header(path: Path, header: list[str], *, id_column: str, label_column: str, require_label: bool) -> None:
+    """An id column, unique names, and the label column when one is required."""
+    if id_column not in header:
+        raise FormatError(f"{path}: no id column {id_column!r} in header {header[:6]}")
+    if len(set(header)) != len(header):
+        raise FormatError(f"{path}: duplicate column names in header {header}")
+    if require_label and label_column not in header:
+        raise FormatError(
+            f"{path}: no label column {label_column!r} in header {header[:6]}"
+            f"{' ...' if len(header) > 6 else ''}: set the data spec's label to the file's label column"
+        )
 
 
 def _to_numbers(

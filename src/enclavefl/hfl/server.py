@@ -110,6 +110,19 @@ class _WorkerCounts:
         return {"joins": self.joins, "contributions": self.contributions, "stale": self.stale, "dropped": self.dropped}
 
 
+def _push_figures(meta: dict[str, Any]) -> tuple[int, int, float, Any]:
+    """A contribution's (version, weight, compute seconds, loss or None), checked."""
+    version = wire.meta_int(meta, "version")
+    weight = wire.meta_int(meta, "weight", minimum=1)
+    compute_s = meta.get("compute_s", 0.0)
+    if not is_number(compute_s) or not compute_s >= 0:
+        raise UsageError(f"message field 'compute_s' must be a number >= 0, got {compute_s!r}")
+    loss = meta.get("loss")
+    if loss is not None and not is_number(loss):
+        raise UsageError(f"message field 'loss' must be a number, got {loss!r}")
+    return version, weight, float(compute_s), loss
+
+
 # -- the role -------------------------------------------------------------------------
 
 
@@ -190,6 +203,24 @@ class ParameterServer:
         self._unit = self._strategy.unit
         self._incarnation = secrets.token_hex(8)
 
+        self._init_run_state()
+        if resume:
+            self._restore()
+        # The newest version sealed to storage, told to every worker: a server that comes
+        # back at an older one lost checkpoints, and the workers that saw it refuse to go on.
+        self._durable = -1 if self._resumed_from is None else self._resumed_from
+        self._done = False
+        self._published_at = self._started
+        self._snapshot: _Snapshot | None = None
+        with self._cond:
+            self._publish_locked(time.monotonic(), initial=True)
+
+        self._told_done: set[str] = set()
+        self._register_handlers(server, settings.max_pending_uploads)
+
+    def _init_run_state(self) -> None:
+        """The run's changing state (guarded by `_cond`): who is live, this version's
+        contributions, evaluations, events, timers and counters."""
         self._cond = threading.Condition()
         self._live: set[str] = set()
         self._evaluators: set[str] = set()
@@ -212,22 +243,13 @@ class ParameterServer:
         self._left: dict[str, str] = {}  # worker -> why it left for good (its privacy budget)
         self._stopped: str | None = None
         self._started = time.monotonic()
-        if resume:
-            self._restore()
-        # The newest version sealed to storage, told to every worker: a server that comes
-        # back at an older one lost checkpoints, and the workers that saw it refuse to go on.
-        self._durable = -1 if self._resumed_from is None else self._resumed_from
-        self._done = False
-        self._published_at = self._started
-        self._snapshot: _Snapshot | None = None
-        with self._cond:
-            self._publish_locked(time.monotonic(), initial=True)
 
-        self._told_done: set[str] = set()
+    def _register_handlers(self, server: AttestedServer, max_pending_uploads: int) -> None:
+        """The worker-facing methods; a push's payload waits for an upload place."""
         server.register(wire.JOIN, self._telling(self._on_join))
         server.register(wire.SLOT, self._telling(self._on_slot))
         server.register(wire.PUSH, self._telling(self._on_push),
-                        sink=UploadGate(settings.max_pending_uploads, gated=wire.PAYLOAD))  # fmt: skip
+                        sink=UploadGate(max_pending_uploads, gated=wire.PAYLOAD))  # fmt: skip
         server.register(wire.WAIT, self._telling(self._on_wait))
         server.register(wire.EVAL, self._telling(self._on_eval))
         server.register(wire.LEAVE, self._on_leave)
@@ -493,14 +515,7 @@ class ParameterServer:
             worker = self._check_party(peer)
             if not isinstance(payload, GatedPayload):
                 raise UsageError("a contribution needs a payload tensor")
-            version = wire.meta_int(request.meta, "version")
-            weight = wire.meta_int(request.meta, "weight", minimum=1)
-            compute_s = request.meta.get("compute_s", 0.0)
-            if not is_number(compute_s) or not compute_s >= 0:
-                raise UsageError(f"message field 'compute_s' must be a number >= 0, got {compute_s!r}")
-            loss = request.meta.get("loss")
-            if loss is not None and not is_number(loss):
-                raise UsageError(f"message field 'loss' must be a number, got {loss!r}")
+            version, weight, compute_s, loss = _push_figures(request.meta)
             uploaded = int(payload.tensor.nbytes) + wire.message_bytes(request.tensors)
             want = wire.parse_want(self._layout, request.tensors)
             for name in [n for n in request.tensors if n.startswith("want/")]:
@@ -514,9 +529,9 @@ class ParameterServer:
                 elif self._async:
                     status = self._apply_async_locked(worker, unpacked, version, weight, now)
                 else:
-                    status = self._fold_locked(worker, unpacked, version, weight, float(compute_s), now)
+                    status = self._fold_locked(worker, unpacked, version, weight, compute_s, now)
                     if status == "accepted":
-                        self._party_stats[worker] = {"loss": loss, "examples": weight, "compute_s": float(compute_s),
+                        self._party_stats[worker] = {"loss": loss, "examples": weight, "compute_s": compute_s,
                                                      "bytes_sent": uploaded}
                 # Give the upload place and the payload's memory back before waiting for the others.
                 lease = request.meta.get("lease")

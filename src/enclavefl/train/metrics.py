@@ -69,6 +69,27 @@ def _task(
     logits: torch.Tensor, labels: torch.Tensor, task: TaskType | None = None
 ) -> tuple[TaskType, torch.Tensor, torch.Tensor]:
     """Checked (task, outputs, labels); one-column outputs flattened to [n]."""
+    logits, labels = _shaped(logits, labels)
+    if task is None:
+        task = "binary" if logits.dim() == 1 else "multiclass"
+    if task in ("binary", "regression") and logits.dim() != 1:
+        raise UsageError(f"a {task} task needs one output per example, got outputs {list(logits.shape)}")
+    if task == "regression":
+        if labels.dtype == torch.bool or not bool(torch.isfinite(labels.double()).all()):
+            raise UsageError("regression labels must be finite numbers")
+        return task, logits, labels.double()
+    if task == "binary":
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise UsageError("binary labels must be 0 or 1")
+        return task, logits, labels
+    if task != "multiclass":
+        raise UsageError(f"unknown task {task!r}; one of binary, multiclass, regression")
+    _check_multiclass(logits, labels)
+    return task, logits, labels
+
+
+def _shaped(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite float outputs [n] or [n, C] and labels [n] for n >= 1 examples, detached."""
     if not logits.is_floating_point():
         raise UsageError(f"logits must be floating point, got {logits.dtype}")
     if logits.dim() == 2 and logits.shape[1] == 1:
@@ -84,22 +105,11 @@ def _task(
     bad = int((~torch.isfinite(logits)).sum())
     if bad:
         raise UsageError(f"logits hold {bad} NaN or infinite values (did training diverge?)")
-    logits = logits.detach()
-    labels = labels.detach()
-    if task is None:
-        task = "binary" if logits.dim() == 1 else "multiclass"
-    if task in ("binary", "regression") and logits.dim() != 1:
-        raise UsageError(f"a {task} task needs one output per example, got outputs {list(logits.shape)}")
-    if task == "regression":
-        if labels.dtype == torch.bool or not bool(torch.isfinite(labels.double()).all()):
-            raise UsageError("regression labels must be finite numbers")
-        return task, logits, labels.double()
-    if task == "binary":
-        if not bool(((labels == 0) | (labels == 1)).all()):
-            raise UsageError("binary labels must be 0 or 1")
-        return task, logits, labels
-    if task != "multiclass":
-        raise UsageError(f"unknown task {task!r}; one of binary, multiclass, regression")
+    return logits.detach(), labels.detach()
+
+
+def _check_multiclass(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Outputs [n, C] and integer labels in [0, C)."""
     if logits.dim() != 2:
         raise UsageError(f"a multiclass task needs outputs [n, C], got {list(logits.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -109,7 +119,6 @@ def _task(
         raise UsageError(
             f"multi-class labels must lie in [0, {classes}), got [{int(labels.min())}, {int(labels.max())}]"
         )
-    return task, logits, labels
 
 
 def _predicted(task: TaskType, logits: torch.Tensor) -> torch.Tensor:
@@ -252,30 +261,46 @@ class EvalStats:
             )
         if not math.isfinite(self.loss_sum) or self.loss_sum < 0:
             raise UsageError(f"EvalStats.loss_sum must be finite and >= 0, got {self.loss_sum!r}")
-        pos = _check_counts("AUC histograms", (self.auc_positive, self.auc_negative))
-        if pos is not None:
-            counted = int(pos.sum()) + int(self.auc_negative.sum())  # type: ignore[union-attr]
-            if counted != self.count:
-                raise UsageError(f"EvalStats AUC histograms count {counted} examples, not {self.count}")
-        true = _check_counts("class counts", (self.class_true, self.class_pred, self.class_hit))
-        if true is not None:
-            pred, hit = self.class_pred, self.class_hit
-            assert pred is not None and hit is not None
-            if int(true.sum()) != self.count or int(pred.sum()) != self.count:
-                raise UsageError(f"EvalStats class counts do not add up to the {self.count} examples")
-            if bool((hit > torch.minimum(true, pred)).any()) or int(hit.sum()) != self.correct:
-                raise UsageError("EvalStats class hits exceed the class counts or differ from correct")
-        regression = [getattr(self, f) for f in ("abs_error_sum", "label_sum", "label_sq_sum")]
-        if any(v is not None for v in regression):
-            if any(v is None or not math.isfinite(v) for v in regression):
-                raise UsageError("EvalStats regression sums must all be given and finite")
-            if self.abs_error_sum < 0 or self.label_sq_sum < 0:  # type: ignore[operator]
-                raise UsageError("EvalStats abs_error_sum and label_sq_sum must be >= 0")
-            if self.correct or pos is not None or true is not None:
-                raise UsageError("EvalStats of a regression task hold no classification statistics")
+        classified = self._check_auc_histograms() | self._check_class_counts()
+        self._check_regression_sums(classified=classified)
         for name, value in self.user_sums.items():
             if not isinstance(name, str) or not name or not math.isfinite(value):
                 raise UsageError(f"EvalStats user metric {name!r}: needs a name and a finite value, got {value!r}")
+
+    def _check_auc_histograms(self) -> bool:
+        """The AUC histograms, if any, count every example; True when there are some."""
+        pos = _check_counts("AUC histograms", (self.auc_positive, self.auc_negative))
+        if pos is None:
+            return False
+        counted = int(pos.sum()) + int(self.auc_negative.sum())  # type: ignore[union-attr]
+        if counted != self.count:
+            raise UsageError(f"EvalStats AUC histograms count {counted} examples, not {self.count}")
+        return True
+
+    def _check_class_counts(self) -> bool:
+        """The per-class counts, if any, add up and agree with `correct`; True when there are some."""
+        true = _check_counts("class counts", (self.class_true, self.class_pred, self.class_hit))
+        if true is None:
+            return False
+        pred, hit = self.class_pred, self.class_hit
+        assert pred is not None and hit is not None
+        if int(true.sum()) != self.count or int(pred.sum()) != self.count:
+            raise UsageError(f"EvalStats class counts do not add up to the {self.count} examples")
+        if bool((hit > torch.minimum(true, pred)).any()) or int(hit.sum()) != self.correct:
+            raise UsageError("EvalStats class hits exceed the class counts or differ from correct")
+        return True
+
+    def _check_regression_sums(self, *, classified: bool) -> None:
+        """Regression sums come all together, finite, and never with classification statistics."""
+        regression = [getattr(self, f) for f in ("abs_error_sum", "label_sum", "label_sq_sum")]
+        if all(v is None for v in regression):
+            return
+        if any(v is None or not math.isfinite(v) for v in regression):
+            raise UsageError("EvalStats regression sums must all be given and finite")
+        if self.abs_error_sum < 0 or self.label_sq_sum < 0:  # type: ignore[operator]
+            raise UsageError("EvalStats abs_error_sum and label_sq_sum must be >= 0")
+        if self.correct or classified:
+            raise UsageError("EvalStats of a regression task hold no classification statistics")
 
     @property
     def task(self) -> TaskType | None:
