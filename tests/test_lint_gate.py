@@ -37,3 +37,12 @@ def test_mypy_fails_on_a_type_error_with_the_project_config(tmp_path: Path) -> N
     bad.write_text('count: int = "three"\n', encoding="utf-8")
     failed = _run("mypy", "--config-file", str(CONFIG), "--no-incremental", str(bad), cwd=tmp_path)
     assert failed.returncode == 1 and "[assignment]" in failed.stdout, failed.stdout + failed.stderr
+
+
+def test_ruff_fails_on_a_function_with_too_many_branches(tmp_path: Path) -> None:
+    # The function-size gate (pyproject [tool.ruff.lint.pylint]): 13 branches where 12 are allowed.
+    body = "".join(f"    if x == {i}:\n        return {i}\n" for i in range(13))
+    bad = tmp_path / "branchy.py"
+    bad.write_text(f'"""Branches."""\n\n\ndef pick(x: int) -> int:\n{body}    return -1\n', encoding="utf-8")
+    failed = _run("ruff", "check", "--config", str(CONFIG), str(bad), cwd=tmp_path)
+    assert failed.returncode == 1 and "PLR0912" in failed.stdout, failed.stdout + failed.stderr
