@@ -741,18 +741,7 @@ def run(job_file: Path, out_dir: Path | None, resume: bool, write_split: bool) -
     result = run_with_progress(job_file, out_dir=out_dir, resume=resume, write_split=write_split)
     print_results(stdout_console, [result.summary])
     stdout_console.print(f"outputs in {result.out_dir}")
-    _raise_if_failed(result)
-
-
-def _raise_if_failed(result: Any) -> None:
-    if result.ok:
-        return
-    first, *others = result.summary.get("failures", [])
-    then = "".join(f"; then {f['party']} (exit {f['exit_code']})" for f in others)
-    raise JobFailed(
-        f"party {first['party']} failed first (exit {first['exit_code']}): {first['error']}{then}; "
-        f"logs in {result.out_dir}/logs"
-    )
+    result.raise_if_failed()
 
 
 @main.command()
@@ -798,7 +787,7 @@ def _run_task(job_file: Path, out_dir: Path | None, task: str, inputs: dict[str,
             inputs=inputs,
             on_phase=lambda phase: status.update(f"{task}: {phase}…"),
         )
-    _raise_if_failed(result)
+    result.raise_if_failed()
     return result
 
 

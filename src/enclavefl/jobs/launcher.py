@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enclavefl.errors import EnclaveflError, UsageError
+from enclavefl.errors import EnclaveflError, JobFailed, UsageError
 from enclavefl.fsutil import atomic_write_bytes
 from enclavefl.jobs.config import JobConfig, PartyConfig, load_job
 
@@ -96,6 +96,8 @@ class PartyProcess:
 
 @dataclass
 class RunResult:
+    """A local run: its summary.json, its output directory, and the parties that failed (exit codes)."""
+
     summary: dict[str, Any]
     out_dir: Path
     failed: dict[str, int] = field(default_factory=dict)
@@ -103,6 +105,18 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def raise_if_failed(self) -> None:
+        """Raise JobFailed naming the party that failed first (usually the cause), then the
+        others, and where their logs are; nothing when every party succeeded."""
+        if self.ok:
+            return
+        first, *others = self.summary.get("failures", [])
+        then = "".join(f"; then {f['party']} (exit {f['exit_code']})" for f in others)
+        raise JobFailed(
+            f"party {first['party']} failed first (exit {first['exit_code']}): {first['error']}{then}; "
+            f"logs in {self.out_dir}/logs"
+        )
 
 
 def result_file(task: str) -> str:
