@@ -563,3 +563,18 @@ def test_yaml_alias_bomb_is_refused_before_validation(tmp_path: Path) -> None:
     ]
     text = yaml.safe_dump(hfl_job(), sort_keys=False) + "\n".join(lines) + "\n"
     assert "more than 100000 values" in config_error(tmp_path, text)
+
+
+def test_coordinator_address_and_privacy_mechanism_fit_the_job(tmp_path: Path) -> None:
+    job = hfl_job()
+    del job["parties"][0]["address"]
+    assert "parties[0].address: required for the server: it listens there and every worker dials it" in config_error(
+        tmp_path / "a", job
+    )
+    job = {**hfl_job(), "privacy": {"mechanism": "dp-fedavg"}}
+    job["strategy"] = {**job["strategy"], "name": "fedprox", "mu": 0.01}
+    assert "dp-fedavg is the server's noised FedAvg: set strategy.name to fedavg (it is 'fedprox')" in config_error(
+        tmp_path / "b", job
+    )
+    vfl = {**vfl_job(), "privacy": {"mechanism": "randomized-response"}, "task": {"type": "regression"}}
+    assert "randomized-response flips class labels: it needs classification" in config_error(tmp_path / "c", vfl)
