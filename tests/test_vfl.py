@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enclavefl.data import Table, load_fate_csv, load_sklearn, load_wide_deep_party, make_wide_deep_data
-from enclavefl.errors import Rejected, SealError
+from enclavefl.errors import EnclaveflError, Rejected, SealError
 from enclavefl.train.metrics import binary_auc
 from enclavefl.models import BottomMLP, TopMLP, WideDeepFollower, WideDeepLeader
 from enclavefl.net.admission import PartyCredentials
@@ -36,7 +36,7 @@ from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import FileKeySource, create_key_file
 from enclavefl.tee.measure import Measurement
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
-from enclavefl.vfl.errors import FollowerUnavailable
+from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable
 from enclavefl.vfl.export import export_model, load_model
 from enclavefl.vfl.follower import Follower, predict_as_follower
 from enclavefl.vfl.leader import Leader, SplitMlpLeader, predict_as_leader
@@ -618,7 +618,11 @@ def _leader_process(port: int, data: str, directory: str, key: str, crash_at: in
                     epochs=3, batch_size=32, alignment="tee-join", storage=storage, resume=True,
                     poll_s=POLL_S)  # fmt: skip
     conn.send(server.start())
-    summary = leader.run()
+    try:
+        summary = leader.run()
+    except EnclaveflError as exc:  # for the test to read; the process still fails
+        conn.send({"error": type(exc).__name__, "check": str(getattr(exc, "check", "")), "reason": exc.reason})
+        raise
     server.stop(0)
     export_model(model, out, key=FileKeySource(Path(key)), job_id=JOB, party="guest")
     conn.send(summary)
@@ -813,6 +817,56 @@ def test_without_a_broker_a_follower_refuses_a_leader_that_came_back_older(tmp_p
                        r"had sealed the checkpoint of iteration 9 before .* \(peer-based rollback protection\)"):
         follower._check_leader_sealed({"sealed": 4}, restarted=True)
     follower._check_leader_sealed({"sealed": 9}, restarted=True)
+
+
+@pytest.mark.slow
+def test_without_a_broker_a_leader_resumed_from_older_state_is_refused_and_stops_at_once(
+    tmp_path: Path, breast: tuple[Table, Table]
+) -> None:
+    """Issue 12 item 3, the leader's side: the host deletes the newest checkpoint of a killed
+    leader, which resumes from the one before. The follower, told that 9 was sealed, refuses
+    it and says why: the leader stops at once naming both checkpoints, not after its step
+    timeout (300 s, beyond the join below, so a leader that waits for it fails this test)."""
+    leader_storage, follower_storage = storages(tmp_path, every=5)
+    args = (str(shared_file("tabular", "breast_hetero_guest.csv")), str(leader_storage.directory),
+            str(tmp_path / "key"))  # fmt: skip
+    out = str(tmp_path / "guest-model.sealed")
+    ours, theirs = SPAWN.Pipe()
+    first = SPAWN.Process(target=_leader_process, args=(0, *args, 12, out, theirs), daemon=True)
+    first.start()
+    port = ours.recv()
+    _, (follower_model,) = split_models(breast[0].num_features, [breast[1].num_features])
+    follower = Follower(client(port), X=breast[1].X, ids=breast[1].ids, model=follower_model,
+                        optimizer=adam(follower_model), alignment="tee-join", storage=follower_storage, resume=True,
+                        poll_s=POLL_S)  # fmt: skip
+    running, outcome = in_thread(follower.run)
+    first.join(timeout=120)
+    assert first.exitcode == -signal.SIGKILL  # killed before opening iteration 12, after sealing 9
+    assert leader_storage.checkpoints() == [4, 9]
+    (leader_storage.directory / f"checkpoint-{9:010d}.sealed").unlink()  # the host deletes the newest
+
+    second = SPAWN.Process(target=_leader_process, args=(port, *args, -1, out, theirs), daemon=True)
+    second.start()
+    try:
+        assert ours.recv() == port
+        second.join(timeout=120)
+        assert ours.poll(10)
+        stopped = ours.recv()
+    finally:
+        second.kill()
+        second.join()
+        running.join(timeout=60)
+    told = ("the leader came back with its newest checkpoint at iteration 4, but it had sealed the checkpoint of "
+            "iteration 9 before")  # fmt: skip
+    # The follower refuses ...
+    refused = outcome.get("error")
+    assert isinstance(refused, Rejected) and refused.check == "freshness", refused
+    assert told in refused.reason and "peer-based rollback protection" in refused.reason
+    # ... and the leader hears it: a typed refusal naming the follower, the check and both checkpoints.
+    assert second.exitcode == 1
+    assert stopped["error"] == FollowerRefused.__name__ and stopped["check"] == "freshness"
+    assert stopped["reason"].startswith("follower host refused this leader (freshness): ")
+    assert told in stopped["reason"]
 
 
 def test_a_follower_outside_the_policy_is_refused_and_the_leader_stops(breast: tuple[Table, Table]) -> None:

@@ -17,7 +17,7 @@ from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import create_key_file
 from enclavefl.vfl.align import AlignmentResult
 from enclavefl.vfl.bridge import LeaderBridge, Rewind
-from enclavefl.vfl.errors import FollowerUnavailable, ResumeFailed
+from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable, ResumeFailed
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan
 from enclavefl.vfl.state import PartyState
 from enclavefl.vfl.storage import Aligned, Storage
@@ -237,6 +237,27 @@ def test_missing_followers_are_named_after_a_bounded_wait() -> None:
     with pytest.raises(FollowerUnavailable, match=r"\['host', 'host2'\] did not join training within 0.1 s") as info:
         bridge.wait_for_reports(0.1)
     assert info.value.parties == ("host", "host2")
+
+
+def test_a_follower_that_refuses_the_leader_stops_its_wait_at_once() -> None:
+    """vfl.refuse: the leader's wait for that follower ends with a typed refusal, not a timeout."""
+    bridge = established(Plan(TRAIN, rows=20, batch_size=4, epochs=1))
+    with pytest.raises(Rejected, match="not a follower"):
+        bridge._on_refuse(OTHER, Message(meta={"check": "freshness", "reason": "no"}))
+    with pytest.raises(FormatError, match="'reason'"):
+        bridge._on_refuse(HOST, Message(meta={"check": "freshness"}))
+    waiting = threading.Thread(target=lambda: bridge._on_refuse(
+        HOST, Message(meta={"check": "freshness", "reason": "the leader came back older: 4 < 9"})
+    ))  # fmt: skip
+    waiting.start()
+    # A wait far longer than any test: only the refusal can end it.
+    with pytest.raises(FollowerRefused, match=r"^follower host refused this leader \(freshness\): the leader came "
+                       r"back older: 4 < 9$") as info:  # fmt: skip
+        bridge.wait_committed(0, timeout_s=3600)
+    waiting.join()
+    assert info.value.check == "freshness" and info.value.party == "host" and info.value.exit_code == 1
+    # An unknown check (a newer follower's) still stops the leader, as unspecified.
+    assert bridge._on_refuse(HOST, Message(meta={"check": "from-the-future", "reason": "x"})).meta["status"] == "noted"
 
 
 # --------------------------------------------------------------------------- party state

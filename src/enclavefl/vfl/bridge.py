@@ -10,6 +10,7 @@ so they drive the calls, and the leader's handlers long-poll:
   vfl.send   a data message for (i, name); may wait for the leader's reply message
   vfl.recv   waits for the leader's message for (i, name)
   vfl.leave  after "done": the leader may stop once every follower left
+  vfl.refuse a follower refuses this leader (the check and the reason): the leader stops
 
 Every call may be repeated after a lost connection: data messages are kept or dropped as
 duplicates by (iteration, name, party), replies stay available until the follower
@@ -21,8 +22,9 @@ stale session is answered "rejoin".
 Peer-based rollback protection: the leader tells followers the newest checkpoint it has
 sealed (in every join and start answer), and keeps the newest checkpoint each follower
 committed (a follower seals before it commits). A restarted leader whose newest
-checkpoint is older than a follower was told is refused by that follower; a follower
-that rejoins unable to restore a checkpoint it had committed is refused by the leader.
+checkpoint is older than a follower was told is refused by that follower, which says so
+(vfl.refuse) so that the leader stops at once instead of waiting for it; a follower that
+rejoins unable to restore a checkpoint it had committed is refused by the leader.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from enclavefl.errors import Check, FormatError, Rejected, TransportError, UsageError
+from enclavefl.errors import Check, EnclaveflError, FormatError, Rejected, TransportError, UsageError
 from enclavefl.net.admission import Peer
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.validate import is_int
-from enclavefl.vfl.errors import FollowerUnavailable, LeaderUnreachable, ResumeFailed
+from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable, LeaderUnreachable, ResumeFailed
 from enclavefl.vfl.plan import Plan
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "JOIN",
     "LEAVE",
     "RECV",
+    "REFUSE",
     "SEND",
     "START",
     "FollowerBridge",
@@ -66,6 +69,8 @@ __all__ = [
 log = logging.getLogger("enclavefl.vfl")
 
 JOIN, START, SEND, RECV, LEAVE = "vfl.join", "vfl.start", "vfl.send", "vfl.recv", "vfl.leave"
+REFUSE = "vfl.refuse"
+_MAX_REASON = 2048  # characters of a follower's refusal kept in the leader's error
 DEFAULT_POLL_S = 2.0
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # Connection problems a follower waits out (the leader restarting, a dropped link).
@@ -152,7 +157,8 @@ class LeaderBridge:
     and -1 for its initial state); the bridge adds the iteration the leader is at.
     `validate(party, iteration, name, message)` checks a follower's data message before it
     is accepted (raise FormatError: the follower gets it, the job goes on).
-    Waits for followers give up after `timeout_s` with FollowerUnavailable.
+    Waits for followers give up after `timeout_s` with FollowerUnavailable, or at once with
+    FollowerRefused when a follower refused this leader.
     """
 
     def __init__(
@@ -186,6 +192,7 @@ class LeaderBridge:
         self._finished: set[str] = set()
         self._sealed = -1  # the leader's newest sealed checkpoint, told to followers
         self._follower_sealed = dict.fromkeys(self.followers, -1)  # newest checkpoint each committed
+        self._refusal: FollowerRefused | None = None  # the first follower that refused this leader
 
     def register(self, server: AttestedServer) -> None:
         server.register(JOIN, self._on_join)
@@ -193,6 +200,7 @@ class LeaderBridge:
         server.register(SEND, self._on_send)
         server.register(RECV, self._on_recv)
         server.register(LEAVE, self._on_leave)
+        server.register(REFUSE, self._on_refuse)
 
     @property
     def session(self) -> str:
@@ -317,6 +325,8 @@ class LeaderBridge:
     ) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
+            if self._refusal is not None:
+                raise self._refusal
             if rewinds:
                 self._check_rewind()
             if ready():
@@ -502,6 +512,24 @@ class LeaderBridge:
             self._cond.notify_all()
         return Message(meta={"status": "bye"})
 
+    def _on_refuse(self, peer: Peer, request: Message) -> Message:
+        party = self._party(peer)
+        what = f"refusal from {party}"
+        check = Check.from_wire(meta_str(request.meta, "check", what))
+        reason = request.meta.get("reason")
+        if not isinstance(reason, str) or not reason:
+            raise FormatError(f"{what}: field 'reason' must be a non-empty string, got {reason!r}")
+        if len(reason) > _MAX_REASON:
+            reason = reason[:_MAX_REASON] + "…"
+        log.warning("follower %s refused this leader (%s): %s", party, check.value, reason)
+        with self._cond:
+            if self._refusal is None:
+                self._refusal = FollowerRefused(
+                    f"follower {party} refused this leader ({check.value}): {reason}", party=party, check=check
+                )
+            self._cond.notify_all()
+        return Message(meta={"status": "noted"})
+
     def _await_reply(self, party: str, meta: Mapping[str, Any], key: tuple[int, str, str]) -> Message | None:
         """The leader's message under `key` once posted (within one poll), rejoin, or None."""
         deadline = time.monotonic() + self._poll_s
@@ -554,6 +582,18 @@ class FollowerBridge:
             self.client.call(LEAVE, Message(meta={"session": self.session}), timeout_s=self._call_timeout_s)
         except TransportError as exc:  # it stopped without waiting for the answer: the job is done anyway
             log.debug("%s: the leader stopped while this follower left (%s)", self.party, exc.reason)
+
+    def refuse(self, refusal: Rejected) -> None:
+        """Tell the leader this follower refuses it, and why, so that it stops at once.
+
+        Best effort, one call: the follower stops with `refusal` whatever the answer (a leader
+        that does not hear it still stops when its wait for this follower times out).
+        """
+        meta = {"check": refusal.check.value, "reason": refusal.reason}
+        try:
+            self.client.call(REFUSE, Message(meta=meta), timeout_s=self._call_timeout_s)
+        except EnclaveflError as exc:
+            log.warning("%s: could not tell the leader it is refused (%s)", self.party, exc.reason)
 
     def call_raw(self, method: str, message: Message) -> Message:
         deadline = time.monotonic() + self._reconnect_timeout_s

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from enclavefl.errors import TransportError, UsageError
+from enclavefl.errors import Check, Rejected, TransportError, UsageError
+
+__all__ = ["FollowerRefused", "FollowerUnavailable", "LeaderUnreachable", "ResumeFailed"]
 
 
 class FollowerUnavailable(TransportError):
@@ -18,6 +20,18 @@ class FollowerUnavailable(TransportError):
     def __init__(self, reason: str, *, parties: Iterable[str]) -> None:
         super().__init__(reason)
         self.parties = tuple(parties)
+
+
+class FollowerRefused(Rejected):
+    """A follower refused this leader and told it why (exit 1); the leader stops at once.
+
+    For example peer-based rollback protection: the leader resumed from an older checkpoint
+    than it had told the follower it sealed. `party` is the follower, `check` the check it named.
+    """
+
+    def __init__(self, reason: str, *, party: str, check: Check | str) -> None:
+        super().__init__(reason, check=check)
+        self.party = party
 
 
 class LeaderUnreachable(TransportError):

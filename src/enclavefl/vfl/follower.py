@@ -191,7 +191,11 @@ class Follower:
         if plan.mode == TRAIN and self._optimizer is None:
             raise UsageError(f"{self.party}: the leader's plan trains, but this follower has no optimizer")
         instance = session.split(":", 1)[0]
-        self._check_leader_sealed(answer.meta, restarted=bool(self._instance) and instance != self._instance)
+        try:
+            self._check_leader_sealed(answer.meta, restarted=bool(self._instance) and instance != self._instance)
+        except Rejected as refused:
+            self._bridge.refuse(refused)  # the leader stops at once instead of waiting for this follower
+            raise
         self._bridge.session = session
         self._instance = instance
         self._plan = plan

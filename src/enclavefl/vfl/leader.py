@@ -44,7 +44,7 @@ from enclavefl.train.tasks import DEFAULT_LOSS, TaskType
 from enclavefl.vfl.align import Ids
 from enclavefl.vfl.align_channel import AlignmentEndpoint
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, LeaderBridge, Rewind
-from enclavefl.vfl.errors import FollowerUnavailable
+from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan, Step
 from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer
 from enclavefl.vfl.storage import Aligned, Storage
@@ -213,6 +213,9 @@ class _Coordinator:
                 reason += f"; never admitted (refused at admission, or unreachable): {never}"
             log.error("vertical FL stops: %s", reason)
             raise FollowerUnavailable(reason, parties=exc.parties) from exc
+        except FollowerRefused as exc:
+            log.error("vertical FL stops: %s", exc.reason)
+            raise
 
     def _run_unchecked(self) -> None:
         storage = self._storage
