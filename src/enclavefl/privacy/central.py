@@ -25,12 +25,12 @@ import torch
 
 from enclavefl.errors import UsageError
 from enclavefl.privacy.mechanisms import add_gaussian_noise, clip_to_norm
-from enclavefl.privacy.rdp import RdpAccountant, resolve_noise_multiplier
+from enclavefl.privacy.rdp import Spending
 
 __all__ = ["CentralDp"]
 
 
-class CentralDp:
+class CentralDp(Spending):
     """Worker sampling, per-worker clipping, Gaussian noise on the sum, accounting.
 
     Give `target_epsilon` (sigma is calibrated to spend it over `rounds`) or
@@ -54,36 +54,19 @@ class CentralDp:
             raise UsageError(f"fraction must be within (0, 1], got {fraction}")
         if not (math.isfinite(clip) and clip > 0):
             raise UsageError(f"clip must be a finite number > 0, got {clip}")
-        self.fraction = float(fraction)
+        # One round is one step; the sampling fraction (the user's word) is its sampling rate.
+        super().__init__(delta=delta, sample_rate=fraction, steps=rounds, target_epsilon=target_epsilon,
+                         noise_multiplier=noise_multiplier, max_epsilon=max_epsilon)  # fmt: skip
+        self.fraction = self.sample_rate
         self.clip = float(clip)
-        self.delta = float(delta)
         self.rounds = rounds
-        self.noise_multiplier = resolve_noise_multiplier(
-            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
-            sample_rate=self.fraction, steps=rounds,
-        )
-        self.max_epsilon = max_epsilon
-        self.accountant = RdpAccountant()
         # Which workers are sampled, and the noise, must be unpredictable to everyone outside.
         self._random = secrets.SystemRandom()
         self._generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
 
-    @property
-    def epsilon(self) -> float:
-        return self.accountant.epsilon(self.delta)
-
-    def fits(self, rounds: int = 1) -> bool:
-        """Whether `rounds` more rounds keep the spent epsilon within max_epsilon."""
-        if self.max_epsilon is None:
-            return True
-        return self.planned_epsilon(rounds) <= self.max_epsilon
-
-    def planned_epsilon(self, rounds: int | None = None) -> float:
-        """The epsilon spent after `rounds` more rounds (default: the rest of the planned ones)."""
-        more = max(self.rounds - self.accountant.steps, 0) if rounds is None else rounds
-        probe = RdpAccountant(history=list(self.accountant.history))
-        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.fraction, steps=more)
-        return probe.epsilon(self.delta)
+    def planned_epsilon(self) -> float:
+        """The epsilon spent once the rest of the planned rounds are."""
+        return self.epsilon_after(max(self.rounds - self.accountant.steps, 0))
 
     def sample(self, workers: Sequence[str]) -> list[str]:
         """The workers of this round: each independently with probability `fraction`."""
@@ -120,7 +103,7 @@ class CentralDp:
     def _release(self, total: dict[str, torch.Tensor], population: int) -> dict[str, torch.Tensor]:
         noised = add_gaussian_noise(total, self.noise_multiplier * self.clip, generator=self._generator)
         expected = self.fraction * population
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.fraction)
+        self.spend()
         return {name: (tensor / expected).float() for name, tensor in noised.items()}
 
     def report(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from enclavefl.errors import UsageError
-from enclavefl.privacy.rdp import RdpAccountant, resolve_noise_multiplier
+from enclavefl.privacy.rdp import RdpAccountant, Spending, resolve_noise_multiplier
 from enclavefl.validate import is_int
 
 try:
@@ -74,8 +74,26 @@ def check_model(model: nn.Module) -> None:
         )
 
 
+class _SgdSpending(Spending):
+    """DP-SGD's accounting: clipped per-sample gradients, one step per (Poisson) batch."""
+
+    max_grad_norm: float
+
+    def report(self) -> dict[str, Any]:
+        """What metrics.jsonl and summary.json record about this worker's privacy."""
+        return {
+            "dp_epsilon": self.epsilon,
+            "dp_delta": self.delta,
+            "dp_accountant": self.accountant.name,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_max_grad_norm": self.max_grad_norm,
+            "dp_sample_rate": self.sample_rate,
+            "dp_steps": self.accountant.steps,
+        }
+
+
 @dataclass
-class PrivateTraining:
+class PrivateTraining(_SgdSpending):
     """A model, optimizer and loader ready for DP-SGD, and what they spend.
 
     `model` is the GradSampleModule around the caller's model (which it shares parameters
@@ -93,24 +111,8 @@ class PrivateTraining:
     accountant: RdpAccountant
 
     @property
-    def epsilon(self) -> float:
-        return self.accountant.epsilon(self.delta)
-
-    @property
     def steps(self) -> int:
         return self.accountant.steps
-
-    def report(self) -> dict[str, Any]:
-        """What metrics.jsonl and summary.json record about this worker's privacy."""
-        return {
-            "dp_epsilon": self.epsilon,
-            "dp_delta": self.delta,
-            "dp_accountant": self.accountant.name,
-            "dp_noise_multiplier": self.noise_multiplier,
-            "dp_max_grad_norm": self.max_grad_norm,
-            "dp_sample_rate": self.sample_rate,
-            "dp_steps": self.steps,
-        }
 
 
 def make_private(
@@ -277,7 +279,7 @@ class _LinearClipping:
         return model(*inputs)
 
 
-class DpSgd:
+class DpSgd(_SgdSpending):
     """DP-SGD for a worker that trains `model` on its own rows, round after round.
 
     Built once per job (the per-sample hooks are attached once); every round calls
@@ -312,17 +314,13 @@ class DpSgd:
         self._train = tuple(train)
         self._steps_per_epoch = -(-rows // batch_size)
         # As Opacus's DPDataLoader: rate 1 / (batches per epoch), so an epoch is as many steps.
-        self.sample_rate = 1.0 / self._steps_per_epoch
+        super().__init__(
+            delta=delta, sample_rate=1.0 / self._steps_per_epoch, steps=planned_steps,
+            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, max_epsilon=max_epsilon,
+        )  # fmt: skip
         self.expected_batch_size = max(1, round(rows * self.sample_rate))
-        self.delta = float(delta)
         self.max_grad_norm = float(max_grad_norm)
         self.planned_steps = planned_steps
-        self.noise_multiplier = resolve_noise_multiplier(
-            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
-            sample_rate=self.sample_rate, steps=planned_steps,
-        )
-        self.max_epsilon = max_epsilon
-        self.accountant = RdpAccountant()
         # The batches and the noise must be unpredictable to anyone but this enclave: a seed
         # from the job file would let whoever reads it recompute and subtract the noise.
         self._generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
@@ -354,23 +352,9 @@ class DpSgd:
             picked = torch.nonzero(torch.rand(rows, generator=self._generator) < self.sample_rate).reshape(-1)
             yield tuple(t[picked] for t in self._train)
 
-    @property
-    def epsilon(self) -> float:
-        return self.accountant.epsilon(self.delta)
-
     def planned_epsilon(self) -> float:
         """The epsilon the planned steps spend (the refusal check before training)."""
-        probe = RdpAccountant()
-        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.planned_steps)
-        return probe.epsilon(self.delta)
-
-    def fits(self, steps: int) -> bool:
-        """Whether `steps` more steps keep the spent epsilon within max_epsilon."""
-        if self.max_epsilon is None:
-            return True
-        probe = RdpAccountant(history=list(self.accountant.history))
-        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=steps)
-        return probe.epsilon(self.delta) <= self.max_epsilon
+        return self.epsilon_after(self.planned_steps, from_start=True)
 
     def train(
         self,
@@ -415,7 +399,7 @@ class DpSgd:
                     if loss is not None:
                         self._add_penalty(penalty, private.params)
                         optimizer.step()
-                        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+                        self.spend()
                         total += loss
                         batches += 1
                         continue
@@ -447,16 +431,4 @@ class DpSgd:
             noise = torch.normal(0.0, std, param.shape, generator=self._generator, dtype=param.dtype)
             param.grad = noise / self.expected_batch_size
         private.original_optimizer.step()
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-
-    def report(self) -> dict[str, Any]:
-        """What metrics.jsonl and summary.json record about this worker's privacy."""
-        return {
-            "dp_epsilon": self.epsilon,
-            "dp_delta": self.delta,
-            "dp_accountant": self.accountant.name,
-            "dp_noise_multiplier": self.noise_multiplier,
-            "dp_max_grad_norm": self.max_grad_norm,
-            "dp_sample_rate": self.sample_rate,
-            "dp_steps": self.accountant.steps,
-        }
+        self.spend()

@@ -28,6 +28,7 @@ __all__ = [
     "ACCOUNTANT",
     "DEFAULT_ORDERS",
     "RdpAccountant",
+    "Spending",
     "epsilon_for",
     "noise_multiplier_for",
     "resolve_noise_multiplier",
@@ -189,6 +190,59 @@ class RdpAccountant:
             _check(float(sigma), float(q), int(steps))
             history.append((float(sigma), float(q), int(steps)))
         self.history = history
+
+
+class Spending:
+    """The accounting of a sampled Gaussian mechanism, shared by DP-SGD (per worker step) and
+    central DP (per round): what was spent, what more steps would cost, whether they fit.
+
+    `max_epsilon` is the policy's budget (None: no budget); the noise multiplier is given,
+    or calibrated to spend `target_epsilon` over the `steps` the job plans.
+    """
+
+    accountant: RdpAccountant
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    max_epsilon: float | None = None
+
+    def __init__(
+        self,
+        *,
+        delta: float,
+        sample_rate: float,
+        steps: int,
+        target_epsilon: float | None,
+        noise_multiplier: float | None,
+        max_epsilon: float | None,
+    ) -> None:
+        self.delta = float(delta)
+        self.sample_rate = float(sample_rate)
+        self.noise_multiplier = resolve_noise_multiplier(
+            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, delta=delta,
+            sample_rate=self.sample_rate, steps=steps,
+        )
+        self.max_epsilon = max_epsilon
+        self.accountant = RdpAccountant()
+
+    @property
+    def epsilon(self) -> float:
+        """The epsilon spent so far."""
+        return self.accountant.epsilon(self.delta)
+
+    def epsilon_after(self, steps: int, *, from_start: bool = False) -> float:
+        """The epsilon once `steps` more steps are spent (`from_start`: `steps` from none)."""
+        probe = RdpAccountant(history=[] if from_start else list(self.accountant.history))
+        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=steps)
+        return probe.epsilon(self.delta)
+
+    def fits(self, steps: int = 1) -> bool:
+        """Whether `steps` more steps keep the spent epsilon within max_epsilon."""
+        return self.max_epsilon is None or self.epsilon_after(steps) <= self.max_epsilon
+
+    def spend(self) -> None:
+        """Account one step."""
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
 
 def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
