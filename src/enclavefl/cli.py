@@ -158,9 +158,9 @@ def verify(
             return check_quote(_read_input(quote_path), policy=policy, collateral=source, at=at)
         if cert_path is not None:
             return verify_certificate(_read_input(cert_path), policy=policy, collateral=source, at=at)
-        from enclavefl.net import probe_and_verify
+        from enclavefl.net import probe_and_verify, split_target
 
-        host, port = _split_host_port(url or "")
+        host, port = split_target(url or "")
         return probe_and_verify(host, port, policy=policy, collateral=source, at=at)
 
     verdict = Verdict.of(verify_given)
@@ -183,13 +183,6 @@ def _read_input(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _split_host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"expected HOST:PORT (port 1-65535), got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def _join_host_port(host: str, port: int) -> str:
@@ -641,10 +634,10 @@ def echo_server(port: int, host: str, setup: _PartySetup) -> None:
 @typed_errors
 def echo_client(target: str, megabytes: float, wait_s: float, as_json: bool, setup: _PartySetup) -> None:
     """Attest the echo server at HOST:PORT, echo a payload through it, print its claims and the throughput."""
-    from enclavefl.net import run_echo_client
+    from enclavefl.net import run_echo_client, split_target
     from enclavefl.tee import Verdict
 
-    _split_host_port(target)  # a malformed target fails before anything is attested
+    split_target(target)  # a malformed target fails before anything is attested
     credentials = setup.credentials()
     server_party = claims = None
     figures: dict[str, Any] = {}

@@ -3,7 +3,7 @@ tensor streaming and the key broker. FL code sees only `Peer` and `Message`."""
 
 from enclavefl.net.admission import Mode, PartyCredentials, Peer, make_identity
 from enclavefl.net.allocator import bound_allocator, tune_allocator
-from enclavefl.net.client import AttestedClient, RetryPolicy
+from enclavefl.net.client import AttestedClient, RetryPolicy, split_target
 from enclavefl.net.echo import ECHO_JOB, EchoResult, run_echo_client, run_echo_server, start_echo_server
 from enclavefl.net.errors import CallFailed, ConnectFailed, HandshakeFailed, PeerRefused
 from enclavefl.net.health import Health, check_health, wait_healthy
@@ -50,6 +50,7 @@ __all__ = [
     "run_echo_client",
     "run_echo_server",
     "serve_key_broker",
+    "split_target",
     "start_echo_server",
     "tune_allocator",
     "bound_allocator",

@@ -63,10 +63,10 @@ class RetryPolicy:
 
 
 def split_target(target: str) -> tuple[str, int]:
-    """'host:port' or '[v6addr]:port' -> (host, port)."""
+    """'host:port' or '[v6addr]:port' -> (host, port); UsageError for anything else."""
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"target must be HOST:PORT, got {target!r}")
+        raise UsageError(f"expected HOST:PORT (port 1-65535), got {target!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
