@@ -4,9 +4,12 @@ code the job can load (what `enclavefl measure --job` prints and every party rep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from enclavefl.jobs.config import JobConfig, load_job
 from enclavefl.tee.measure import Measurement, simulated_measurement
+
+if TYPE_CHECKING:
+    from enclavefl.jobs.config import JobConfig
 
 __all__ = ["job_measurement", "measure_job"]
 
@@ -23,4 +26,7 @@ def measure_job(job_file: Path | None, *, isv_prod_id: int = 0, isv_svn: int = 0
     package alone): exactly what the job's simulated parties report."""
     if job_file is None:
         return simulated_measurement([], isv_prod_id=isv_prod_id, isv_svn=isv_svn)
+    # Loaded only for a job: `enclavefl measure` of the package alone starts without it.
+    from enclavefl.jobs.config import load_job
+
     return job_measurement(load_job(job_file), job_file, isv_prod_id=isv_prod_id, isv_svn=isv_svn)
