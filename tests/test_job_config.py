@@ -21,6 +21,7 @@ from enclavefl.jobs.config import (
     WideDeepData,
     dump_job,
     load_job,
+    load_party_job,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -578,3 +579,15 @@ def test_coordinator_address_and_privacy_mechanism_fit_the_job(tmp_path: Path) -
     )
     vfl = {**vfl_job(), "privacy": {"mechanism": "randomized-response"}, "task": {"type": "regression"}}
     assert "randomized-response flips class labels: it needs classification" in config_error(tmp_path / "c", vfl)
+
+
+def test_load_party_job_defaults_to_the_coordinator_and_checks_mode_and_role() -> None:
+    job_file, config, name = load_party_job(
+        EXAMPLES / "vfl_breast.yaml", None, kind=VflJobConfig, role="leader", runs="lead runs vfl jobs"
+    )
+    assert (job_file, name) == ((EXAMPLES / "vfl_breast.yaml").resolve(), "guest")
+    assert isinstance(config, VflJobConfig)
+    with pytest.raises(UsageError, match=r"is a vfl job; serve runs hfl jobs"):
+        load_party_job(EXAMPLES / "vfl_breast.yaml", None, kind=HflJobConfig, role="server", runs="serve runs hfl jobs")
+    with pytest.raises(UsageError, match=r"party 'host' of .* is a follower, not a leader"):
+        load_party_job(EXAMPLES / "vfl_breast.yaml", "host", kind=VflJobConfig, role="leader", runs="")

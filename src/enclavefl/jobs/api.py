@@ -14,8 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from enclavefl.errors import UsageError
-from enclavefl.jobs.config import HflJobConfig, load_job
+from enclavefl.jobs.config import HflJobConfig, load_party_job
 
 __all__ = ["run_worker", "serve"]
 
@@ -54,13 +53,9 @@ def serve(
 def _runtime(job: str | Path, party: str | None, out: str | Path | None, *, role: str) -> tuple[Any, HflJobConfig]:
     from enclavefl.jobs.runtime import PartyRuntime
 
-    job_file = Path(job).resolve()
-    config = load_job(job_file)
-    if not isinstance(config, HflJobConfig):
-        raise UsageError(f"{job_file} is a {config.mode} job; run_worker and serve run horizontal (hfl) jobs")
-    name = party if party is not None else config.server().name
-    if config.party(name).role != role:
-        raise UsageError(f"party {name!r} of {job_file} is a {config.party(name).role}, not a {role}")
+    job_file, config, name = load_party_job(
+        job, party, kind=HflJobConfig, role=role, runs="run_worker and serve run horizontal (hfl) jobs"
+    )
     out_dir = Path(out or config.output.dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     return PartyRuntime.create(config, job_file, name, out_dir), config

@@ -23,7 +23,7 @@ import types
 from abc import abstractmethod
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -80,6 +80,7 @@ __all__ = [
     "WideDeepGenerate",
     "dump_job",
     "load_job",
+    "load_party_job",
     "parse_job",
 ]
 
@@ -1385,6 +1386,27 @@ def load_job(path: Path) -> JobConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
     return parse_job(apply_quick_caps(data), base_dir=path.absolute().parent, source=str(path))
+
+
+_Job = TypeVar("_Job", bound="JobConfig")
+
+
+def load_party_job(
+    job: str | Path, party: str | None, *, kind: type[_Job], role: str, runs: str
+) -> tuple[Path, _Job, str]:
+    """The job file (resolved), its config and the party to run (default: the coordinator).
+
+    The job must be a `kind` job (`runs` says what the caller runs, for the error) and the
+    party must have `role`; a UsageError says which it is otherwise.
+    """
+    job_file = Path(job).resolve()
+    config = load_job(job_file)
+    if not isinstance(config, kind):
+        raise UsageError(f"{job_file} is a {config.mode} job; {runs}")
+    name = party if party is not None else config.coordinator().name
+    if config.party(name).role != role:
+        raise UsageError(f"party {name!r} of {job_file} is a {config.party(name).role}, not a {role}")
+    return job_file, config, name
 
 
 def parse_job(data: Any, *, base_dir: Path, source: str = "job") -> JobConfig:

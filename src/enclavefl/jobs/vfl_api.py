@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from enclavefl.errors import UsageError
 from enclavefl.fsutil import atomic_write_bytes
-from enclavefl.jobs.config import VflJobConfig, load_job
+from enclavefl.jobs.config import VflJobConfig, load_party_job
 from enclavefl.jobs.launcher import result_file
 from enclavefl.train.losses import LossFn
 from enclavefl.train.metrics import MetricFn
@@ -93,13 +92,9 @@ def follow(
 def _locate(
     job: str | Path, party: str | None, out: str | Path | None, role: str
 ) -> tuple[Path, VflJobConfig, str, Path]:
-    job_file = Path(job).resolve()
-    config = load_job(job_file)
-    if not isinstance(config, VflJobConfig):
-        raise UsageError(f"{job_file} is a {config.mode} job; lead and follow run vertical (vfl) jobs")
-    name = party if party is not None else config.leader().name
-    if config.party(name).role != role:
-        raise UsageError(f"party {name!r} of {job_file} is a {config.party(name).role}, not a {role}")
+    job_file, config, name = load_party_job(
+        job, party, kind=VflJobConfig, role=role, runs="lead and follow run vertical (vfl) jobs"
+    )
     return job_file, config, name, Path(out or config.output.dir).resolve()
 
 
