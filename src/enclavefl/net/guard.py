@@ -148,9 +148,11 @@ class _OpenPool(futures.ThreadPoolExecutor):
 
     gRPC hands each call to `submit` on its serving thread. A call from a source over the
     limits is run right there instead: its handler only aborts (it never waits for the
-    request), which saves a thread wake-up and a future per refused call. gRPC passes the
+    request), which saves a thread wake-up and a new future per refused call. gRPC passes the
     call's event as the second argument (grpc/_server.py, `_handle_stream_unary`); should it
     ever not, such calls are refused on a pool thread as before (`refused_inline` shows which).
+    Only the request-streaming handlers of `OpenCallGuard.handler` may use this pool: for a
+    unary one gRPC would wait for the request first, on its serving thread.
     """
 
     def __init__(self, guard: OpenCallGuard, max_workers: int, thread_name_prefix: str) -> None:
@@ -161,14 +163,18 @@ class _OpenPool(futures.ThreadPoolExecutor):
         source = _source_of_event(args[1]) if len(args) > 1 else None
         if source is None or self._guard._has_room(source):
             return super().submit(fn, *args, **kwargs)
-        done: futures.Future[Any] = futures.Future()
         self._guard._refusing_here.active = True
         try:
             fn(*args, **kwargs)
         finally:
             self._guard._refusing_here.active = False
-        done.set_result(None)
-        return done
+        return _DONE
+
+
+# What `_OpenPool` returns for a call it ran inline: gRPC only adds a done callback, which a
+# finished future runs at once and does not keep, so one serves every such call.
+_DONE: futures.Future[Any] = futures.Future()
+_DONE.set_result(None)
 
 
 def _source_of_event(event: Any) -> str | None:
