@@ -86,6 +86,27 @@ def key(tmp_path: Path) -> FileKeySource:
     return create_key_file(tmp_path / "kek.hex")
 
 
+def hfl_demo_job(
+    directory: Path, *, rounds: int | None = None, policy: dict[str, Any] | None = None, **sections: Any
+) -> Path:
+    """The `enclavefl demo` hfl job (digits: a server, two workers) written in `directory` with
+    its simulated policy (or `policy`), `rounds` rounds, and `sections` set at the top level."""
+    import json
+
+    import yaml
+
+    from enclavefl.jobs.demo import SIMULATED_POLICY, write_hfl_demo
+
+    (directory / "policy.json").write_text(json.dumps(SIMULATED_POLICY if policy is None else policy))
+    job_file = write_hfl_demo(directory)
+    job = yaml.safe_load(job_file.read_text())
+    if rounds is not None:
+        job["strategy"]["rounds"] = rounds
+    job.update(sections)
+    job_file.write_text(yaml.safe_dump(job))
+    return job_file
+
+
 # --- simulated parties ------------------------------------------------------------------
 
 

@@ -37,19 +37,27 @@ def over_wire(message: Any, cls: Any, sender: str, receiver: str, transcript: Tr
     return cls.from_arrays(arrays)
 
 
+def run_protocol(
+    leader: Any, parties: dict[str, Any], messages: tuple[type, type, type], transcript: Transcript
+) -> tuple[AlignmentResult, dict[str, AlignmentResult]]:
+    """Drive one alignment: hello to each follower, its answer back, then each one's result."""
+    hello_cls, answer_cls, result_cls = messages
+    for name, party in parties.items():
+        hello = over_wire(leader.hello(), hello_cls, "leader", name, transcript)
+        leader.receive(name, over_wire(party.answer(hello), answer_cls, name, "leader", transcript))
+    own, results = leader.finish()
+    return own, {
+        name: party.finish(over_wire(results[name], result_cls, "leader", name, transcript))
+        for name, party in parties.items()
+    }
+
+
 def run_tee_join(
     leader_ids: Any, followers: dict[str, Any], transcript: Transcript, *, order_key: bytes | None = None
 ) -> tuple[AlignmentResult, dict[str, AlignmentResult]]:
     leader = TeeJoinLeader(leader_ids, list(followers), order_key=order_key)
     parties = {name: TeeJoinFollower(ids) for name, ids in followers.items()}
-    for name, party in parties.items():
-        hello = over_wire(leader.hello(), TeeJoinHello, "leader", name, transcript)
-        leader.receive(name, over_wire(party.answer(hello), TeeJoinIds, name, "leader", transcript))
-    own, results = leader.finish()
-    return own, {
-        name: party.finish(over_wire(results[name], TeeJoinResult, "leader", name, transcript))
-        for name, party in parties.items()
-    }
+    return run_protocol(leader, parties, (TeeJoinHello, TeeJoinIds, TeeJoinResult), transcript)
 
 
 def run_psi(
@@ -57,14 +65,7 @@ def run_psi(
 ) -> tuple[AlignmentResult, dict[str, AlignmentResult]]:
     leader = EcdhPsiLeader(leader_ids, list(followers), workers=workers)
     parties = {name: EcdhPsiFollower(ids, workers=workers) for name, ids in followers.items()}
-    for name, party in parties.items():
-        hello = over_wire(leader.hello(), PsiHello, "leader", name, transcript)
-        leader.receive(name, over_wire(party.answer(hello), PsiFollowerReply, name, "leader", transcript))
-    own, replies = leader.finish()
-    return own, {
-        name: party.finish(over_wire(replies[name], PsiLeaderReply, "leader", name, transcript))
-        for name, party in parties.items()
-    }
+    return run_protocol(leader, parties, (PsiHello, PsiFollowerReply, PsiLeaderReply), transcript)
 
 
 METHODS: dict[str, Callable[..., tuple[AlignmentResult, dict[str, AlignmentResult]]]] = {

@@ -323,26 +323,25 @@ def test_fate_homo_file(tabular_dir: Path) -> None:
     assert len(table) == 8000 and table.num_features == 23 and table.y is not None
 
 
-def test_fate_csv_errors_name_row_and_column(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        ("key,y,x0\n1,0,0.5\n", "no id column 'id'"),
+        ("id,y,x0,x1\n1,0,0.5,1\n2,1,0.25,abc\n", r"line 3, column 'x1': 'abc' is not a number"),
+        ("id,y,x0\n1,0,0.5\n2,1,\n", r"line 3, column 'x0': '' is not a number"),
+        ("id,y,x0\n1,0,0.5\n2,1\n", "line 3: expected 3 fields, got 2"),
+        ("id,x0\n1,0.5\n1,0.7\n", r"duplicate ids, e.g. \['1'\]"),
+        ("id,x0\n", "no data rows"),
+    ],
+)
+def test_fate_csv_errors_name_row_and_column(tmp_path: Path, text: str, refusal: str) -> None:
     path = tmp_path / "t.csv"
-    path.write_text("key,y,x0\n1,0,0.5\n")
-    with pytest.raises(FormatError, match="no id column 'id'"):
+    path.write_text(text)
+    with pytest.raises(FormatError, match=refusal):
         load_fate_csv(path)
-    path.write_text("id,y,x0,x1\n1,0,0.5,1\n2,1,0.25,abc\n")
-    with pytest.raises(FormatError, match=r"line 3, column 'x1': 'abc' is not a number"):
-        load_fate_csv(path)
-    path.write_text("id,y,x0\n1,0,0.5\n2,1,\n")
-    with pytest.raises(FormatError, match=r"line 3, column 'x0': '' is not a number"):
-        load_fate_csv(path)
-    path.write_text("id,y,x0\n1,0,0.5\n2,1\n")
-    with pytest.raises(FormatError, match="line 3: expected 3 fields, got 2"):
-        load_fate_csv(path)
-    path.write_text("id,x0\n1,0.5\n1,0.7\n")
-    with pytest.raises(FormatError, match=r"duplicate ids, e.g. \['1'\]"):
-        load_fate_csv(path)
-    path.write_text("id,x0\n")
-    with pytest.raises(FormatError, match="no data rows"):
-        load_fate_csv(path)
+
+
+def test_fate_csv_that_cannot_be_read_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="cannot read table"):
         load_fate_csv(tmp_path / "absent.csv")
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hfl_demo_job
 import yaml
 
-from enclavefl.jobs.demo import SIMULATED_POLICY, write_hfl_demo
+from enclavefl.jobs.demo import SIMULATED_POLICY
 
 
 def enclavefl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -20,12 +21,7 @@ def enclavefl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[s
 
 @pytest.fixture
 def hfl_job(tmp_path: Path) -> Path:
-    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
-    job_file = write_hfl_demo(tmp_path)
-    job = yaml.safe_load(job_file.read_text())
-    job["strategy"]["rounds"] = 3
-    job_file.write_text(yaml.safe_dump(job))
-    return job_file
+    return hfl_demo_job(tmp_path, rounds=3)
 
 
 def test_run_writes_metrics_summary_plot_and_logs(hfl_job: Path, tmp_path: Path) -> None:

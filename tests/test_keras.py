@@ -439,17 +439,7 @@ def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
 
-    def enclavefl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "enclavefl", *args],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=600,
-            check=False,
-        )
-
-    trained = enclavefl("run", str(job_file))
+    trained = _run(tmp_path, "run", str(job_file))
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metrics"]["auc"] >= 0.77
@@ -488,7 +478,7 @@ def test_mixed_vfl_job_torch_leader_keras_follower_trains_exports_and_predicts(
         writer.writeheader()
         writer.writerows(rows[i] for i in sorted(validation.tolist()))
     host_csv = job["parties"][1]["data"]["path"]
-    predicted = enclavefl("predict", str(job_file), "--input", f"guest={subset}", "--input", f"host={host_csv}")
+    predicted = _run(tmp_path, "predict", str(job_file), "--input", f"guest={subset}", "--input", f"host={host_csv}")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     scores = json.loads((tmp_path / "out" / "summary-predict.json").read_text())["metrics"]
     assert scores["auc"] == pytest.approx(summary["metrics"]["auc"], abs=1e-4)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import hfl_demo_job
 import yaml
 
 from enclavefl.jobs.demo import SIMULATED_POLICY, write_vfl_demo
@@ -254,13 +255,8 @@ def test_standardize_fits_each_party_on_its_training_rows_and_seals_it(vfl: dict
 def test_standardize_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
     from enclavefl.errors import ConfigError
     from enclavefl.jobs.config import load_job
-    from enclavefl.jobs.demo import write_hfl_demo
 
-    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
-    job_file = write_hfl_demo(tmp_path)
-    job = yaml.safe_load(job_file.read_text())
-    job["preprocess"] = {"standardize": True}
-    job_file.write_text(yaml.safe_dump(job))
+    job_file = hfl_demo_job(tmp_path, preprocess={"standardize": True})
     with pytest.raises(ConfigError, match="preprocess.standardize: vertical"):
         load_job(job_file)
 
@@ -284,13 +280,8 @@ def test_per_party_training_metrics_vfl(vfl: dict[str, Any]) -> None:
 
 
 def test_per_party_training_metrics_hfl(tmp_path: Path) -> None:
-    from enclavefl.jobs.demo import write_hfl_demo
 
-    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
-    job_file = write_hfl_demo(tmp_path)
-    job = yaml.safe_load(job_file.read_text())
-    job["strategy"]["rounds"] = 2
-    job_file.write_text(yaml.safe_dump(job))
+    job_file = hfl_demo_job(tmp_path, rounds=2)
     result = run_job(job_file, timeout_s=300)
     assert result.ok, result.summary
     parties = _party_records(result.out_dir)
