@@ -40,7 +40,8 @@ from enclavefl.data.cifar10 import CIFAR10_DIR, augment, load_label_names
 from enclavefl.data.criteo import HEADER
 from enclavefl.errors import FormatError, UsageError
 
-torch.set_num_threads(1)
+# torch on one thread per test (conftest.one_torch_thread): the suite shares few cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- CIFAR-10 --------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ from enclavefl.models import (
     resnet_v2,
 )
 
-torch.set_num_threads(1)
+# torch on one thread per test (conftest.one_torch_thread): the suite shares few cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def count(model: nn.Module) -> int:

@@ -50,8 +50,8 @@ def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, 0] + 0.5 * x[:, 1] > 0).float()
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # parties share the cores in this process
 def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     store = CheckpointStore(tmp_path / "ckpt", key=FileKeySource(create_key_file(tmp_path / "k").path), job_id=JOB)
     torch.manual_seed(0)
     server = AttestedServer(credentials("server"), port=0, max_workers=8)
