@@ -14,7 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enclavefl.errors import FormatError, Rejected, UsageError
-from enclavefl.vfl.align import AlignmentResult, IdKind, duplicate_pair, hash_ids, lex_order, match_rows
+from enclavefl.vfl.align import (
+    AlignmentResult,
+    IdKind,
+    canonical_order,
+    duplicate_pair,
+    hash_ids,
+    lex_order,
+    match_rows,
+)
+from enclavefl.vfl.plan import TRAIN, Plan, validation_split
 from enclavefl.vfl.psi import (
     EcdhPsiFollower,
     EcdhPsiLeader,
@@ -143,6 +152,37 @@ def test_any_small_sets_align_identically_under_both_methods(
         lead, follow = run(leader_ids, {"f": follower_ids}, [])
         assert set(aligned_ids(leader_ids, lead)) == left & right
         assert aligned_ids(leader_ids, lead) == aligned_ids(follower_ids, follow["f"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["str", "int"])
+def test_two_alignments_in_different_orders_give_the_same_split_and_batches(method: str, kind: str) -> None:
+    leader_ids, follower_ids = id_sets([300, 260], 200, kind=kind)
+    first_lead, first_follow = METHODS[method](leader_ids, {"f": follower_ids}, [])
+    # The same data aligned again (a new session), the leader's rows also in another file order.
+    shuffled = [leader_ids[i] for i in np.random.default_rng(5).permutation(len(leader_ids))]
+    second_lead, second_follow = METHODS[method](shuffled, {"f": follower_ids}, [])
+    assert aligned_ids(leader_ids, first_lead) != aligned_ids(shuffled, second_lead)  # the protocol's orders differ
+    # int ids as a numpy array on one party, Python ints on the other: the same canonical order.
+    leader_array = np.array(leader_ids) if kind == "int" else leader_ids
+    orders = [
+        aligned_ids(leader_ids, canonical_order(first_lead, leader_array)),
+        aligned_ids(follower_ids, canonical_order(first_follow["f"], follower_ids)),
+        aligned_ids(shuffled, canonical_order(second_lead, shuffled)),
+        aligned_ids(follower_ids, canonical_order(second_follow["f"], follower_ids)),
+    ]
+    assert orders[0] == orders[1] == orders[2] == orders[3]
+    canonical = canonical_order(first_lead, leader_ids)
+    assert canonical_order(canonical, leader_ids) == canonical
+    plan = Plan(TRAIN, rows=200, batch_size=16, epochs=2, seed=3, validation_fraction=0.25)
+    train, validation = plan.split()
+    order = np.array(orders[0], dtype=object)
+    expected_train, expected_validation = validation_split(list(set(leader_ids) & set(follower_ids)),
+                                                           validation_fraction=0.25, seed=3)
+    assert set(order[validation]) == set(expected_validation.tolist()) and validation.size == 50
+    assert set(order[train]) == set(expected_train.tolist())
+    other_seed = validation_split(orders[0], validation_fraction=0.25, seed=4)[1]
+    assert set(other_seed.tolist()) != set(expected_validation.tolist())
 
 
 def test_tee_join_order_depends_only_on_the_key_not_on_row_order() -> None:

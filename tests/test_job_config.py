@@ -591,3 +591,21 @@ def test_load_party_job_defaults_to_the_coordinator_and_checks_mode_and_role() -
         load_party_job(EXAMPLES / "vfl_breast.yaml", None, kind=HflJobConfig, role="server", runs="serve runs hfl jobs")
     with pytest.raises(UsageError, match=r"party 'host' of .* is a follower, not a leader"):
         load_party_job(EXAMPLES / "vfl_breast.yaml", "host", kind=VflJobConfig, role="leader", runs="")
+
+
+def test_output_keep_best_is_checked_against_the_mode_and_the_metrics(tmp_path: Path) -> None:
+    job = vfl_job()
+    assert load_job(write_job(tmp_path / "default", job)).output.keep == "last"
+    best = load_job(write_job(tmp_path / "best", {**job, "output": {"keep": "best", "best_by": "logloss"}}))
+    assert (best.output.keep, best.output.best_by) == ("best", "logloss")
+    assert "keep" in config_error(tmp_path / "bad", {**job, "output": {"keep": "first"}})
+    message = config_error(tmp_path / "hfl", {**hfl_job(), "output": {"keep": "best"}})
+    assert "output.keep" in message and "hfl jobs export no model" in message
+    assert "only used with keep: best" in config_error(tmp_path / "by", {**job, "output": {"best_by": "auc"}})
+    # The default metrics (accuracy, logloss) have no auc to judge by.
+    message = config_error(tmp_path / "auc", {**job, "output": {"keep": "best", "best_by": "auc"}})
+    assert "output.best_by" in message and "'auc' is not one of the job's metrics (accuracy, logloss)" in message
+    user = {**job, "training": {**job["training"], "metrics": ["mymetrics:score"]}, "output": {"keep": "best"}}
+    assert "needs a metric to judge by" in config_error(tmp_path / "user", user)
+    user["output"] = {"keep": "best", "best_by": "score"}
+    assert "whether higher or lower is better is unknown" in config_error(tmp_path / "user2", user)

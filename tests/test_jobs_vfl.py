@@ -97,3 +97,33 @@ def test_align_refuses_a_horizontal_job(tmp_path: Path) -> None:
     (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
     done = enclavefl("align", str(write_hfl_demo(tmp_path)), cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "step of vertical jobs" in done.stderr
+
+
+@pytest.mark.slow  # two runs of every party (~1.5 min on a loaded machine)
+def test_keep_best_exports_the_best_epoch_and_predict_reproduces_its_auc(vfl_job: Path, tmp_path: Path) -> None:
+    job = yaml.safe_load(vfl_job.read_text())
+    job["training"].update(epochs=6, lr=0.5)  # Adam this fast overshoots: later epochs are worse
+    job["output"]["keep"] = "best"  # judged by the primary metric, auc
+    vfl_job.write_text(yaml.safe_dump(job))
+    out = tmp_path / "out-vfl"
+    trained = enclavefl("run", str(vfl_job), "--write-split", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["best"]["auc"]
+    assert summary["final"]["auc"]["value"] < best["value"], summary["best"]  # the setting this test needs
+    assert summary["exported"] == {"keep": "best", "epoch": best["step"], "by": "auc", "value": best["value"]}
+    assert f"exported epoch {best['step']} (best auc {best['value']:.4f}), not the last" in trained.stdout
+
+    # The validation rows, predicted by the exported halves: the best epoch's AUC.
+    validation = {r["id"] for r in rows(out / "validation_ids.csv")}
+    for party in ("leader", "follower"):
+        source = rows(tmp_path / f"breast_{party}.csv")
+        with open(tmp_path / f"valid_{party}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(source[0]))
+            writer.writeheader()
+            writer.writerows(r for r in source if r["id"] in validation)
+    predicted = enclavefl("predict", str(vfl_job), "--input", "leader=valid_leader.csv",
+                          "--input", "follower=valid_follower.csv", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    metrics = json.loads((out / "summary-predict.json").read_text())["metrics"]
+    assert metrics["auc"] == pytest.approx(best["value"], abs=1e-6)

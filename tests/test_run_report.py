@@ -19,7 +19,7 @@ import yaml
 
 from enclavefl.jobs.demo import SIMULATED_POLICY, write_vfl_demo
 from enclavefl.jobs.launcher import PartyProcess, failure_report, run_job
-from enclavefl.jobs.report import result_notes
+from enclavefl.jobs.report import exported_note, result_notes
 from enclavefl.jobs.results import final_and_best, health_warnings
 
 
@@ -41,6 +41,21 @@ def test_final_and_best_after_a_collapse() -> None:
     summary = final_and_best(records, ["auc", "logloss", "accuracy"])
     assert summary["final"] == {"auc": {"value": 0.538, "step": 3}, "logloss": {"value": 0.9, "step": 3}}
     assert summary["best"] == {"auc": {"value": 0.846, "step": 2}, "logloss": {"value": 0.45, "step": 2}}
+
+
+def test_best_is_direction_aware_for_regression_and_f1() -> None:
+    records = _evals([{"r2": 0.2, "rmse": 60.0, "macro_f1": 0.5}, {"r2": 0.4, "rmse": 55.0, "macro_f1": 0.7},
+                      {"r2": 0.3, "rmse": 58.0, "macro_f1": 0.6}])  # fmt: skip
+    summary = final_and_best(records, ["r2", "rmse", "macro_f1"])
+    assert summary["best"] == {"r2": {"value": 0.4, "step": 2}, "rmse": {"value": 55.0, "step": 2},
+                               "macro_f1": {"value": 0.7, "step": 2}}  # fmt: skip
+    assert summary["final"]["r2"] == {"value": 0.3, "step": 3}
+
+
+def test_exported_note_says_which_epoch_keep_best_exported() -> None:
+    best = {"job": "j", "exported": {"keep": "best", "epoch": 4, "by": "auc", "value": 0.8123}}
+    assert exported_note(best) == "j: exported epoch 4 (best auc 0.8123), not the last"
+    assert exported_note({"job": "j", "exported": {"keep": "last", "epoch": 9}}) is None
 
 
 def test_health_flags_a_run_that_never_learns() -> None:

@@ -47,7 +47,17 @@ from enclavefl.hfl.registry import BUILTIN as STRATEGY_REGISTRY
 from enclavefl.jobs.quick import apply_quick_caps
 from enclavefl.jobs.refs import JobCode, is_ref
 from enclavefl.train.device import DEVICE_PATTERN
-from enclavefl.train.tasks import DEFAULT_LOSS, DEFAULT_METRICS, LOSSES, METRICS, TaskType
+from enclavefl.train.tasks import (
+    DEFAULT_LOSS,
+    DEFAULT_METRICS,
+    HIGHER_IS_BETTER,
+    LOSSES,
+    LOWER_IS_BETTER,
+    METRICS,
+    PRIMARY_METRICS,
+    TaskType,
+    primary_metric,
+)
 from enclavefl.validate import is_int, is_number
 
 __all__ = [
@@ -862,6 +872,12 @@ class OutputConfig(_Section):
     mlflow: Bool | str | None = None
     """An MLflow tracking URI to log params, per-round metrics and the summary to; true: a
     file: store in <dir>/mlruns (extra [tracking])."""
+    keep: Literal["last", "best"] = "last"
+    """Which weights training exports (vfl): the last epoch's, or those of the evaluation with
+    the best `best_by`."""
+    best_by: str | None = None
+    """keep: best: the metric that judges (one of the job's metrics; default: auc, else
+    accuracy, r2, macro_f1, rmse, mae, logloss); the highest or the lowest by its kind."""
 
     @field_validator("mlflow")
     @classmethod
@@ -1030,6 +1046,27 @@ class JobConfig(_Section):
         role = ROLES[self.MODE][1]
         return [p for p in self.parties if p.role == role]
 
+    def _keep_issues(self) -> list[tuple[str, str]]:
+        """output.keep / best_by: a model to keep, and a metric whose best is known."""
+        output = self.output
+        if output.keep == "last":
+            return [("output.best_by", "only used with keep: best")] if output.best_by is not None else []
+        if self.MODE == "hfl":
+            return [("output.keep", "best: hfl jobs export no model (the parameter server's sealed checkpoints are "
+                                    "for resuming and always hold the newest round); keep: best is for vfl jobs, "
+                                    "whose parties export their sealed model halves")]
+        metrics = [metric_name(m) for m in self.metrics()]
+        chosen = output.best_by or primary_metric(metrics)
+        if chosen is None:
+            return [("output.best_by", f"keep: best needs a metric to judge by; the job reports none of "
+                                       f"{', '.join(PRIMARY_METRICS)} ({', '.join(metrics)}): add one to the metrics")]
+        if chosen not in metrics:
+            return [("output.best_by", f"{chosen!r} is not one of the job's metrics ({', '.join(metrics)})")]
+        if chosen not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+            return [("output.best_by", f"{chosen!r}: whether higher or lower is better is unknown (a user's "
+                                       f"metric); judge by one of {', '.join(PRIMARY_METRICS)}")]
+        return []
+
     def _federation_issues(self) -> list[tuple[str, str]]:
         """Checks across parties and sections, as (field path, message)."""
         mode = self.job.mode
@@ -1037,6 +1074,7 @@ class JobConfig(_Section):
             return [("job.mode", f"is {mode!r}, but this is a {self.MODE} job")]
         issues = self._party_list_issues()
         issues.extend(self._mode_issues())
+        issues.extend(self._keep_issues())
         if self.privacy is not None:
             issues.extend(self._privacy_mechanism_issues(self.privacy))
         return issues

@@ -11,7 +11,15 @@ from rich.table import Table
 
 from enclavefl.validate import is_number
 
-__all__ = ["PARTY_PLOTTED", "PLOTTED", "plot_metrics", "print_results", "result_notes", "result_table"]
+__all__ = [
+    "PARTY_PLOTTED",
+    "PLOTTED",
+    "exported_note",
+    "plot_metrics",
+    "print_results",
+    "result_notes",
+    "result_table",
+]
 
 PLOTTED = ("accuracy", "auc", "logloss", "macro_f1", "r2", "rmse", "loss")
 
@@ -114,10 +122,22 @@ def result_notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
+def exported_note(summary: dict[str, Any]) -> str | None:
+    """With `keep: best`, which epoch's model was exported (the table's final is the last epoch's)."""
+    exported = summary.get("exported")
+    if not isinstance(exported, dict) or exported.get("keep") != "best":
+        return None
+    return (f"{summary.get('job')}: exported epoch {exported['epoch']} (best {exported['by']} "
+            f"{exported['value']:.4f}), not the last")
+
+
 def print_results(console: Any, summaries: list[dict[str, Any]]) -> None:
     """The result table, then its notes (failures, unattested parties, health warnings)."""
     console.print(result_table(summaries))
     for summary in summaries:
+        kept = exported_note(summary)
+        if kept:
+            console.print(escape(kept))
         for note in result_notes(summary):
             style = "yellow" if "WARNING" in note else "red"
             console.print(f"[{style}]{escape(note)}[/{style}]")

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from enclavefl.train.tasks import HIGHER_IS_BETTER, LOWER_IS_BETTER
 from enclavefl.validate import is_number
 
 __all__ = [
@@ -23,8 +24,8 @@ __all__ = [
     "health_warnings",
 ]
 
-HIGHER_IS_BETTER = ("accuracy", "auc")
-LOWER_IS_BETTER = ("logloss", "loss")
+# Evaluations carry one of these; training records (loss only) do not count.
+_EVALUATED = ("accuracy", "auc", "logloss", "macro_f1", "r2", "rmse", "mae")
 
 # A loss is "flat" when it moves less than this (relative) over the first evaluations.
 FLAT_TOLERANCE = 1e-3
@@ -40,7 +41,7 @@ def evaluations(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The evaluation records of metrics.jsonl (hfl `eval` events, vfl epoch records), in order."""
     return [r for r in records
             if r.get("event", "eval") == "eval" and isinstance(r.get("step"), int)
-            and any(_number(r.get(m)) is not None for m in (*HIGHER_IS_BETTER, "logloss"))]
+            and any(_number(r.get(m)) is not None for m in _EVALUATED)]
 
 
 def _number(value: Any) -> float | None:
@@ -52,7 +53,8 @@ def _number(value: Any) -> float | None:
 def final_and_best(records: Sequence[dict[str, Any]], metrics: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{"final": {metric: {value, step}}, "best": {metric: {value, step}}} over the evaluations.
 
-    Best is the highest accuracy/auc and the lowest logloss/loss; ties go to the earliest.
+    Best is the highest accuracy/auc/macro_f1/r2 and the lowest logloss/loss/rmse/mae (a user
+    metric: the lowest); ties go to the earliest.
     """
     evals = evaluations(records)
     final: dict[str, Any] = {}

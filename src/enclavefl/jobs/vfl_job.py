@@ -422,6 +422,8 @@ def train_leader(
         loss_fn=user.loss or task.loss,
         metrics=metrics,
         device=_device(runtime, model),
+        keep=job.output.keep,
+        best_by=_leader_metric(job.output.best_by),
     )
     leader.on_phase = runtime.phase
     if job.preprocess.standardize:
@@ -464,9 +466,10 @@ def _leader_result(
                 "n_valid": summary["validation_rows"],
                 "seed": job.job.seed,
                 "validation_fraction": training.validation_fraction,
-                "drawn": "round(n * validation_fraction) positions of the aligned order, by "
-                         "numpy.random.default_rng((seed, 0x76616C)).permutation(n); the aligned order "
-                         "comes from the alignment, so use --write-split to get the rows",
+                "drawn": "the first round(n * validation_fraction) entries of "
+                         "numpy.random.default_rng((seed, 0x76616C)).permutation(n) over the aligned rows "
+                         "in their canonical order (by BLAKE2b-128 of the id): the same rows in every run; "
+                         "enclavefl.vfl.plan.validation_split(ids, ...) or --write-split gives them",
                 "ids_file": None if split_file is None else str(split_file),
             },
             "epochs": training.epochs,
@@ -474,9 +477,22 @@ def _leader_result(
             "resumed_from": summary["resumed_from"],
             "rollback_protection": summary["rollback_protection"],
             "model": None if exported is None else str(exported),
+            "exported": _exported(summary["kept"]),
         },
         **({"privacy": summary["privacy"]} if "privacy" in summary else {}),
     }
+
+
+def _leader_metric(name: str | None) -> str | None:
+    """A job's metric name as the leader's evaluations name it (logloss -> log_loss)."""
+    return "log_loss" if name == "logloss" else name
+
+
+def _exported(kept: dict[str, Any]) -> dict[str, Any]:
+    """Which epoch's weights the parties exported: the last, or the best evaluation's (and by what)."""
+    if kept["keep"] == "last":
+        return {"keep": "last", "epoch": kept["epoch"]}
+    return {"keep": "best", "epoch": kept["epoch"], "by": _job_name(kept["metric"]), "value": kept["value"]}
 
 
 def train_follower(runtime: PartyRuntime, job: VflJobConfig, prepared: Prepared, *, resume: bool) -> None:

@@ -11,7 +11,8 @@ with the file, the column and the offending value instead of failing mid-trainin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -21,11 +22,16 @@ from enclavefl.errors import UsageError
 __all__ = [
     "DEFAULT_LOSS",
     "DEFAULT_METRICS",
+    "HIGHER_IS_BETTER",
     "LOSSES",
+    "LOWER_IS_BETTER",
     "METRICS",
+    "PRIMARY_METRICS",
     "TASK_TYPES",
     "TaskType",
+    "better",
     "check_labels",
+    "primary_metric",
     "task_for_width",
 ]
 
@@ -59,6 +65,29 @@ DEFAULT_METRICS: Mapping[TaskType, tuple[str, ...]] = {
     "multiclass": ("accuracy", "logloss"),
     "regression": ("rmse", "mae", "r2"),
 }
+
+HIGHER_IS_BETTER = frozenset({"accuracy", "auc", "macro_f1", "r2"})
+LOWER_IS_BETTER = frozenset({"logloss", "log_loss", "loss", "mse", "rmse", "mae"})
+"""The metrics whose best value is the highest / the lowest (the others' direction is unknown)."""
+
+PRIMARY_METRICS = ("auc", "accuracy", "r2", "macro_f1", "rmse", "mae", "logloss")
+"""The metric that judges a model when none is named: the first of these that a job reports."""
+
+
+def primary_metric(metrics: Sequence[str]) -> str | None:
+    """The first of `PRIMARY_METRICS` among `metrics` (None: none of them)."""
+    return next((name for name in PRIMARY_METRICS if name in metrics), None)
+
+
+def better(metric: str, value: float, than: float | None) -> bool:
+    """Whether `value` of `metric` beats `than` (None: nothing yet); NaN never does.
+    Refuses a metric whose direction is unknown."""
+    if metric in HIGHER_IS_BETTER:
+        return not math.isnan(value) and (than is None or value > than)
+    if metric in LOWER_IS_BETTER:
+        return not math.isnan(value) and (than is None or value < than)
+    raise UsageError(f"metric {metric!r}: whether higher or lower is better is unknown; "
+                     f"choose one of {sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)}")
 
 
 def task_for_width(width: int) -> TaskType:

@@ -8,6 +8,10 @@ the attested transport sends as tensors, never pickle.
 
 Every list a party sends is sorted by its own (pseudorandom) value, so the order on the
 wire carries no information about the sender's row order.
+
+The common order the parties train in is not the protocol's: `canonical_order` sorts the
+intersection by a hash of each id, so it depends on the ids alone (not on a protocol
+session's random values) and every party reaches it without a message.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from enclavefl.errors import Check, FormatError, Rejected, UsageError
 __all__ = [
     "ID_KIND",
     "MAX_IDS",
+    "ORDER_DIGEST",
+    "ORDER_PERSON",
     "POSITIONS",
     "SESSION",
     "SESSION_BYTES",
@@ -41,6 +47,7 @@ __all__ = [
     "Ids",
     "Positions",
     "WireKind",
+    "canonical_order",
     "check_positions",
     "check_session",
     "duplicate_pair",
@@ -63,6 +70,9 @@ SESSION_BYTES = 16
 MAX_IDS = 2**32 - 1
 # Python ints travel as 16-byte two's complement, so they must fit in 128 bits.
 _INT_BYTES = 16
+# The canonical order of an intersection: ascending BLAKE2b-128 of each id under this person.
+ORDER_PERSON = b"enclavefl-order"
+ORDER_DIGEST = 16
 
 
 class IdKind(Enum):
@@ -221,6 +231,22 @@ def hash_ids(ids: Ids, *, digest_size: int, person: bytes = b"") -> tuple[IdKind
             f"ids: duplicate id at rows {first} and {second} (ids must be unique within a party)"
         )
     return kind, digests
+
+
+def canonical_order(result: AlignmentResult, ids: Ids) -> AlignmentResult:
+    """`result` reordered canonically: by ascending BLAKE2b-128 (person `ORDER_PERSON`) of each
+    aligned row's id, str ids UTF-8 encoded, int ids as 16-byte little-endian two's complement.
+
+    Each party knows the ids of its aligned rows (they are the intersection) and equal ids
+    hash equally, so every party reaches the same order; it depends on the ids only, not on
+    the order the alignment protocol returned, which differs from one alignment to the next.
+    So a seeded validation split and batch order over it are the same in every run.
+    """
+    if result.size == 0:
+        return result
+    own = ids[result.rows] if isinstance(ids, np.ndarray) else cast(Ids, [ids[int(row)] for row in result.rows])
+    _, digests = hash_ids(own, digest_size=ORDER_DIGEST, person=ORDER_PERSON)
+    return AlignmentResult(result.rows[lex_order(digests)])
 
 
 # --- fixed-width byte rows ---------------------------------------------------------------

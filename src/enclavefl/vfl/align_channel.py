@@ -10,7 +10,8 @@ this module carries their messages. The leader is the server, so followers pull:
 
 An alignment is reused only when every party holds the same one (same protocol session),
 so a restart does not redo it; otherwise all parties align again. Only the intersection
-size is logged.
+size is logged. Every party puts the intersection in its canonical order
+(`enclavefl.vfl.align.canonical_order`: by a hash of the id) before using or sealing it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from enclavefl.net.admission import Peer
 from enclavefl.net.client import AttestedClient
 from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
-from enclavefl.vfl.align import Ids
+from enclavefl.vfl.align import Ids, canonical_order
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, FollowerBridge
 from enclavefl.vfl.errors import FollowerUnavailable
 from enclavefl.vfl.psi import ECDH_PSI, EcdhPsiFollower, EcdhPsiLeader, PsiFollowerReply, PsiHello, PsiLeaderReply
@@ -63,8 +64,9 @@ def _digest(arrays: dict[str, Any]) -> bytes:
 class AlignmentEndpoint:
     """The leader's side: register it on the server, then `run` it once.
 
-    `order_key` (tee-join only, 32 bytes) fixes the common order, for reproducible runs;
-    by default each alignment draws a fresh random one.
+    `order_key` (tee-join only, 32 bytes) fixes the order the TEE returns (by default each
+    alignment draws a fresh random one); the parties then order the intersection canonically
+    anyway, so training does not depend on it.
     """
 
     def __init__(
@@ -124,7 +126,7 @@ class AlignmentEndpoint:
             self._wait(lambda: len(self._answers) == len(self.followers), timeout_s, "answer the alignment",
                        lambda: [f for f in self.followers if f not in self._answers])  # fmt: skip
         own, results = machine.finish()
-        aligned = Aligned(self.method, hello.session.hex(), own)
+        aligned = Aligned(self.method, hello.session.hex(), canonical_order(own, ids))
         with self._cond:
             self._current = aligned
             self._results = {
@@ -246,7 +248,7 @@ def follow_alignment(
         if answer.meta.get("status") != "wait":
             raise FormatError(f"alignment result: unexpected answer {answer.meta}")
     result = machine.finish(result_cls.from_arrays(answer.tensors))
-    return Aligned(method, hello.session.hex(), result)
+    return Aligned(method, hello.session.hex(), canonical_order(result, ids))
 
 
 def _stored(storage: Storage | None, ids: Ids, resume: bool) -> Aligned | None:

@@ -191,6 +191,7 @@ class LeaderBridge:
         self._closing = False
         self._finished: set[str] = set()
         self._sealed = -1  # the leader's newest sealed checkpoint, told to followers
+        self._kept = -1  # keep_best: the iteration whose weights the leader keeps, told in "done"
         self._follower_sealed = dict.fromkeys(self.followers, -1)  # newest checkpoint each committed
         self._refusal: FollowerRefused | None = None  # the first follower that refused this leader
 
@@ -237,6 +238,11 @@ class LeaderBridge:
         """The leader's newest sealed checkpoint is now `iteration` (-1: none)."""
         with self._cond:
             self._sealed = iteration
+
+    def set_kept(self, iteration: int) -> None:
+        """keep_best: the leader keeps the weights of evaluation `iteration` (-1: none yet)."""
+        with self._cond:
+            self._kept = iteration
 
     def rewound(self, iteration: int) -> None:
         """The leader restored `iteration`; its loop goes on (unless a later rewind came meanwhile)."""
@@ -463,7 +469,7 @@ class LeaderBridge:
                 )
             need = plan.total - 1 if iteration == plan.total else plan.required(iteration)
             if iteration == plan.total and self._closing:
-                return Message(meta={"status": "done"})
+                return Message(meta={"status": "done", "best": self._kept})
             remaining = deadline - time.monotonic()
             # Waiting on this follower's own commits: tell it at once.
             if self._committed[party] < need or remaining <= 0:

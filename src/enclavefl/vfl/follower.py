@@ -29,9 +29,9 @@ from enclavefl.vfl.align import Ids
 from enclavefl.vfl.align_channel import check_method, follow_alignment
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, JOIN, RECV, SEND, START, FollowerBridge, SessionLost, meta_int
 from enclavefl.train.device import resolve_device
-from enclavefl.vfl.leader import ACTIVATIONS, GRADIENTS, as_tensor
+from enclavefl.vfl.leader import ACTIVATIONS, GRADIENTS, VERDICT, as_tensor
 from enclavefl.vfl.plan import EVAL, TRAIN, Plan, Step
-from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer
+from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer, snapshot
 from enclavefl.vfl.storage import Aligned, Storage
 
 log = logging.getLogger("enclavefl.vfl")
@@ -51,6 +51,11 @@ class Follower:
     sent to the leader); `optimizer` an optimizer over its parameters or a factory
     `fn(model) -> optimizer`. `device`: auto, cpu, cuda or cuda:N (activations and
     gradients cross the wire from the CPU).
+
+    When the leader's plan keeps the best evaluation (`Leader(keep="best")`), the leader
+    tells this follower after each evaluation whether it was the best so far; the follower
+    then snapshots its half, seals the snapshot with its checkpoints and ends `run()` with
+    those weights, so that it exports the same epoch as the leader.
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class Follower:
         self._pending: deque[int] = deque()
         self._graph: tuple[int, int, torch.Tensor] | None = None  # (iteration, optimizer steps, activations)
         self._replies: dict[int, torch.Tensor] = {}
+        self._verdicts: dict[int, bool] = {}  # keep_best: evaluation iteration -> the leader's verdict
+        self._best: dict[str, Any] | None = None  # keep_best: {"iteration", "model"} of the best evaluation
         self._steps = 0
         self._applied: list[int] = []
         self._resumed_from: int | None = None
@@ -136,6 +143,7 @@ class Follower:
                 self._rejoins += 1
         plan = self._plan
         assert plan is not None
+        kept = self._keep(plan)
         return {
             "role": "follower",
             "party": self.party,
@@ -146,8 +154,20 @@ class Follower:
             "rollback_protection": "none" if storage is None else storage.rollback_protection,
             "rejoins": self._rejoins,
             "applied": list(self._applied),
+            "kept": kept,
             "wall_s": time.monotonic() - started,
         }
+
+    def _keep(self, plan: Plan) -> dict[str, Any]:
+        """Load the best evaluation's weights when the plan keeps the best; which iteration the model is from."""
+        if not plan.keep_best:
+            return {"keep": "last", "iteration": plan.total - 1}
+        if self._best is None:
+            raise FormatError(f"{self.party}: the plan keeps the best evaluation, but the leader named none")
+        self._model.load_state_dict(self._best["model"])
+        log.info("%s: keeping the weights of iteration %d (the leader's best evaluation)",
+                 self.party, self._best["iteration"])  # fmt: skip
+        return {"keep": "best", "iteration": self._best["iteration"]}
 
     # --- session ------------------------------------------------------------------------------
 
@@ -223,12 +243,19 @@ class Follower:
 
     def _restore(self, iteration: int) -> None:
         if iteration != self._position:
-            self._party_state.restore(iteration, plan=self._plan, aligned=self._aligned)
+            checkpoint = self._party_state.restore(iteration, plan=self._plan, aligned=self._aligned)
+            best = checkpoint.get("best") if checkpoint is not None else None
+            if best is not None and not (isinstance(best, dict) and isinstance(best.get("model"), dict)
+                                         and isinstance(best.get("iteration"), int)):
+                raise FormatError(f"{self.party}: checkpoint of iteration {iteration}: its best evaluation "
+                                  "is not a record with weights")
+            self._best = best
         if self._storage is not None:
             self._storage.clear_checkpoints(after=iteration)
         self._position = iteration
         self._pending.clear()
         self._replies.clear()
+        self._verdicts.clear()
         self._graph = None
 
     # --- iterations -------------------------------------------------------------------------
@@ -246,6 +273,7 @@ class Follower:
                     self._apply(self._pending.popleft())
                 continue
             if status == "done" and iteration == plan.total:
+                self._check_best(answer.meta, plan)
                 self._bridge.leave()
                 return
             if status != "open" or answer.meta.get("iteration") != iteration:
@@ -256,6 +284,16 @@ class Follower:
             while len(self._pending) >= plan.pipeline_depth:
                 self._apply(self._pending.popleft())
             iteration += 1
+
+    def _check_best(self, meta: dict[str, Any], plan: Plan) -> None:
+        """keep_best: the leader's best evaluation (in its "done") must be the one this party kept."""
+        if not plan.keep_best:
+            return
+        best = meta_int(meta, "best", "done answer")
+        mine = -1 if self._best is None else self._best["iteration"]
+        if best != mine:
+            raise FormatError(f"{self.party}: the leader keeps the weights of iteration {best}, this party "
+                              f"those of {mine}: the halves would come from different epochs")
 
     def _rows(self, step: Step) -> torch.Tensor:
         assert self._aligned is not None
@@ -283,7 +321,11 @@ class Follower:
         with torch.no_grad():
             parts = [self._model(self._features(part)) for part in rows.split(self._eval_batch_size)]
         self._model.train()
-        self._bridge.call(SEND, meta, {ACTIVATIONS: torch.cat(parts).cpu()})
+        if step.kind == EVAL and plan.keep_best:  # the leader's verdict on this evaluation comes back
+            meta["reply"] = VERDICT
+        answer = self._bridge.call(SEND, meta, {ACTIVATIONS: torch.cat(parts).cpu()})
+        if answer.meta.get("status") == "reply":
+            self._verdicts[step.iteration] = self._verdict(answer, step)
 
     def _gradient(self, answer: Message, step: Step, shape: torch.Size) -> torch.Tensor:
         grad = answer.tensors.get(GRADIENTS)
@@ -292,6 +334,24 @@ class Follower:
             raise FormatError(f"gradient of iteration {step.iteration}: expected float32 {list(shape)}, got {got}")
         return grad.to(self._device)
 
+    def _verdict(self, answer: Message, step: Step) -> bool:
+        best = answer.meta.get("best")
+        if not isinstance(best, bool):
+            raise FormatError(f"verdict of iteration {step.iteration}: 'best' must be true or false, got {best!r}")
+        return best
+
+    def _judged(self, step: Step) -> None:
+        """keep_best: wait for the leader's verdict on this evaluation; snapshot the half if it is the best."""
+        verdict = self._verdicts.pop(step.iteration, None)
+        while verdict is None:
+            answer = self._bridge.call(RECV, {"iteration": step.iteration, "name": VERDICT})
+            if answer.meta.get("status") == "reply":
+                verdict = self._verdict(answer, step)
+            elif answer.meta.get("status") != "wait":
+                raise FormatError(f"verdict of iteration {step.iteration}: unexpected answer {answer.meta}")
+        if verdict:
+            self._best = {"iteration": step.iteration, "model": snapshot(self._model, None)["model"]}
+
     def _apply(self, iteration: int) -> None:
         plan = self._plan
         assert plan is not None
@@ -299,10 +359,13 @@ class Follower:
         if step.kind == TRAIN:
             self._step(step)
             self._applied.append(iteration)
+        elif step.kind == EVAL and plan.keep_best:
+            self._judged(step)
         self._position = iteration
         if self._storage is not None and plan.is_checkpoint(iteration):
             assert self._aligned is not None
-            self._party_state.save(iteration, plan=plan, aligned=self._aligned)
+            extra = {"best": self._best} if self._best is not None else None
+            self._party_state.save(iteration, plan=plan, aligned=self._aligned, extra=extra)
         if step.kind == EVAL:
             log.info("%s: epoch %d/%d done (iteration %d)", self.party, step.epoch + 1, plan.epochs, iteration)
 

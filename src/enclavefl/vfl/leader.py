@@ -40,18 +40,20 @@ from enclavefl.privacy.label import keep_probability, randomized_response
 from enclavefl.train.device import resolve_device
 from enclavefl.train.losses import LossFn, default_loss, loss_function
 from enclavefl.train.metrics import MetricFn, compute_metrics
-from enclavefl.train.tasks import DEFAULT_LOSS, TaskType
+from enclavefl.train.tasks import DEFAULT_LOSS, TaskType, better, primary_metric
 from enclavefl.vfl.align import Ids
 from enclavefl.vfl.align_channel import AlignmentEndpoint
 from enclavefl.vfl.bridge import DEFAULT_POLL_S, LeaderBridge, Rewind
 from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan, Step
-from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer
+from enclavefl.vfl.state import OptimizerArg, PartyState, build_optimizer, snapshot
 from enclavefl.vfl.storage import Aligned, Storage
 
 __all__ = [
     "ACTIVATIONS",
     "GRADIENTS",
+    "KEEP",
+    "VERDICT",
     "LabelPrivacy",
     "Leader",
     "Predictions",
@@ -65,6 +67,9 @@ __all__ = [
 log = logging.getLogger("enclavefl.vfl")
 
 ACTIVATIONS, GRADIENTS = "act", "grad"
+# keep_best: after each evaluation the leader tells every follower whether it was the best so far.
+VERDICT = "verdict"
+KEEP = ("last", "best")
 
 
 class SplitMlpLeader(nn.Module):
@@ -363,8 +368,10 @@ class Leader(_Coordinator):
     `storage.checkpoint_every` iterations; with `resume=True` a restarted leader goes on
     from the last checkpoint every party holds. `on_metrics` gets each epoch's record.
     Followers must join within `join_timeout_s` and answer each step within
-    `step_timeout_s`, else FollowerUnavailable. `tee_join_order_key` (32 bytes) fixes the
-    aligned order, hence the batches and the validation rows, for reproducible runs.
+    `step_timeout_s`, else FollowerUnavailable. The aligned rows are in their canonical order
+    (by a hash of the id, `enclavefl.vfl.align.canonical_order`), so the validation rows and
+    the batches depend only on `seed` and the ids, not on the alignment's random values.
+    `tee_join_order_key` (32 bytes) fixes the order the TEE join returns before that.
 
     `model` is any nn.Module called as model(x_own, follower_activations); `optimizer` an
     optimizer over its parameters or a factory `fn(model) -> optimizer` (called once the
@@ -372,6 +379,13 @@ class Leader(_Coordinator):
     width) picks the default loss and the metrics; `loss_fn(outputs, labels)` (a mean
     over the batch) replaces the loss, and `metrics` (name -> fn(outputs, labels) -> float)
     adds metrics to every evaluation. `device`: auto, cpu, cuda or cuda:N.
+
+    `keep`: "last" (default) or "best": every party ends `run()` with its weights of the
+    evaluation with the best `best_by` (a metric of the evaluations, direction-aware: the
+    highest auc/accuracy/macro_f1/r2, the lowest log_loss/rmse/mae/mse; default: auc, else
+    accuracy, else r2, macro_f1, rmse, mae, log_loss), so what is exported is that epoch's
+    model. The leader judges each evaluation and tells the followers, which snapshot their
+    half then; the snapshots are part of every checkpoint.
     """
 
     def __init__(
@@ -403,7 +417,15 @@ class Leader(_Coordinator):
         loss_fn: LossFn | None = None,
         metrics: Mapping[str, MetricFn] | None = None,
         device: str | torch.device | None = "cpu",
+        keep: str = "last",
+        best_by: str | None = None,
     ) -> None:
+        if keep not in KEEP:
+            raise UsageError(f"keep must be one of {list(KEEP)}, got {keep!r}")
+        if best_by is not None and keep != "best":
+            raise UsageError("best_by is only used with keep='best'")
+        if best_by is not None:
+            better(best_by, 0.0, None)  # refuses a metric whose direction is unknown
         super().__init__(
             server, followers=followers, X=X, ids=ids, model=model, optimizer=optimizer, alignment=alignment,
             storage=storage, resume=resume, join_timeout_s=join_timeout_s, step_timeout_s=step_timeout_s,
@@ -430,11 +452,15 @@ class Leader(_Coordinator):
         self._traffic: dict[str, list[int]] = {f: [0, 0] for f in self._followers}
         self._compute_s = 0.0
         self._name = server.party
+        self._keep_best = keep == "best"
+        self._best_by = best_by
+        self._best: dict[str, Any] | None = None  # keep_best: the best evaluation so far and its weights
 
     def _make_plan(self, rows: int) -> Plan:
         batch_size, epochs, seed, validation_fraction, pipeline_depth = self._settings
         every = self._storage.checkpoint_every if self._storage is not None else 0
-        return Plan(TRAIN, rows, batch_size, epochs, seed, validation_fraction, pipeline_depth, every)
+        return Plan(TRAIN, rows, batch_size, epochs, seed, validation_fraction, pipeline_depth, every,
+                    keep_best=self._keep_best)
 
     def run(self) -> dict[str, Any]:
         """Align, train, evaluate every epoch; returns the summary (history of epoch records)."""
@@ -442,6 +468,7 @@ class Leader(_Coordinator):
         self._run()
         plan, aligned = self._plan, self._aligned
         assert plan is not None and aligned is not None
+        kept = self._keep()
         return {
             "role": "leader",
             "alignment": aligned.method,
@@ -455,9 +482,23 @@ class Leader(_Coordinator):
             "completed": list(self._completed),
             "history": list(self._history),
             "final": dict(self._history[-1]) if self._history else {},
+            "kept": kept,
             **({"privacy": self._label_privacy.report()} if self._label_privacy is not None else {}),
             "wall_s": time.monotonic() - started,
         }
+
+    def _keep(self) -> dict[str, Any]:
+        """Load the kept evaluation's weights (keep_best) and say which epoch the model is from."""
+        plan = self._plan
+        assert plan is not None
+        if not self._keep_best:
+            return {"keep": "last", "epoch": plan.epochs, "iteration": plan.total - 1}
+        best = self._best
+        if best is None:  # no evaluation had a finite value of the metric
+            raise UsageError(f"keep='best': no evaluation gave a finite {self._best_by or 'metric'}")
+        self._model.load_state_dict(best["model"])
+        log.info("keeping the weights of epoch %d (best %s %.4f)", best["epoch"], best["metric"], best["value"])
+        return {"keep": "best", **{k: best[k] for k in ("epoch", "iteration", "metric", "value")}}
 
     def validation_ids(self) -> np.ndarray:
         """The leader's ids of the validation rows (after `run()`), in its own input order."""
@@ -520,10 +561,14 @@ class Leader(_Coordinator):
             logits = self._model(self._features(rows), activations)
         self._model.train()
         metrics = evaluate(logits, self._y[rows.to(self._device)], task=self._task, metrics=self._metrics)
-        self._bridge.finish(step.iteration)
-        self._position = step.iteration
         plan = self._plan
         assert plan is not None
+        if plan.keep_best:
+            improved = self._judge(step, metrics)
+            self._bridge.post(step.iteration, VERDICT,
+                              {f: Message(meta={"best": improved}) for f in self._followers})  # fmt: skip
+        self._bridge.finish(step.iteration)
+        self._position = step.iteration
         now = time.monotonic()
         record: dict[str, Any] = {
             "epoch": step.epoch + 1,
@@ -554,8 +599,23 @@ class Leader(_Coordinator):
         if self._on_metrics is not None:
             self._on_metrics(dict(record))
 
+    def _judge(self, step: Step, metrics: dict[str, float]) -> bool:
+        """Whether this evaluation beats the best so far (then its weights are kept in memory)."""
+        metric = self._best_by or primary_metric(list(metrics))
+        if metric is None or metric not in metrics:
+            raise UsageError(f"keep='best' by {metric!r}: the evaluations give {sorted(metrics)}")
+        value = float(metrics[metric])
+        if not better(metric, value, None if self._best is None else self._best["value"]):
+            return False
+        self._best = {"epoch": step.epoch + 1, "iteration": step.iteration, "metric": metric, "value": value,
+                      "model": snapshot(self._model, None)["model"]}  # fmt: skip
+        self._bridge.set_kept(step.iteration)
+        return True
+
     def _state(self) -> dict[str, Any]:
         state = {"history": list(self._history), "loss_sum": self._loss_sum, "loss_count": self._loss_count}
+        if self._best is not None:
+            state["best"] = self._best
         if self._label_privacy is not None:
             # Sealed with the checkpoint: a resumed leader must train on the same randomized
             # labels (fresh ones would be a second release of the labels, doubling epsilon).
@@ -563,6 +623,12 @@ class Leader(_Coordinator):
         return state
 
     def _load_state(self, state: dict[str, Any] | None) -> None:
+        best = None if state is None else state.get("best")
+        if best is not None and not (isinstance(best, dict) and isinstance(best.get("model"), dict)
+                                     and isinstance(best.get("iteration"), int)):
+            raise FormatError("leader checkpoint: its best evaluation is not a record with weights")
+        self._best = best
+        self._bridge.set_kept(-1 if best is None else best["iteration"])
         if state is None:
             self._history, self._loss_sum, self._loss_count = [], 0.0, 0
             return
@@ -650,7 +716,7 @@ class _Predictor(_Coordinator):
     def predict(self) -> Predictions:
         self._run()
         assert self._aligned is not None and self._logits is not None
-        # The leader's input order (the common order is pseudorandom, and a user joins
+        # The leader's input order (the common order is by a hash of the id, and a user joins
         # predictions back to their rows).
         order = np.argsort(self._aligned.rows, kind="stable")
         return Predictions(np.asarray(self._ids)[self._aligned.rows[order]], self._logits[order], self._task)

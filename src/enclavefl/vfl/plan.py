@@ -3,6 +3,10 @@
 Leader and followers hold the same aligned order (positions 0..rows-1), so the plan's
 numbers (seed, batch size, validation fraction, ...) are all they need to agree on every
 batch without sending ids. The leader decides the plan and sends it when a follower joins.
+That order is canonical (the intersection sorted by a hash of the id,
+`enclavefl.vfl.align.canonical_order`), so the validation rows and the batches depend on
+the seed and the ids only: the same in every run, and `validation_split` computes them
+from the ids alone.
 
 A training plan has, per epoch, `batches_per_epoch` training iterations and then one
 evaluation iteration over the validation rows; a prediction plan has one iteration per
@@ -20,6 +24,9 @@ import numpy as np
 
 from enclavefl.errors import FormatError, UsageError
 from enclavefl.validate import is_int
+from enclavefl.vfl.align import AlignmentResult, Ids, canonical_order
+
+__all__ = ["EVAL", "PREDICT", "TRAIN", "Mode", "Plan", "Step", "validation_split"]
 
 Mode = Literal["train", "predict"]
 TRAIN: Final = "train"
@@ -47,7 +54,8 @@ class Plan:
 
     `checkpoint_every` (0: never) makes iterations k with (k + 1) % every == 0, and the
     last one, synchronized checkpoints: nothing after k is opened before every party
-    committed k.
+    committed k. `keep_best`: every party ends with (and exports) the weights of the best
+    evaluation instead of the last; the leader judges each evaluation and tells the followers.
     """
 
     mode: Mode
@@ -58,6 +66,7 @@ class Plan:
     validation_fraction: float = 0.2
     pipeline_depth: int = 1
     checkpoint_every: int = 0
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in (TRAIN, PREDICT):
@@ -71,6 +80,10 @@ class Plan:
         every = self.checkpoint_every
         if not is_int(every) or every < 0:
             raise UsageError(f"plan checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if not isinstance(self.keep_best, bool):
+            raise UsageError(f"plan keep_best must be true or false, got {self.keep_best!r}")
+        if self.keep_best and self.mode != TRAIN:
+            raise UsageError("plan keep_best applies to training only")
         if self.mode == TRAIN:
             if not 0.0 < self.validation_fraction < 1.0:
                 raise UsageError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
@@ -152,16 +165,19 @@ class Plan:
             "validation_fraction": self.validation_fraction,
             "pipeline_depth": self.pipeline_depth,
             "checkpoint_every": self.checkpoint_every,
+            "keep_best": self.keep_best,
         }
 
     @classmethod
     def from_meta(cls, meta: Any) -> Plan:
+        if isinstance(meta, dict) and "keep_best" not in meta:
+            meta = {**meta, "keep_best": False}  # a plan written before keep_best existed
         if not isinstance(meta, dict) or set(meta) != set(_META_TYPES):
             got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
             raise FormatError(f"plan: expected fields {sorted(_META_TYPES)}, got {got}")
         for name, kind in _META_TYPES.items():
             value = meta[name]
-            if isinstance(value, bool) or not isinstance(value, kind):
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
                 raise FormatError(f"plan field {name!r}: expected {kind}, got {value!r}")
         try:
             return cls(**meta)
@@ -183,7 +199,19 @@ _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "validation_fraction": (int, float),
     "pipeline_depth": int,
     "checkpoint_every": int,
+    "keep_best": bool,
 }
+
+
+def validation_split(ids: Ids, *, validation_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids, validation ids) that a vfl job with `seed` and `validation_fraction`
+    uses when the parties' intersection is `ids` (in any order): the same split as the
+    leader's `--write-split`, computed from the ids alone (e.g. for a centralized baseline)."""
+    rows = canonical_order(AlignmentResult(np.arange(len(ids))), ids).rows
+    plan = Plan(TRAIN, len(rows), 1, seed=seed, validation_fraction=validation_fraction)
+    train, validation = plan.split()
+    values = np.asarray(ids)
+    return values[rows[train]], values[rows[validation]]
 
 
 @lru_cache(maxsize=4)

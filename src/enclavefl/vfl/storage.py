@@ -48,7 +48,7 @@ _CHECKPOINT_FILE = re.compile(r"checkpoint-(\d{10})\.sealed")
 
 @dataclass(frozen=True, eq=False)
 class Aligned:
-    """The outcome of an alignment: this party's rows in the common order.
+    """The outcome of an alignment: this party's rows in the common (canonical) order.
 
     `alignment_id` (the protocol session, shared by every party of that alignment) tells
     whether two parties hold the same alignment, without revealing anything.
