@@ -7,7 +7,8 @@ comes, re-opened whenever the server ends one, and `--reopen-s` after the server
 it; over 10 connections from ::1, the workers connecting from 127.0.0.1). Per round after
 the first (which also waits for the workers to start) it reports wall time loaded /
 unloaded; the target is every round within 1.2x; unloaded and loaded runs alternate
-`--repeats` times and the ratios are of per-round medians.
+`--repeats` times and the ratios are of per-round medians; `unloaded_round_spread` (slowest
+/ fastest unloaded repeat of each round) shows how much of a ratio the machine's own noise is.
 
 The flood process runs at nice 19 relative to the job (`--flood-nice`): an attacker's CPU
 is on its own machines, and the rounds are to measure what the flood costs the SERVER, not
@@ -192,6 +193,12 @@ def main() -> None:
 
     base, flooded = per_round(unloaded), per_round(loaded)
     ratios = [b / a for a, b in zip(base, flooded, strict=True)]
+    # The control: how far the unloaded repeats of one round differ from each other (slowest /
+    # fastest). A spread near 1.2 means the machine's noise alone can fail the target.
+    spread = [
+        max(run["round_wall_s"][i] for run in unloaded) / min(run["round_wall_s"][i] for run in unloaded)
+        for i in range(1, args.rounds)
+    ]
     cpu = [round(statistics.median(run["server_cpu_s"] for run in runs), 3) for runs in (unloaded, loaded)]
     with open("/proc/loadavg") as f:
         load = [float(x) for x in f.read().split()[:3]]
@@ -205,6 +212,7 @@ def main() -> None:
         "median_round_wall_s_loaded": [round(x, 4) for x in flooded],
         "round_ratio_after_warm_up": [round(x, 4) for x in ratios],
         "max_round_ratio": round(max(ratios), 4),
+        "unloaded_round_spread": [round(x, 4) for x in spread],
         "median_round_ratio": round(statistics.median(ratios), 4),
         "server_cpu_s_unloaded": cpu[0], "server_cpu_s_loaded": cpu[1],
         "server_cpu_ratio": round(cpu[1] / cpu[0], 4),
