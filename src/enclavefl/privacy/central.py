@@ -108,10 +108,7 @@ class CentralDp(Spending):
 
     def report(self) -> dict[str, Any]:
         return {
-            "dp_epsilon": self.epsilon,
-            "dp_delta": self.delta,
-            "dp_accountant": self.accountant.name,
-            "dp_noise_multiplier": self.noise_multiplier,
+            **super().report(),
             "dp_clip": self.clip,
             "dp_fraction": self.fraction,
             "dp_rounds": self.accountant.steps,

@@ -82,10 +82,7 @@ class _SgdSpending(Spending):
     def report(self) -> dict[str, Any]:
         """What metrics.jsonl and summary.json record about this worker's privacy."""
         return {
-            "dp_epsilon": self.epsilon,
-            "dp_delta": self.delta,
-            "dp_accountant": self.accountant.name,
-            "dp_noise_multiplier": self.noise_multiplier,
+            **super().report(),
             "dp_max_grad_norm": self.max_grad_norm,
             "dp_sample_rate": self.sample_rate,
             "dp_steps": self.accountant.steps,

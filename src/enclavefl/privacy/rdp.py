@@ -240,6 +240,15 @@ class Spending:
         """Whether `steps` more steps keep the spent epsilon within max_epsilon."""
         return self.max_epsilon is None or self.epsilon_after(steps) <= self.max_epsilon
 
+    def report(self) -> dict[str, Any]:
+        """What every mechanism records about its privacy (each adds its own parameters)."""
+        return {
+            "dp_epsilon": self.epsilon,
+            "dp_delta": self.delta,
+            "dp_accountant": self.accountant.name,
+            "dp_noise_multiplier": self.noise_multiplier,
+        }
+
     def spend(self) -> None:
         """Account one step."""
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
