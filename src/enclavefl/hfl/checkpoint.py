@@ -14,7 +14,6 @@ it to resume from the previous one). Plaintext never touches the disk; it is loa
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -29,6 +28,7 @@ import torch
 from enclavefl.errors import Check, FormatError, Rejected, SealError, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
+from enclavefl.train.torch import load_saved
 from enclavefl.validate import is_int
 
 __all__ = [
@@ -119,18 +119,7 @@ class CheckpointStore:
         """Checkpoint `version`; SealError if it is not authentic for this job and version."""
         path = self.path(version)
         plaintext = read_sealed(path, key=self.key, job_id=self.job_id, name=self.artifact, version=version)
-        try:
-            with torch.sparse.check_sparse_tensor_invariants(enable=True):
-                state = torch.load(io.BytesIO(plaintext), weights_only=True)
-        except Exception as exc:
-            # Authentic (it unsealed with this job's key and binding) yet unreadable: written
-            # by an incompatible enclavefl or torch, or not a checkpoint at all. torch.load
-            # raises whatever its zip and pickle readers raise (UnpicklingError, BadZipFile,
-            # KeyError, ...): every one of them means "not a checkpoint".
-            raise FormatError(f"{path}: authentic but not a loadable checkpoint: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(state, dict):
-            raise FormatError(f"{path}: checkpoint must hold a dict, got {type(state).__name__}")
-        return state
+        return load_saved(plaintext, source=path, what="checkpoint")
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
         """(version, state) of the newest checkpoint, or None if there is none.

@@ -18,6 +18,7 @@ model's positional inputs (a `TensorDataset`'s batches). The model returns logit
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from enclavefl.errors import UsageError
+from enclavefl.errors import FormatError, UsageError
 from enclavefl.train.contract import Config, EvalResult, FitResult, GradResult, Rows, Weights
 from enclavefl.train.device import resolve_device
 from enclavefl.train.losses import default_loss
@@ -40,6 +41,7 @@ __all__ = [
     "TensorBatches",
     "TorchTrainer",
     "embedding_rows",
+    "load_saved",
     "proximal_term",
     "sgd_factory",
 ]
@@ -422,3 +424,21 @@ class TorchTrainer:
 
 
 _END = object()
+
+
+def load_saved(data: bytes, *, source: object, what: str) -> dict[str, Any]:
+    """The dict `torch.save` wrote into `data` (a checkpoint, a model's state), read with
+    `weights_only=True`, so that even an authentic file cannot run code; sparse tensors are
+    checked. Anything else is a FormatError naming `source` and `what`."""
+    try:
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        # Authentic (the caller unsealed it with the job's key and binding) yet unreadable:
+        # written by an incompatible enclavefl or torch, or something else. torch.load raises
+        # whatever its zip and pickle readers raise (UnpicklingError, BadZipFile, KeyError,
+        # ...): every one of them means "not a loadable file".
+        raise FormatError(f"{source}: authentic but not a loadable {what}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict):
+        raise FormatError(f"{source}: {what} must hold a dict, got {type(state).__name__}")
+    return state

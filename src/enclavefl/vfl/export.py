@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from enclavefl.errors import FormatError, UsageError
+from enclavefl.errors import UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
+from enclavefl.train.torch import load_saved
 
 log = logging.getLogger("enclavefl.vfl")
 
@@ -50,12 +51,7 @@ def load_model(
 ) -> nn.Module:
     """Unseal `path` into `model` (same architecture); returns the model."""
     plain = read_sealed(path, key=key, job_id=job_id, name=_artifact(party), version=MODEL_VERSION)
-    try:
-        state = torch.load(io.BytesIO(plain), weights_only=True)
-    except Exception as exc:  # torch.load's zip and pickle readers raise many types: all mean "not a model"
-        raise FormatError(f"{path}: exported model does not load: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict):
-        raise FormatError(f"{path}: exported model holds {type(state).__name__}, expected a state dict")
+    state = load_saved(plain, source=path, what="exported model")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

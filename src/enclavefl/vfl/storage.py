@@ -33,6 +33,7 @@ import torch
 from enclavefl.errors import FormatError, Rejected, UsageError
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
+from enclavefl.train.torch import load_saved
 from enclavefl.validate import is_int
 from enclavefl.vfl.align import AlignmentResult
 
@@ -208,13 +209,7 @@ class Storage:
         if not path.exists():
             raise UsageError(f"no checkpoint of iteration {iteration} in {self.directory}")
         plain = read_sealed(path, key=self.key, job_id=self.job_id, name=self._checkpoint_name, version=iteration)
-        try:
-            state = torch.load(io.BytesIO(plain), weights_only=True)
-        except Exception as exc:  # torch.load's zip and pickle readers raise many types: all mean "not a checkpoint"
-            raise FormatError(f"{path}: checkpoint does not load: {type(exc).__name__}: {exc}") from None
-        if not isinstance(state, dict):
-            raise FormatError(f"{path}: checkpoint holds {type(state).__name__}, expected a dict")
-        return state
+        return load_saved(plain, source=path, what="checkpoint")
 
     def clear_checkpoints(self, *, after: int = -1) -> None:
         """Remove the checkpoints of iterations > `after` (all by default): a new alignment or
