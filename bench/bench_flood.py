@@ -16,12 +16,14 @@ the CPU a co-located attacker process takes from the workers. So that a flood th
 floods cannot pass, the output also has the flood's rates while the job ran (calls opened
 and refused per second, the flooder's own CPU time), the server process's CPU time with
 and without the flood (independent of the machine's other load) and per refused call,
-and the time of one fresh admission while the flood is held. On a machine that others
+and the time of one fresh admission while the flood is held. `refusals_only` is the
+server and the flood alone (`--refusals-s`, the flood at full rate): the server's CPU per
+refused call, which depends little on what else the machine runs. On a machine that others
 load, run the bench itself at a lower niceness and the flood at theirs, e.g.
 `nice -n -15 python bench/bench_flood.py --flood-nice 15`.
 
     python bench/bench_flood.py [--calls 1000] [--rounds 6] [--rows 4096] [--width 256] [--reopen-s 1]
-                                [--repeats 2] [--flood-nice 19]
+                                [--repeats 2] [--flood-nice 19] [--refusals-s 10]
 
 Prints one JSON object.
 """
@@ -165,6 +167,39 @@ def _job(rounds: int, rows: int, width: int, calls: int, reopen_s: float, nice: 
     return result
 
 
+def _refusals_only(calls: int, reopen_s: float, seconds: float) -> dict[str, Any]:
+    """The server and the flood alone for `seconds` (the flood at the bench's own niceness:
+    no job to yield to): the server's CPU per refused call at the flood's full rate."""
+    server = AttestedServer(_credentials("server"), host="[::]")
+    port = server.start()
+    ready, stop = SPAWN.Event(), SPAWN.Event()
+    ours, theirs = SPAWN.Pipe()
+    flood = SPAWN.Process(target=_flood, args=(port, calls, reopen_s, 0, ready, stop, theirs), daemon=True)
+    flood.start()
+    try:
+        if not ready.wait(90):
+            raise RuntimeError("the flood did not open its calls")
+        time.sleep(1.0)  # past the first wave of refusals
+        cpu, refused, started = resource.getrusage(resource.RUSAGE_SELF), server._guard.refused, time.monotonic()
+        time.sleep(seconds)
+        after, refused, elapsed = (
+            resource.getrusage(resource.RUSAGE_SELF), server._guard.refused - refused, time.monotonic() - started
+        )
+    finally:
+        stop.set()
+        flooded = ours.recv()
+        flood.join(30)
+        server.stop(1.0)
+    used = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return {
+        "seconds": round(elapsed, 3),
+        "refused_per_s": round(refused / elapsed, 1),
+        "server_cpu_s_per_s": round(used / elapsed, 4),
+        "server_cpu_us_per_refused_call": round(1e6 * used / max(1, refused), 1),
+        "flood": flooded,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000)
@@ -177,9 +212,14 @@ def main() -> None:
         "--flood-nice", type=int, default=19,
         help="niceness the flood process adds to the bench's own (see the module docstring)",
     )  # fmt: skip
+    parser.add_argument(
+        "--refusals-s", type=float, default=10.0,
+        help="also run the server and the flood alone this long (0: not) for the CPU per refused call",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
+    refusals = _refusals_only(args.calls, args.reopen_s, args.refusals_s) if args.refusals_s > 0 else None
     # Unloaded and loaded runs alternate (A B A B ...), so that a change in what else the
     # machine runs hits both; each round's ratio is of the medians over the repeats.
     unloaded, loaded = [], []
@@ -223,6 +263,7 @@ def main() -> None:
         "flood_opened_per_s": statistics.median(run["flood"]["opened_per_s"] for run in loaded),
         "flood_refused_per_s": statistics.median(run["flood"]["refused_per_s"] for run in loaded),
         "flooder_nice_over_the_job": args.flood_nice,
+        "refusals_only": refusals,
         "job_nice": os.nice(0),
         "target_max_round_ratio": 1.2,
     }))  # fmt: skip
