@@ -53,8 +53,9 @@ def test_best_is_direction_aware_for_regression_and_f1() -> None:
 
 
 def test_exported_note_says_which_epoch_keep_best_exported() -> None:
-    best = {"job": "j", "exported": {"keep": "best", "epoch": 4, "by": "auc", "value": 0.8123}}
+    best = {"job": "j", "epochs": 9, "exported": {"keep": "best", "epoch": 4, "by": "auc", "value": 0.8123}}
     assert exported_note(best) == "j: exported epoch 4 (best auc 0.8123), not the last"
+    assert exported_note({**best, "epochs": 4}) == "j: exported epoch 4 (best auc 0.8123)"
     assert exported_note({"job": "j", "exported": {"keep": "last", "epoch": 9}}) is None
 
 

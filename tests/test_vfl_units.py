@@ -6,6 +6,7 @@ import os
 import threading
 from pathlib import Path
 
+import cbor2
 import numpy as np
 import pytest
 import torch
@@ -15,12 +16,13 @@ from enclavefl.errors import FormatError, Rejected, SealError, UsageError
 from enclavefl.net.admission import Peer
 from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import create_key_file
+from enclavefl.seal.sealed import write_sealed
 from enclavefl.vfl.align import AlignmentResult
 from enclavefl.vfl.bridge import LeaderBridge, Rewind
 from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable, ResumeFailed
 from enclavefl.vfl.plan import EVAL, PREDICT, TRAIN, Plan
 from enclavefl.vfl.state import PartyState
-from enclavefl.vfl.storage import Aligned, Storage
+from enclavefl.vfl.storage import Aligned, Storage, ids_digest
 
 # --- the plan ---------------------------------------------------------------------------------
 
@@ -106,6 +108,13 @@ def test_alignment_is_stored_sealed_and_bound_to_the_ids(storage: Storage) -> No
     with pytest.raises(SealError) as info:
         other.load_alignment(ids)
     assert info.value.check == "job-id"
+    # One sealed before alignments were ordered canonically (no order mark) is aligned again.
+    record = {"method": "tee-join", "alignment_id": "ab" * 16, "ids_sha256": ids_digest(ids),
+              "rows": aligned.result.to_bytes()}  # fmt: skip
+    with write_sealed(storage.directory / "alignment.sealed", key=storage.key, job_id=storage.job_id,
+                      name="vfl-alignment/host", version=1) as out:  # fmt: skip
+        out.write(cbor2.dumps(record, canonical=True))
+    assert storage.load_alignment(ids) is None
 
 
 def test_checkpoints_are_pruned_and_cannot_be_swapped(storage: Storage) -> None:

@@ -127,8 +127,9 @@ def exported_note(summary: dict[str, Any]) -> str | None:
     exported = summary.get("exported")
     if not isinstance(exported, dict) or exported.get("keep") != "best":
         return None
-    return (f"{summary.get('job')}: exported epoch {exported['epoch']} (best {exported['by']} "
-            f"{exported['value']:.4f}), not the last")
+    last = "" if exported["epoch"] == summary.get("epochs") else ", not the last"
+    best = f"best {exported['by']} {exported['value']:.4f}"
+    return f"{summary.get('job')}: exported epoch {exported['epoch']} ({best}){last}"
 
 
 def print_results(console: Any, summaries: list[dict[str, Any]]) -> None:

@@ -44,6 +44,9 @@ log = logging.getLogger("enclavefl.vfl")
 FRESHNESS_ARTIFACT = "vfl-checkpoint"  # this party's entry in the broker's version register
 
 _ALIGNMENT_FILE = "alignment.sealed"
+# Stored alignments are in the canonical order (enclavefl.vfl.align.canonical_order); one sealed
+# without this mark is in an older protocol order and is aligned again, not reused.
+_ORDER = "blake2b-id"
 _CHECKPOINT_FILE = re.compile(r"checkpoint-(\d{10})\.sealed")
 
 
@@ -133,6 +136,7 @@ class Storage:
             "alignment_id": aligned.alignment_id,
             "ids_sha256": ids_digest(ids),
             "rows": aligned.result.to_bytes(),
+            "order": _ORDER,
         }
         with write_sealed(
             self.directory / _ALIGNMENT_FILE, key=self.key, job_id=self.job_id, name=self._alignment_name, version=1
@@ -158,6 +162,10 @@ class Storage:
             raise FormatError(f"{path}: stored alignment has fields of the wrong types")
         if digest != ids_digest(ids):
             log.warning("stored alignment %s was made for other ids than this party's data: aligning again", path)
+            return None
+        if record.get("order") != _ORDER:
+            log.warning("stored alignment %s is not in the canonical order (sealed by an older version): aligning "
+                        "again, so that the validation rows are the same in every run", path)
             return None
         return Aligned(method, alignment_id, AlignmentResult.from_bytes(rows))
 
