@@ -557,8 +557,11 @@ def _follower_process(port: int, data: str, directory: str, key: str, crash_at: 
     export_model(model, out, key=FileKeySource(Path(key)), job_id=JOB, party="host")
 
 
+# keep "best": killed after the first evaluation (iteration 15) and checkpoint 19, the follower
+# must get its snapshot of the best epoch back from that checkpoint.
+@pytest.mark.parametrize(("keep", "killed_at"), [("last", 12), ("best", 22)])
 def test_a_killed_follower_restarts_from_its_checkpoint_and_the_job_completes(
-    tmp_path: Path, breast: tuple[Table, Table]
+    tmp_path: Path, breast: tuple[Table, Table], keep: str, killed_at: int
 ) -> None:
     leader_storage, follower_storage = storages(tmp_path, every=5)
     data = str(shared_file("tabular", "breast_hetero_host.csv"))
@@ -569,7 +572,7 @@ def test_a_killed_follower_restarts_from_its_checkpoint_and_the_job_completes(
     ) -> tuple[dict[str, Any], nn.Module, list[int | None]]:
         server = leader_server()
         leader, _, leader_model, _ = breast_job(
-            server, breast, epochs=3, leader_storage=leader_storage, resume=resume
+            server, breast, epochs=3, leader_storage=leader_storage, resume=resume, keep=keep
         )  # fmt: skip
         runner, outcome = in_thread(leader.run)
         exit_codes = []
@@ -593,13 +596,16 @@ def test_a_killed_follower_restarts_from_its_checkpoint_and_the_job_completes(
     leader_storage.clear_checkpoints()  # keep the sealed alignments: the rerun reuses the sample order
     follower_storage.clear_checkpoints()
 
-    # The follower is killed applying iteration 12 (after checkpoint 9), then started again.
-    summary, leader_model, codes = leader_with_follower_processes([12, -1], resume=True)
+    # The follower is killed applying iteration `killed_at` (after checkpoint 9 or 19), then started again.
+    summary, leader_model, codes = leader_with_follower_processes([killed_at, -1], resume=True)
     assert codes == [-signal.SIGKILL, 0]
     assert summary["rewinds"] == 1
     done = summary["completed"]
-    # The leader finished 0..12, went back to the common checkpoint 9 and did 10.. again.
-    assert done[:13] == list(range(13)) and done[13:] == list(range(10, summary["iterations"]))
+    # The leader finished 0..crash, went back to the common checkpoint and did the rest again.
+    common = killed_at // 5 * 5 - 1
+    assert done[: killed_at + 1] == list(range(killed_at + 1))
+    assert done[killed_at + 1 :] == list(range(common + 1, summary["iterations"]))
+    assert summary["kept"] == reference["kept"] and summary["kept"]["keep"] == keep
     # The same result as without the crash.
     assert_same_parameters(leader_model, reference_leader)
     restored = load_model(split_models(10, [20], seed=9)[1][0], out, key=leader_storage.key, job_id=JOB, party="host")
