@@ -173,6 +173,7 @@ def breast_job(
     follower_storage: Storage | None = None,
     resume: bool = False,
     alignment: str = "tee-join",
+    lr: float = 0.01,
     **options: Any,
 ) -> tuple[Leader, Follower, nn.Module, nn.Module]:
     guest, host = breast
@@ -180,12 +181,13 @@ def breast_job(
     settings = {"epochs": 3, "batch_size": 32, **options}
     leader = Leader(
         server, followers=["host"], X=guest.X, y=guest.y, ids=guest.ids, model=leader_model,
-        optimizer=adam(leader_model), alignment=alignment, storage=leader_storage, resume=resume, poll_s=POLL_S,
+        optimizer=adam(leader_model, lr), alignment=alignment, storage=leader_storage, resume=resume, poll_s=POLL_S,
         **settings,
     )  # fmt: skip
     follower = Follower(
         connect() if connect else client(server.port), X=host.X, ids=host.ids, model=follower_model,
-        optimizer=adam(follower_model), alignment=alignment, storage=follower_storage, resume=resume, poll_s=POLL_S,
+        optimizer=adam(follower_model, lr), alignment=alignment, storage=follower_storage, resume=resume,
+        poll_s=POLL_S,
     )  # fmt: skip
     return leader, follower, leader_model, follower_model
 
@@ -538,7 +540,9 @@ def test_lost_connections_resume_at_the_last_commit_without_repeating_an_update(
     assert [h["val_auc"] for h in summary["history"]] == [h["val_auc"] for h in reference["history"]]
 
 
-def _follower_process(port: int, data: str, directory: str, key: str, crash_at: int, out: str) -> None:
+def _follower_process(
+    port: int, data: str, directory: str, key: str, crash_at: int, out: str, lr: float = 0.01
+) -> None:
     torch.set_num_threads(1)
     host = renamed(load_fate_csv(data))
     _, (model,) = split_models(10, [host.num_features])
@@ -552,16 +556,16 @@ def _follower_process(port: int, data: str, directory: str, key: str, crash_at: 
 
         Follower._apply = apply_or_die  # type: ignore[method-assign]
     storage = Storage(Path(directory), FileKeySource(Path(key)), JOB, "host")
-    Follower(client(port), X=host.X, ids=host.ids, model=model, optimizer=adam(model), alignment="tee-join",
+    Follower(client(port), X=host.X, ids=host.ids, model=model, optimizer=adam(model, lr), alignment="tee-join",
              storage=storage, resume=True, poll_s=POLL_S).run()  # fmt: skip
     export_model(model, out, key=FileKeySource(Path(key)), job_id=JOB, party="host")
 
 
-# keep "best": killed after the first evaluation (iteration 15) and checkpoint 19, the follower
-# must get its snapshot of the best epoch back from that checkpoint.
-@pytest.mark.parametrize(("keep", "killed_at"), [("last", 12), ("best", 22)])
+# keep "best" (at a rate so high that a later epoch is worse): killed after the best evaluation
+# and the checkpoint after it, the follower must get its snapshot of the best epoch back from it.
+@pytest.mark.parametrize(("keep", "lr"), [("last", 0.01), ("best", 2.0)])
 def test_a_killed_follower_restarts_from_its_checkpoint_and_the_job_completes(
-    tmp_path: Path, breast: tuple[Table, Table], keep: str, killed_at: int
+    tmp_path: Path, breast: tuple[Table, Table], keep: str, lr: float
 ) -> None:
     leader_storage, follower_storage = storages(tmp_path, every=5)
     data = str(shared_file("tabular", "breast_hetero_host.csv"))
@@ -572,13 +576,14 @@ def test_a_killed_follower_restarts_from_its_checkpoint_and_the_job_completes(
     ) -> tuple[dict[str, Any], nn.Module, list[int | None]]:
         server = leader_server()
         leader, _, leader_model, _ = breast_job(
-            server, breast, epochs=3, leader_storage=leader_storage, resume=resume, keep=keep
+            server, breast, epochs=3, leader_storage=leader_storage, resume=resume, keep=keep, lr=lr,
+            best_by="log_loss" if keep == "best" else None,
         )  # fmt: skip
         runner, outcome = in_thread(leader.run)
         exit_codes = []
         for crash in crash_at:  # one follower process after the other, each resuming
             process = SPAWN.Process(target=_follower_process, args=(
-                server.port, data, str(follower_storage.directory), str(tmp_path / "key"), crash, str(out)
+                server.port, data, str(follower_storage.directory), str(tmp_path / "key"), crash, str(out), lr
             ), daemon=True)  # fmt: skip
             process.start()
             process.join(timeout=120)
@@ -596,7 +601,13 @@ def test_a_killed_follower_restarts_from_its_checkpoint_and_the_job_completes(
     leader_storage.clear_checkpoints()  # keep the sealed alignments: the rerun reuses the sample order
     follower_storage.clear_checkpoints()
 
-    # The follower is killed applying iteration `killed_at` (after checkpoint 9 or 19), then started again.
+    # The follower is killed applying iteration 12 (after checkpoint 9), or with keep "best" 7 iterations
+    # after the best evaluation (after the checkpoint that follows it), then started again.
+    killed_at = 12
+    if keep == "best":
+        kept = reference["kept"]["iteration"]
+        assert kept < reference["iterations"] - 1, reference["history"]  # the setting this test needs
+        killed_at = kept + 7
     summary, leader_model, codes = leader_with_follower_processes([killed_at, -1], resume=True)
     assert codes == [-signal.SIGKILL, 0]
     assert summary["rewinds"] == 1
