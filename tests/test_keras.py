@@ -398,21 +398,6 @@ def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     )
 
 
-def test_keras_hfl_fedavg_reaches_the_auc_of_the_torch_example(tmp_path: Path, tabular_dir: Path) -> None:
-    quick = {"ENCLAVEFL_MAX_ROUNDS": "3"}  # both jobs: 3 rounds of the same MLP, data and hyper-parameters
-    auc = {}
-    for example in ("hfl_default_credit.yaml", "hfl_default_credit_keras.yaml"):
-        where = tmp_path / example.removesuffix(".yaml")
-        where.mkdir()
-        done = _run(where, "run", str(_job_copy(example, where, tabular_dir)), env=quick)
-        assert done.returncode == 0, done.stderr[-3000:]
-        summary = json.loads((where / "out" / "summary.json").read_text())
-        assert summary["rounds"] == 3
-        auc[example] = summary["metrics"]["auc"]
-    assert auc["hfl_default_credit_keras.yaml"] > 0.7
-    assert abs(auc["hfl_default_credit_keras.yaml"] - auc["hfl_default_credit.yaml"]) <= 0.01, auc
-
-
 # -- a mixed vertical job ------------------------------------------------------------------------
 
 
