@@ -24,15 +24,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
+# The suite runs on PYTEST_WORKERS pytest-xdist processes (jobs wait on each other and on the
+# network, so two workers keep two cores busy); tests on fixed ports share one (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # Quick feedback while editing: no end-to-end (integration) and no slow tests.
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration and not slow"
+	$(PYTEST) -m "not integration and not slow"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 # The property-based fuzz tests with a larger budget: each test's default number of examples
 # times ENCLAVEFL_FUZZ_SCALE (make fuzz ENCLAVEFL_FUZZ_SCALE=200 for a long run).
