@@ -208,15 +208,20 @@ def test_empty_intersection_is_a_result_not_an_error(caplog: pytest.LogCaptureFi
     assert "intersection is empty" in caplog.text
 
 
-def test_parallel_scalar_multiplication_matches_the_serial_one() -> None:
-    _, points = hash_to_points([f"row-{i}" for i in range(20_000)])
+def test_parallel_scalar_multiplication_matches_the_serial_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from enclavefl.vfl import psi
+
+    # Small chunks so that a few thousand rows make several chunks per process (the cost here is
+    # the pool's start, not the rows: 16,384-row chunks would need 20,000 rows).
+    monkeypatch.setattr(psi, "_CHUNK_ROWS", 512)
+    _, points = hash_to_points([f"row-{i}" for i in range(2_000)])
     secret = secrets.token_bytes(32)
     serial = scalarmult_rows(secret, points, workers=1)
     assert np.array_equal(scalarmult_rows(secret, points, workers=2), serial)
     assert not (serial == points).all(axis=1).any()
     points = points.copy()
-    points[18_000] = 0  # a low-order point, in the second chunk: the refusal crosses the pool
-    with pytest.raises(Rejected, match="row 18000 is a low-order point") as info:
+    points[1_800] = 0  # a low-order point, in the last chunk: the refusal crosses the pool
+    with pytest.raises(Rejected, match="row 1800 is a low-order point") as info:
         scalarmult_rows(secret, points, workers=2)
     assert info.value.check == "psi-point"
 

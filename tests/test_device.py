@@ -48,6 +48,7 @@ def test_malformed_device_is_refused(spec: str) -> None:
         resolve_device(spec)
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_a_party_asking_for_cuda_without_a_gpu_exits_2_before_attesting(tmp_path: Path) -> None:
     sys.path.insert(0, str(EXAMPLES))
     import api_custom_strategy

@@ -15,24 +15,47 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ["KERAS_BACKEND"] = "tensorflow"  # read at Keras' first import; torch runs in a subprocess
+from enclavefl import extras
+from enclavefl.errors import UsageError
+from enclavefl.insecure import create_key_file
+from enclavefl.models import KERAS_BUILTINS, BottomMLP, mlp
+from enclavefl.train.metrics import eval_stats
 
-keras = pytest.importorskip("keras")  # the [tf] extra is installed by `make test`
+# Keras (and TensorFlow under it) is imported when the first test of this module runs, by the
+# `keras_tf` fixture below, not at collection: `make test-unit` collects this module, deselects
+# it (integration) and must not pay TensorFlow's import. These names are set by that fixture.
+keras: Any = None
+BCE: Any = None
+KerasTrainer: Any = None
+check_weights: Any = None
+get_weights: Any = None
+variable_names: Any = None
+KerasHalf: Any = None
+KerasOptimizer: Any = None
+export_keras: Any = None
+load_keras: Any = None
 
-from enclavefl import extras  # noqa: E402
-from enclavefl.errors import UsageError  # noqa: E402
-from enclavefl.models import KERAS_BUILTINS, BottomMLP, mlp  # noqa: E402
-from enclavefl.insecure import create_key_file  # noqa: E402
-from enclavefl.train.keras import KerasTrainer, check_weights, get_weights, variable_names  # noqa: E402
-from enclavefl.train.metrics import eval_stats  # noqa: E402
-from enclavefl.vfl.keras_half import KerasHalf, KerasOptimizer, export_keras, load_keras  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def keras_tf() -> None:
+    """Import Keras on the TensorFlow backend (the [tf] extra, installed by `make test`), or skip."""
+    global keras, BCE, KerasTrainer, check_weights, get_weights, variable_names
+    global KerasHalf, KerasOptimizer, export_keras, load_keras
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["KERAS_BACKEND"] = "tensorflow"  # read at Keras' first import; torch runs in a subprocess
+    keras = pytest.importorskip("keras")
+    from enclavefl.train.keras import KerasTrainer, check_weights, get_weights, variable_names
+    from enclavefl.vfl.keras_half import KerasHalf, KerasOptimizer, export_keras, load_keras
+
+    BCE = keras.losses.BinaryCrossentropy(from_logits=True)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -41,8 +64,6 @@ EXAMPLES = ROOT / "examples"
 def build_keras_model(name: str, **kwargs: object) -> object:
     return KERAS_BUILTINS[name](**kwargs)
 
-
-BCE = keras.losses.BinaryCrossentropy(from_logits=True)
 
 
 def data(rows: int = 96, features: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

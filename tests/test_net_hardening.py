@@ -123,6 +123,7 @@ def _blobs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 6, generator=g) + F.one_hot(y, 6).float() * 2, y
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_job_completes_and_good_peer_is_admitted_under_1000_stalled_calls(server: AttestedServer) -> None:
     """Issue 12 item 1: 16 stalled Health calls used to hold every server thread."""
     torch.manual_seed(0)

@@ -58,13 +58,13 @@ def test_noise_std_sampling_and_accounting() -> None:
 
 
 def test_the_accountant_survives_a_checkpoint() -> None:
-    strategy = DpFedAvg(fraction=0.5, clip=1.0, delta=1e-5, rounds=10, population=2, target_epsilon=2.0)
+    strategy = DpFedAvg(fraction=0.5, clip=1.0, delta=1e-5, rounds=10, population=2, noise_multiplier=1.0)
     strategy.configure_round(1, STATE)
     strategy.aggregate(1, [contribution("a", 1.0)])
     saved = strategy.state_dict()
-    resumed = DpFedAvg(fraction=0.5, clip=1.0, delta=1e-5, rounds=10, population=2, target_epsilon=2.0)
+    resumed = DpFedAvg(fraction=0.5, clip=1.0, delta=1e-5, rounds=10, population=2, noise_multiplier=1.0)
     resumed.load_state_dict(saved)
     assert resumed.central.accountant.steps == 1 and resumed.central.epsilon == strategy.central.epsilon
-    other = DpFedAvg(fraction=0.25, clip=1.0, delta=1e-5, rounds=10, population=2, target_epsilon=2.0)
+    other = DpFedAvg(fraction=0.25, clip=1.0, delta=1e-5, rounds=10, population=2, noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="differ from this job's"):
         other.load_state_dict(saved)

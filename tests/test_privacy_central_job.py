@@ -54,6 +54,7 @@ def central_dp_job(tmp_path: Path, privacy: dict[str, Any], *, rounds: int = 3) 
     return job_file
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_central_dp_job_trains_and_reports_epsilon_per_round(tmp_path: Path) -> None:
     job_file = central_dp_job(tmp_path, {"mechanism": "dp-fedavg", "max_update_norm": 1.0, "fraction": 1.0})
     out = tmp_path / "out"
@@ -74,6 +75,7 @@ def test_central_dp_job_trains_and_reports_epsilon_per_round(tmp_path: Path) -> 
     assert all(r["dp_sampled_workers"] == 3 for r in rounds)  # fraction 1: every worker
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_over_budget_central_dp_job_is_refused_before_training_naming_privacy(tmp_path: Path) -> None:
     # sigma 0.3 over 3 unsampled rounds spends far more than epsilon 8.
     job_file = central_dp_job(tmp_path, {"mechanism": "dp-fedavg", "noise_multiplier": 0.3})

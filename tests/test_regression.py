@@ -85,6 +85,7 @@ def test_vfl_job_regression_reaches_ridge(tmp_path: Path) -> None:
     assert written["metrics"] == metrics and "validation_ids" not in written
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_api_vfl_torch_example_with_own_models_reaches_ridge(tmp_path: Path) -> None:
     job = job_copy("vfl_diabetes_regression.yaml", tmp_path, training={"epochs": 12})
     out = tmp_path / "api"

@@ -191,6 +191,7 @@ def test_the_vfl_leader_checks_its_labels(tmp_path: Path) -> None:
     assert f"{csv}, label column 'y': label 7 at id 'c' is not a class of this 3-class task" in message
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_a_bad_label_exits_2_from_the_command_line(tmp_path: Path) -> None:
     path = write_job(tmp_path, hfl_job(DIABETES, {"in_features": 10, "out_features": 1}))
     done = subprocess.run(

@@ -128,6 +128,7 @@ def test_gradients_of_an_embedding_table_come_as_rows() -> None:
     assert isinstance(result.gradients["head.weight"], np.ndarray)
 
 
+@pytest.mark.integration  # end to end (parties over gRPC, or subprocesses): `make test`, not `make test-unit`
 def test_a_trainer_without_gradients_is_refused_by_sgd_strategies() -> None:
     class RoundsOnly:
         def fit(self, weights: Any, config: Any) -> FitResult:
