@@ -1,11 +1,17 @@
 """Vertical FL: a leader with the labels and followers with other columns of the same samples."""
 
-from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
-from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable, LeaderUnreachable, ResumeFailed
-from enclavefl.vfl.export import export_model, load_model
-from enclavefl.vfl.follower import Follower, predict_as_follower
-from enclavefl.vfl.leader import Leader, Predictions, SplitMlpLeader, predict_as_leader
-from enclavefl.vfl.storage import Aligned, Storage
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
+    from enclavefl.vfl.errors import FollowerRefused, FollowerUnavailable, LeaderUnreachable, ResumeFailed
+    from enclavefl.vfl.export import export_model, load_model
+    from enclavefl.vfl.follower import Follower, predict_as_follower
+    from enclavefl.vfl.leader import Leader, Predictions, SplitMlpLeader, predict_as_leader
+    from enclavefl.vfl.storage import Aligned, Storage
 
 __all__ = [
     "Aligned",
@@ -25,3 +31,32 @@ __all__ = [
     "predict_as_follower",
     "predict_as_leader",
 ]
+
+# Each name is imported from its module on first use, not with the package: importing a light
+# submodule (vfl.psi, whose X25519 pool processes import it again under spawn) must not pay for
+# torch and the rest of the package.
+_HOMES = {
+    "Aligned": "storage",
+    "Follower": "follower",
+    "FollowerRefused": "errors",
+    "FollowerUnavailable": "errors",
+    "Leader": "leader",
+    "LeaderUnreachable": "errors",
+    "Predictions": "leader",
+    "ResumeFailed": "errors",
+    "SplitMlpLeader": "leader",
+    "Storage": "storage",
+    "align_as_follower": "align_channel",
+    "align_as_leader": "align_channel",
+    "export_model": "export",
+    "load_model": "export",
+    "predict_as_follower": "follower",
+    "predict_as_leader": "leader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
