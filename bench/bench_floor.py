@@ -131,7 +131,7 @@ def _floor_body(workers: list[str]) -> None:
     from enclavefl.data.tensors import batch_indices
     from enclavefl.models import mlp
     from enclavefl.train.losses import default_loss
-    from enclavefl.train.sgd import PlainSGD
+    from enclavefl.train.optim import PlainSGD
 
     torch.set_num_threads(1)
     job = yaml.safe_load(EXAMPLE.read_text())

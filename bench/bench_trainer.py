@@ -11,7 +11,7 @@ and messages), for the same model, data, batches and seed:
   batches): the served state as numpy weights, `trainer.fit` (load, `train_one_round`,
   read back), the contribution, packed.
 * builtin (information): the same with today's `builtin_trainer`, whose rounds use
-  `PlainSGD` (torch.optim.SGD's update without torch._dynamo's import; see train/sgd.py).
+  `PlainSGD` (torch.optim.SGD's update without torch._dynamo's import; see train/optim.py).
 
 Rounds alternate old/new so load on this shared machine hits both alike. Time is the
 round's CPU time (one torch thread: the thread's CPU time is the round's work, which other

@@ -1,17 +1,24 @@
-"""PlainSGD: torch.optim.SGD's update without importing torch._dynamo (issue 10, bench_floor)."""
+"""PlainSGD: torch.optim.SGD's update without importing torch._dynamo (issue 10, bench_floor); no built-in
+worker or VFL party imports it (see also test_train_optim.py)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from enclavefl.jobs.demo import DEMO_KEY, SIMULATED_POLICY, write_vfl_demo
+from enclavefl.seal.keys import create_key_file
 from enclavefl.models import mlp
-from enclavefl.train.sgd import PlainSGD
+from enclavefl.train.optim import PlainSGD
 
 
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3), (0.0, 1e-2)])
@@ -63,6 +70,46 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# Loaded into every process of a run (PYTHONPATH): notes each start, and who imports torch._dynamo.
+_WATCH_DYNAMO = """
+import os, sys, traceback
+from pathlib import Path
+OUT = Path(os.environ["WATCH_DYNAMO_DIR"])
+(OUT / f"started-{os.getpid()}").write_text(" ".join(sys.argv))
+
+class _Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch._dynamo":
+            (OUT / f"dynamo-{os.getpid()}").write_text(" ".join(sys.argv) + "\\n" + "".join(traceback.format_stack()))
+        return None
+
+sys.meta_path.insert(0, _Watch())
+"""
+
+
+def test_vfl_parties_do_not_import_torch_dynamo(tmp_path: Path) -> None:
+    """The built-in VFL optimizers (adam here) train without torch.optim: neither the leader
+    nor the follower imports torch._dynamo (seconds of CPU in each)."""
+    (tmp_path / "policy.json").write_text(json.dumps(SIMULATED_POLICY))
+    create_key_file(tmp_path / DEMO_KEY)
+    job_file = write_vfl_demo(tmp_path)
+    job = yaml.safe_load(job_file.read_text())
+    assert job["training"]["optimizer"] == "adam"
+    job["training"]["epochs"] = 1
+    job_file.write_text(yaml.safe_dump(job))
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    (watch / "sitecustomize.py").write_text(_WATCH_DYNAMO)
+    env = {**os.environ, "PYTHONPATH": str(watch), "WATCH_DYNAMO_DIR": str(watch)}
+    done = subprocess.run([sys.executable, "-m", "enclavefl", "run", str(job_file)], capture_output=True, text=True,
+                          timeout=240, check=False, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    started = [p.read_text() for p in watch.glob("started-*")]
+    assert sum(" party " in f" {argv} " for argv in started) == 2, started  # the watch ran in both parties
+    imported = [p.read_text() for p in watch.glob("dynamo-*")]
+    assert not imported, imported[0][-3000:]
 
 
 def test_a_party_does_not_import_sklearn_or_scipy() -> None:

@@ -55,7 +55,7 @@ from enclavefl.net.tensors import Message
 from enclavefl.train.contract import FitResult, GradResult, Rows, StopTraining, Trainer
 from enclavefl.train.losses import default_loss
 from enclavefl.train.metrics import AUC_BINS, EvalStats, MetricFn, eval_stats
-from enclavefl.train.sgd import plain_sgd_factory
+from enclavefl.train.optim import plain_sgd_factory
 from enclavefl.train.tasks import TaskType
 from enclavefl.train.torch import (
     LossFn,

@@ -41,6 +41,7 @@ from enclavefl.jobs.refs import check_returned, resolve_ref
 from enclavefl.jobs.tasks import JobTask, check_party_data, first_rows, job_task, output_width
 from enclavefl.train.losses import LossFn
 from enclavefl.train.metrics import MetricFn
+from enclavefl.train.optim import PlainAdagrad, PlainAdam, PlainOptimizer, PlainSGD
 from enclavefl.train.tasks import TaskType
 from enclavefl.validate import is_int
 from enclavefl.vfl.align_channel import align_as_follower, align_as_leader
@@ -305,7 +306,11 @@ def _optimizer(job: VflJobConfig, model: nn.Module) -> Any:
     return KerasOptimizer([(h, keras_optimizer()) for _, h in halves], torch_optimizer)  # type: ignore[misc]
 
 
-def _torch_optimizer(job: VflJobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _torch_optimizer(
+    job: VflJobConfig, params: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer | PlainOptimizer:
+    """The user's torch optimizer, or a built-in one: torch.optim's arithmetic and state
+    dict, without the seconds torch.optim spends importing torch._dynamo in every party."""
     training = job.training
     if ":" in training.optimizer:
         factory = resolve_ref(training.optimizer, what="training.optimizer", code=job.job_code(),
@@ -313,10 +318,10 @@ def _torch_optimizer(job: VflJobConfig, params: list[torch.nn.Parameter]) -> tor
         return check_returned(factory(params, lr=training.lr), torch.optim.Optimizer,
                               what="training.optimizer", ref=training.optimizer)
     if training.optimizer == "adam":
-        return torch.optim.Adam(params, lr=training.lr)
+        return PlainAdam(params, lr=training.lr)
     if training.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=training.lr)
-    return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
+        return PlainAdagrad(params, lr=training.lr)
+    return PlainSGD(params, lr=training.lr, momentum=training.momentum)
 
 
 def _device(runtime: PartyRuntime, model: nn.Module) -> str:

@@ -33,6 +33,7 @@ from enclavefl.extras import import_from_extra
 from enclavefl.seal.keys import KeySource
 from enclavefl.seal.sealed import read_sealed, write_sealed
 from enclavefl.train.keras import get_weights, set_weights, variable_names
+from enclavefl.train.optim import PlainOptimizer
 
 keras = import_from_extra("keras", "tf", needed_for="Keras model halves")
 saving_lib = keras.src.saving.saving_lib  # the public save_model refuses a file object
@@ -203,7 +204,9 @@ class KerasOptimizer:
     torch parameters beside them (a torch bottom under a Keras top, say)."""
 
     def __init__(
-        self, parts: Sequence[tuple[KerasHalf, Any]], torch_optimizer: torch.optim.Optimizer | None = None
+        self,
+        parts: Sequence[tuple[KerasHalf, Any]],
+        torch_optimizer: torch.optim.Optimizer | PlainOptimizer | None = None,
     ) -> None:
         self.parts = list(parts)
         self.torch_optimizer = torch_optimizer
