@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn import metrics as skm
 
 from enclavefl.errors import UsageError
 from enclavefl.train.metrics import (
@@ -25,6 +25,13 @@ from enclavefl.train.metrics import (
     log_loss,
     macro_f1,
 )
+
+
+def skm() -> Any:
+    """sklearn.metrics, imported by the tests that compare with it, not at collection (~1 s)."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def binary_data(n: int, seed: int, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,19 +51,19 @@ def multiclass_data(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torc
 
 def test_accuracy_matches_sklearn() -> None:
     logits, labels = multiclass_data(500, 5, seed=0)
-    assert accuracy(logits, labels) == pytest.approx(skm.accuracy_score(labels, logits.argmax(1)))
+    assert accuracy(logits, labels) == pytest.approx(skm().accuracy_score(labels, logits.argmax(1)))
     b_logits, b_labels = binary_data(500, seed=1)
-    expected = skm.accuracy_score(b_labels, torch.sigmoid(b_logits) > 0.5)
+    expected = skm().accuracy_score(b_labels, torch.sigmoid(b_logits) > 0.5)
     assert accuracy(b_logits, b_labels) == pytest.approx(expected)
     assert accuracy(b_logits.unsqueeze(1), b_labels.float()) == pytest.approx(expected)
 
 
 def test_log_loss_matches_sklearn() -> None:
     logits, labels = multiclass_data(400, 4, seed=2)
-    expected = skm.log_loss(labels, torch.softmax(logits.double(), 1).numpy(), labels=range(4))
+    expected = skm().log_loss(labels, torch.softmax(logits.double(), 1).numpy(), labels=range(4))
     assert log_loss(logits, labels) == pytest.approx(expected, rel=1e-9)
     b_logits, b_labels = binary_data(400, seed=3)
-    expected = skm.log_loss(b_labels, torch.sigmoid(b_logits.double()).numpy())
+    expected = skm().log_loss(b_labels, torch.sigmoid(b_logits.double()).numpy())
     assert log_loss(b_logits, b_labels) == pytest.approx(expected, rel=1e-9)
 
 
@@ -69,7 +76,7 @@ def test_log_loss_is_stable_for_extreme_logits() -> None:
 
 def test_binary_auc_matches_sklearn_and_is_nan_for_one_class() -> None:
     logits, labels = binary_data(300, seed=4)
-    assert binary_auc(logits, labels) == pytest.approx(skm.roc_auc_score(labels, logits))
+    assert binary_auc(logits, labels) == pytest.approx(skm().roc_auc_score(labels, logits))
     assert math.isnan(binary_auc(logits, torch.zeros(300, dtype=torch.int64)))
     assert math.isnan(binary_auc(logits, torch.ones(300)))
     with pytest.raises(UsageError, match="binary_auc needs binary logits"):
@@ -82,7 +89,7 @@ def test_histogram_auc_is_within_its_reported_bound_of_sklearn(scale: float, bou
     clamped at the ends, which widens the bound, and it still holds."""
     logits, labels = binary_data(20000, seed=5, scale=scale)
     summary = eval_stats(logits, labels).summary()
-    exact = skm.roc_auc_score(labels.numpy(), logits.double().numpy())
+    exact = skm().roc_auc_score(labels.numpy(), logits.double().numpy())
     assert abs(summary["auc"] - exact) <= summary["auc_max_error"] + 1e-12
     assert summary["auc_max_error"] < bound
 
@@ -101,7 +108,7 @@ def test_histogram_auc_bound_holds_for_any_data(rows: list[tuple[float, bool]], 
     labels = torch.tensor([int(r[1]) for r in rows])
     summary = eval_stats(logits, labels, auc_bins=bins).summary()
     assert (
-        abs(summary["auc"] - skm.roc_auc_score(labels.numpy(), logits.numpy()))
+        abs(summary["auc"] - skm().roc_auc_score(labels.numpy(), logits.numpy()))
         <= summary["auc_max_error"] + 1e-12
     )
 
@@ -185,7 +192,7 @@ def test_eval_stats_rejects_a_bad_bin_count() -> None:
 def test_macro_f1_matches_sklearn_and_aggregates_exactly(task: str) -> None:
     logits, labels = binary_data(2001, seed=10) if task == "binary" else multiclass_data(2001, 6, seed=10)
     predicted = (logits > 0).long() if task == "binary" else logits.argmax(1)
-    expected = skm.f1_score(labels.numpy(), predicted.numpy(), average="macro")
+    expected = skm().f1_score(labels.numpy(), predicted.numpy(), average="macro")
     assert macro_f1(logits, labels) == pytest.approx(expected, rel=1e-12)
     shards = [eval_stats(logits[a:b], labels[a:b]) for a, b in itertools.pairwise([0, 700, 2001])]
     total = aggregate_stats([EvalStats.from_tensors(s.to_tensors()) for s in shards])
@@ -203,9 +210,9 @@ def test_regression_statistics_aggregate_to_sklearn_metrics() -> None:
     total = aggregate_stats([EvalStats.from_tensors(s.to_tensors()) for s in shards])
     summary = total.summary()
     y, p = labels.numpy(), predictions[:, 0].double().numpy()
-    assert summary["r2"] == pytest.approx(skm.r2_score(y, p), rel=1e-9)
-    assert summary["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(y, p)), rel=1e-9)
-    assert summary["mae"] == pytest.approx(skm.mean_absolute_error(y, p), rel=1e-9)
+    assert summary["r2"] == pytest.approx(skm().r2_score(y, p), rel=1e-9)
+    assert summary["rmse"] == pytest.approx(math.sqrt(skm().mean_squared_error(y, p)), rel=1e-9)
+    assert summary["mae"] == pytest.approx(skm().mean_absolute_error(y, p), rel=1e-9)
     assert "accuracy" not in summary and "log_loss" not in summary
     assert compute_metrics(predictions, labels, task="regression")["r2"] == pytest.approx(summary["r2"], rel=1e-9)
     with pytest.raises(UsageError, match="regression EvalStats to classification"):

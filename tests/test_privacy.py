@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,10 +22,22 @@ from enclavefl.privacy.mechanisms import add_gaussian_noise, clip_to_norm, globa
 from enclavefl.train.losses import default_loss
 from enclavefl.tee.policy import Policy
 
-opacus_rdp = pytest.importorskip("opacus.accountants")
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+# Opacus (the [dp] extra; enclavefl.privacy.dpsgd imports it) is imported when the first test of
+# this module runs, by the `opacus` fixture below, not at collection (seconds in every worker).
+opacus_rdp: Any = None
+get_noise_multiplier: Any = None
+DpSgd: Any = None
+check_model: Any = None
+make_private: Any = None
 
-from enclavefl.privacy.dpsgd import DpSgd, check_model, make_private  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def opacus() -> None:
+    global opacus_rdp, get_noise_multiplier, DpSgd, check_model, make_private
+    opacus_rdp = pytest.importorskip("opacus.accountants")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from enclavefl.privacy.dpsgd import DpSgd, check_model, make_private
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import sim_credentials, sim_measurement, sim_policy
@@ -25,8 +26,13 @@ from enclavefl.net.server import AttestedServer
 from enclavefl.net.tensors import Message
 from enclavefl.seal.keys import FileKeySource, create_key_file
 
-pytest.importorskip("opacus")
-from enclavefl.privacy.dpsgd import DpSgd  # noqa: E402
+if TYPE_CHECKING:
+    from enclavefl.privacy.dpsgd import DpSgd
+
+# Opacus (the [dp] extra) is checked here without importing it (seconds at collection):
+# enclavefl.privacy.dpsgd imports it, in the test that uses it.
+if importlib.util.find_spec("opacus") is None:
+    pytest.skip("the [dp] extra (opacus) is not installed", allow_module_level=True)
 
 GOOD = sim_measurement(b"dp enclave", b"dp signer")
 POLICY = sim_policy(GOOD, privacy={"unit": "record", "max_epsilon": 1.0, "delta": 1e-5})
@@ -58,6 +64,8 @@ def test_workers_stop_at_the_budget_and_the_server_seals_its_last_checkpoint(tmp
     ps = ParameterServer(server, make_strategy("fedavg", mlp(6, (8,), 1)), workers=["a", "b"], total=6,
                          min_workers=1, checkpoints=store, round_timeout_s=60)
     port = server.start()
+    from enclavefl.privacy.dpsgd import DpSgd
+
     results: dict[str, Any] = {}
     spent: dict[str, DpSgd] = {}
     events: list[dict[str, Any]] = []

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from sklearn.linear_model import Ridge
-from sklearn.metrics import r2_score
 
 from enclavefl.data.tabular import load_sklearn
 from enclavefl.jobs.config import load_job
@@ -52,6 +50,9 @@ def job_copy(name: str, directory: Path, **changes: dict[str, Any]) -> Path:
 
 def ridge_r2(validation_ids: Any) -> float:
     """Centralized Ridge on every feature: fitted on the other rows, scored on `validation_ids`."""
+    from sklearn.linear_model import Ridge  # here, not at collection (~1 s)
+    from sklearn.metrics import r2_score
+
     table = load_sklearn("diabetes")
     held = np.isin(table.ids, np.asarray(validation_ids, dtype=str))
     model = Ridge(alpha=1.0).fit(table.X[~held], table.y[~held])
