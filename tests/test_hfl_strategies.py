@@ -453,6 +453,30 @@ def test_checkpoint_resume_continues_exactly(name: str) -> None:
         assert uninterrupted["server_optimizer"], "the optimizer state must be part of the checkpoint"
 
 
+def test_built_in_sgd_server_matches_torch_sgd_and_resumes_its_checkpoints() -> None:
+    """The job's sync-sgd server steps PlainSGD (no torch._dynamo import): the same model and
+    optimizer state as torch.optim.SGD, and a checkpoint written with torch.optim loads."""
+    hyper = HYPER["sync-sgd"]
+    built_in, server_model = make_strategy("sync-sgd", make_mlp(), **hyper), make_mlp()
+    torch_sgd = SyncSGD(server_model, sgd(**hyper))
+    assert type(built_in.optimizers[0]).__name__ == "PlainSGD"
+    worker = make_mlp(seed=5)
+
+    def step(strategy: SyncSGD, rnd: int) -> None:
+        strategy.apply_step([worker_grads(worker, strategy.model, batch(rnd, 8, image=False), "w", strategy.version)])
+
+    for rnd in range(4):
+        step(built_in, rnd)
+        step(torch_sgd, rnd)
+    assert_identical(built_in.state_dict(), torch_sgd.state_dict())
+    resumed = make_strategy("sync-sgd", make_mlp(seed=9), **hyper)
+    resumed.load_state_dict(copy.deepcopy(torch_sgd.state_dict()))
+    for rnd in range(4, 7):
+        step(resumed, rnd)
+        step(torch_sgd, rnd)
+    assert_identical(resumed.state_dict(), torch_sgd.state_dict())
+
+
 def test_checkpoint_of_other_settings_is_refused() -> None:
     state = make_strategy("fedadam", make_mlp(), lr=0.01).state_dict()
     with pytest.raises(ConfigError, match="lr=0.01 differs from this job's lr=0.02"):

@@ -72,6 +72,28 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_a_sync_sgd_server_step_does_not_import_torch_dynamo() -> None:
+    """The gradient strategies' server steps PlainSGD: no torch._dynamo in the server either."""
+    code = """
+import sys
+import torch
+from enclavefl.hfl.registry import make_strategy
+from enclavefl.hfl.strategies import grad_contribution
+from enclavefl.hfl.state import model_state
+from enclavefl.models import mlp
+model, worker = mlp(4, (8,), 1), mlp(4, (8,), 1)
+strategy = make_strategy("sync-sgd", model, lr=0.1, momentum=0.9)
+start = model_state(model)
+worker(torch.randn(8, 4)).sum().backward()
+strategy.apply_step([grad_contribution(worker, start, worker="w", batch_size=8, version=0)])
+assert strategy.version == 1
+assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 # Loaded into every process of a run (PYTHONPATH): notes each start, and who imports torch._dynamo.
 _WATCH_DYNAMO = """
 import os, sys, traceback

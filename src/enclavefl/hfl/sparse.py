@@ -8,7 +8,7 @@ exactly dense averaging.
 
 Applying to the server's table, the server optimizer decides the form (`grad_form`):
 
-* torch.optim.SGD and Adagrad with weight_decay=0 take the rows as a torch sparse
+* torch.optim.SGD (and its twin `PlainSGD`) and Adagrad with weight_decay=0 take the rows as a torch sparse
   gradient; the result is identical to the dense update. With SGD momentum torch keeps a
   sparse momentum buffer, so every row touched so far keeps moving: use momentum=0 (or
   Adagrad) for tables far larger than a batch touches.
@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from enclavefl.errors import UsageError
+from enclavefl.train.optim import PlainOptimizer, PlainSGD
 from enclavefl.validate import is_int
 
 __all__ = [
@@ -155,11 +156,11 @@ def weighted_average(rows: Sequence[SparseRows], weights: Sequence[float]) -> Sp
     return SparseRows(indices, values, first.num_rows).coalesce()
 
 
-def grad_form(optimizer: torch.optim.Optimizer) -> GradForm:
+def grad_form(optimizer: torch.optim.Optimizer | PlainOptimizer) -> GradForm:
     """Which gradient form `optimizer` accepts for a table (see the module docstring)."""
     if isinstance(optimizer, torch.optim.SparseAdam):
         return "sparse-only"
-    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adagrad)) and all(
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adagrad, PlainSGD)) and all(
         group["weight_decay"] == 0 for group in optimizer.param_groups
     ):
         return "sparse-ok"

@@ -60,6 +60,7 @@ from enclavefl.hfl.state import (
     load_state,
     model_state,
 )
+from enclavefl.train.optim import PlainOptimizer, plain_sgd_factory
 from enclavefl.validate import is_int, is_number
 
 __all__ = [
@@ -84,7 +85,8 @@ __all__ = [
 ]
 
 Update = torch.Tensor | SparseRows
-OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer | Sequence[torch.optim.Optimizer]]
+ServerOptimizer = torch.optim.Optimizer | PlainOptimizer
+OptimizerFactory = Callable[[nn.Module], ServerOptimizer | Sequence[ServerOptimizer]]
 StalenessPolicy = Literal["refuse", "down-weight"]
 STALENESS_POLICIES: tuple[str, ...] = ("refuse", "down-weight")
 
@@ -441,7 +443,7 @@ class Strategy(ABC):
 
 
 class _GradientStrategy(Strategy):
-    """Strategies whose workers send gradients and whose server runs a torch optimizer."""
+    """Strategies whose workers send gradients and whose server runs an optimizer (built in: `PlainSGD`)."""
 
     kind = "grad"
     contribution_type = GradContribution
@@ -449,13 +451,13 @@ class _GradientStrategy(Strategy):
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory | None) -> None:
         super().__init__(model)
         made = (optimizer_factory or sgd())(model)
-        self.optimizers: tuple[torch.optim.Optimizer, ...] = (
-            (made,) if isinstance(made, torch.optim.Optimizer) else tuple(made)
+        self.optimizers: tuple[ServerOptimizer, ...] = (
+            (made,) if isinstance(made, torch.optim.Optimizer | PlainOptimizer) else tuple(made)
         )
         names = {id(p): n for n, p in self._params.items()}
         self._grad_form: dict[str, sparse.GradForm] = {}
         for optimizer in self.optimizers:
-            if not isinstance(optimizer, torch.optim.Optimizer):
+            if not isinstance(optimizer, torch.optim.Optimizer | PlainOptimizer):
                 raise UsageError(f"the optimizer factory returned {type(optimizer).__name__}, not a torch optimizer")
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -519,7 +521,7 @@ class SyncSGD(_GradientStrategy):
 
     @classmethod
     def from_params(cls, model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> SyncSGD:
-        return cls(model, sgd(lr, momentum, weight_decay))
+        return cls(model, plain_sgd_factory(lr, momentum, weight_decay))
 
     def aggregate_mean(self, round: int, mean: Contribution) -> dict[str, float]:
         assert isinstance(mean, GradContribution)
@@ -579,7 +581,7 @@ class AsyncSGD(_GradientStrategy):
         max_staleness: int,
         staleness_policy: StalenessPolicy,
     ) -> AsyncSGD:
-        return cls(model, sgd(lr, momentum, weight_decay), max_staleness=max_staleness,
+        return cls(model, plain_sgd_factory(lr, momentum, weight_decay), max_staleness=max_staleness,
                    staleness_policy=staleness_policy)  # fmt: skip
 
     def aggregate_mean(self, round: int, mean: Contribution) -> dict[str, float]:

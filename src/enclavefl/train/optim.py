@@ -88,6 +88,11 @@ class PlainOptimizer(ABC):
             raise UsageError(f"{self.NAME} does not support sparse gradients")
         return grads
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """torch's `param_groups`, to read (set hyper-parameters through `load_state_dict`)."""
+        return [{**self.FIXED, **self.group, "params": self.params}]
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict (state tensors by reference, as torch gives them)."""
         return {
@@ -284,11 +289,13 @@ class PlainAdagrad(PlainOptimizer):
 
 
 def plain_sgd_factory(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Callable[[nn.Module], PlainSGD]:
-    """A fresh `PlainSGD` over a model's parameters: the built-in worker's optimizer
-    factory (`enclavefl.train.torch.sgd_factory` is the torch.optim one)."""
+    """A fresh `PlainSGD` over a model's trainable parameters: the built-in worker's and
+    gradient server's optimizer factory (`enclavefl.train.torch.sgd_factory` and
+    `enclavefl.hfl.strategies.sgd` are the torch.optim ones, with the same indices)."""
     PlainSGD([], lr=lr, momentum=momentum, weight_decay=weight_decay)  # check the values once, now
 
     def make(model: nn.Module) -> PlainSGD:
-        return PlainSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return PlainSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     return make
