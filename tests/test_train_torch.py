@@ -151,5 +151,5 @@ def test_a_trainer_without_gradients_is_refused_by_sgd_strategies() -> None:
 def test_builtin_trainer_checks_its_settings() -> None:
     with pytest.raises(UsageError, match="batch_size must be an int >= 1"):
         builtin_trainer(tiny_model(), blobs(8, seed=0), batch_size=0)
-    with pytest.raises(UsageError, match="local SGD needs lr > 0"):
+    with pytest.raises(UsageError, match="SGD needs lr > 0"):
         builtin_trainer(tiny_model(), blobs(8, seed=0), batch_size=4, lr=0)
