@@ -25,9 +25,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The suite runs on PYTEST_WORKERS pytest-xdist processes (jobs wait on each other and on the
-# network, so two workers keep two cores busy); tests on fixed ports share one (tests/conftest.py).
+# network, so two workers keep two cores busy), a test module at a time per worker
+# (--dist loadfile): the examples, which listen on their fixed ports, run one after another.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint
 	$(PYTEST)
@@ -36,8 +37,9 @@ test: lint
 test-unit: $(STAMP)
 	$(PYTEST) -m "not integration and not slow"
 
+# One at a time: slow tests of different modules run the same fixed-port examples.
 test-slow: $(STAMP)
-	$(PYTEST) -m slow
+	$(BIN)/python -m pytest -q -m slow
 
 # The property-based fuzz tests with a larger budget: each test's default number of examples
 # times ENCLAVEFL_FUZZ_SCALE (make fuzz ENCLAVEFL_FUZZ_SCALE=200 for a long run).

@@ -166,20 +166,7 @@ INTEGRATION_MODULES = frozenset({
 })
 
 
-# Modules whose jobs listen on fixed ports (the examples run exactly as written) or build
-# network namespaces: `make test` runs the suite on 2 pytest-xdist workers (-n 2 --dist
-# loadgroup), and these share one worker, one test at a time.
-SERIAL_MODULES = frozenset({
-    "test_examples.py",
-    "test_multihost_netns.py",
-    "test_privacy_examples.py",
-    "test_tasks.py",
-})
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)
-        if item.path.name in SERIAL_MODULES:
-            item.add_marker(pytest.mark.xdist_group("serial"))
