@@ -390,23 +390,6 @@ def test_without_the_extra_a_keras_job_names_the_pip_command(monkeypatch: pytest
 # -- jobs ----------------------------------------------------------------------------------------
 
 
-def _job_copy(example: str, tmp_path: Path, tabular_dir: Path) -> Path:
-    """The example on a free port, reading the shared data, writing under tmp_path."""
-    job = yaml.safe_load((EXAMPLES / example).read_text())
-    coordinator = job["parties"][0]
-    coordinator["address"] = f"localhost:{_free_port()}"
-    for spec in [p.get("data") for p in job["parties"]] + [job.get("evaluation", {}).get("data")]:
-        if spec:
-            spec["path"] = str(tabular_dir / Path(spec["path"]).name)
-    job["policy"] = str(EXAMPLES / "policy-sim.json")
-    job["storage"] = {"checkpoint_dir": "ckpt", "key": "file:job.key", "checkpoint_every": 1000}
-    job["output"] = {"dir": "out", "plot": False}
-    create_key_file(tmp_path / "job.key")
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
 def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "enclavefl", *args],
