@@ -15,8 +15,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "enclavefl"
 
 # Small shared modules every layer may use: typed errors, atomic writes, optional-extra lookup,
-# type checks of decoded values (validate.is_int: a bool is not an int).
-SHARED = frozenset({"errors", "fsutil", "extras", "validate"})
+# type checks of decoded values (validate.is_int: a bool is not an int), names imported on
+# first use (lazy.lazy_exports, the packages' PEP 562 `__getattr__`).
+SHARED = frozenset({"errors", "fsutil", "extras", "validate", "lazy"})
 FL = frozenset({"net", "seal", "models", "data", "train", "privacy"})
 
 # unit (a subpackage or a top-level module of enclavefl) -> the units it may import besides SHARED.
@@ -25,6 +26,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "fsutil": frozenset(),
     "extras": frozenset(),
     "validate": frozenset(),
+    "lazy": frozenset(),
     # The terminal (rich): presentation, for the CLI and the launcher's progress only.
     "console": frozenset(),
     "privacy": frozenset(),

@@ -6,8 +6,7 @@ parameters, read when a job file is validated) imports without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from enclavefl.lazy import lazy_exports
 
 _EXPORTS = {
     "AsyncSGD": "enclavefl.hfl.strategies",
@@ -31,14 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'enclavefl.hfl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

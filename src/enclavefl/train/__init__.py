@@ -10,9 +10,7 @@ trainer for another framework never pulls torch in.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from enclavefl.lazy import lazy_exports
 from enclavefl.train.contract import (
     Config,
     EvalResult,
@@ -46,10 +44,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'enclavefl.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
